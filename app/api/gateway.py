@@ -1,0 +1,126 @@
+"""The gateway deployment: one base URL for every model id, forwarding each request to its model's
+deployment through a handle (the path for clients that cannot use per-model URLs)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.api.errors import ModelNotFoundError, OverloadedError, ServiceUnavailableError
+from app.api.http import Chunk, OpenAIRoutes
+from app.api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ImageGenerationRequest,
+)
+from app.catalog.cards import ModelCard
+from app.serving.service import model_object
+
+STATUS_TTL_S = 2.0
+
+
+@serve.deployment
+class Gateway:
+    """Resolves the request's model id to that model's deployment handle and forwards."""
+
+    def __init__(self, cards: list[dict[str, Any]]) -> None:
+        self.cards = {c.id: c for c in (ModelCard.model_validate(card) for card in cards)}
+        self.created = int(time.time())
+        self._handles: dict[str, DeploymentHandle] = {}
+        self._status: tuple[float, dict[str, str]] = (0.0, {})
+        self._routes = OpenAIRoutes(self)
+
+    def handle_for(self, model: str) -> DeploymentHandle:
+        card = self.cards.get(model)
+        if card is None:
+            raise ModelNotFoundError(
+                f"the model {model!r} does not exist; available: {sorted(self.cards)}",
+                param="model",
+            )
+        handle = self._handles.get(model)
+        if handle is None:
+            handle = serve.get_deployment_handle(card.deployment_name, card.deployment_name)
+            self._handles[model] = handle
+        return handle
+
+    async def __call__(self, request: Request) -> Response:
+        """HTTP entry point (Serve's direct ingress or proxy)."""
+        return await self._routes(request)
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        return [model_object(card, self.created) for card in self.cards.values()]
+
+    async def health(self) -> dict[str, Any]:
+        models = self._model_status()
+        running = [m for m, status in models.items() if status == "RUNNING"]
+        if not running:
+            raise ServiceUnavailableError("no model application is running", retry_after_s=5)
+        return {"status": "ok" if len(running) == len(models) else "degraded", "models": models}
+
+    def _model_status(self) -> dict[str, str]:
+        fetched_at, cached = self._status
+        if time.monotonic() - fetched_at < STATUS_TTL_S:
+            return cached
+        apps = serve.status().applications
+        status = {
+            model: apps[card.deployment_name].status.value
+            if card.deployment_name in apps
+            else "NOT_DEPLOYED"
+            for model, card in self.cards.items()
+        }
+        self._status = (time.monotonic(), status)
+        return status
+
+    async def _call(self, method: str, req: Any) -> dict[str, Any]:
+        handle = self.handle_for(req.model)
+        with _mapped_errors(req.model):
+            return await getattr(handle, method).remote(req)
+
+    async def _stream(self, method: str, req: Any) -> AsyncIterator[Chunk]:
+        handle = self.handle_for(req.model).options(stream=True)
+        with _mapped_errors(req.model):
+            async for chunk in getattr(handle, method).remote(req):
+                yield chunk
+
+    async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
+        return await self._call("chat", req)
+
+    def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[Chunk]:
+        return self._stream("chat_stream", req)
+
+    async def completions(self, req: CompletionRequest) -> dict[str, Any]:
+        return await self._call("completions", req)
+
+    def completions_stream(self, req: CompletionRequest) -> AsyncIterator[Chunk]:
+        return self._stream("completions_stream", req)
+
+    async def embeddings(self, req: EmbeddingRequest) -> dict[str, Any]:
+        return await self._call("embeddings", req)
+
+    async def images(self, req: ImageGenerationRequest) -> dict[str, Any]:
+        return await self._call("images", req)
+
+
+@contextmanager
+def _mapped_errors(model: str) -> Iterator[None]:
+    """Serve's availability errors as the API's 429/503 with Retry-After."""
+    try:
+        yield
+    except BackPressureError as exc:
+        raise OverloadedError(
+            f"model {model!r} is at capacity; retry shortly", retry_after_s=1
+        ) from exc
+    except (DeploymentUnavailableError, RayActorError) as exc:
+        raise ServiceUnavailableError(
+            f"no replica of model {model!r} is available right now", retry_after_s=2
+        ) from exc

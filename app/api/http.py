@@ -1,0 +1,290 @@
+"""The OpenAI-compatible HTTP surface: one FastAPI app factory shared by the gateway and by every
+model replica, so both speak exactly the same wire format and errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from app.api.errors import (
+    APIError,
+    InternalError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    ModelNotFoundError,
+    NotFoundError,
+    RequestTooLargeError,
+    error_json,
+    from_validation_error,
+)
+from app.api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ImageGenerationRequest,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = int(os.environ.get("APP_MAX_REQUEST_BYTES", str(4 * 1024 * 1024)))
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+R = TypeVar("R", bound=BaseModel)
+Chunk = dict[str, Any]
+
+
+class Backend(Protocol):
+    """What serves the API: the gateway (all models) or one model's replica."""
+
+    async def list_models(self) -> list[dict[str, Any]]: ...
+    async def health(self) -> dict[str, Any]: ...
+    async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]: ...
+    def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[Chunk]: ...
+    async def completions(self, req: CompletionRequest) -> dict[str, Any]: ...
+    def completions_stream(self, req: CompletionRequest) -> AsyncIterator[Chunk]: ...
+    async def embeddings(self, req: EmbeddingRequest) -> dict[str, Any]: ...
+    async def images(self, req: ImageGenerationRequest) -> dict[str, Any]: ...
+
+
+def json_response(
+    payload: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(orjson.dumps(payload), status, headers, media_type="application/json")
+
+
+def error_response(error: APIError) -> Response:
+    return Response(error_json(error), error.status, error.headers(), media_type="application/json")
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refusing more than MAX_REQUEST_BYTES before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
+        raise RequestTooLargeError(
+            f"request body of {declared} bytes exceeds the limit of {MAX_REQUEST_BYTES} bytes"
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_REQUEST_BYTES:
+            raise RequestTooLargeError(
+                f"request body exceeds the limit of {MAX_REQUEST_BYTES} bytes"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_request(body: bytes, model: type[R]) -> R:
+    """Decode JSON and validate it into `model`, as a 400 that names the parameter on failure."""
+    if not body:
+        raise InvalidRequestError(
+            "request body is empty; expected a JSON object", code="invalid_json"
+        )
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequestError(
+            f"request body is not valid JSON: {exc}", code="invalid_json"
+        ) from exc
+    return validate_request(data, model)
+
+
+def validate_request(data: Any, model: type[R]) -> R:
+    """Validate a decoded request (a JSON object, or an instance already) into `model`."""
+    if isinstance(data, model):
+        return data
+    if not isinstance(data, dict):
+        raise InvalidRequestError("request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from exc
+
+
+async def sse(chunks: AsyncIterator[Chunk]) -> AsyncIterator[bytes]:
+    """Server-sent events in OpenAI's format; an error after the first byte becomes an error
+    event followed by [DONE], so a client never hangs on a half-finished stream."""
+    try:
+        async for chunk in chunks:
+            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+    except APIError as exc:
+        yield b"data: " + error_json(exc) + b"\n\n"
+    except Exception as exc:  # the status line has gone out; report in-band
+        logger.exception("stream failed")
+        failure = InternalError(f"stream failed: {type(exc).__name__}")
+        yield b"data: " + error_json(failure) + b"\n\n"
+    yield SSE_DONE
+
+
+class Coalesced:
+    """Joins the pieces a producer makes without pausing into one write.
+
+    Tokens a model emits with time between them still go out one by one; pieces produced in the
+    same event-loop turn (a fast runner, a cached answer, the closing chunks) share one socket
+    write, which cuts the per-chunk cost of streaming through Serve's ingress.
+    """
+
+    def __init__(self, source: AsyncIterator[bytes]) -> None:
+        self._source = source
+        self._buffer: list[bytes] = []
+        self._wake = asyncio.Event()
+        self._finished: list[BaseException | None] = []
+        self._task = asyncio.create_task(self._pump())
+
+    @property
+    def exhausted(self) -> bool:
+        """The producer has finished and everything it made has been taken."""
+        return bool(self._finished) and not self._buffer
+
+    async def _pump(self) -> None:
+        try:
+            async for piece in self._source:
+                self._buffer.append(piece)
+                self._wake.set()
+        except BaseException as exc:
+            self._finished.append(exc)
+        else:
+            self._finished.append(None)
+        self._wake.set()
+
+    async def next_write(self) -> bytes | None:
+        """Everything produced since the last call (waiting for at least one piece), or None."""
+        while not self._buffer:
+            if self._finished:
+                error = self._finished[0]
+                if error is not None and not isinstance(error, asyncio.CancelledError):
+                    raise error
+                return None
+            await self._wake.wait()
+            self._wake.clear()
+        out = b"".join(self._buffer)
+        self._buffer.clear()
+        return out
+
+    async def writes(self, first: bytes) -> AsyncIterator[bytes]:
+        try:
+            yield first
+            while (piece := await self.next_write()) is not None:
+                yield piece
+        finally:
+            self._task.cancel()
+
+
+async def streaming_response(chunks: AsyncIterator[Chunk]) -> Response:
+    """An SSE response. The first chunk is awaited before any status goes out, so validation and
+    capacity errors (raised before the first chunk) still become a proper HTTP error. A stream
+    that is already complete by its first write (a cached answer, the echo model) goes out as
+    one plain response with the same event-stream body, skipping chunked streaming."""
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        return Response(SSE_DONE, media_type="text/event-stream")
+    body = Coalesced(sse(_prepend(first, chunks)))
+    head = await body.next_write() or b""
+    if body.exhausted:
+        return Response(head, media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamingResponse(body.writes(head), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def _prepend(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+class OpenAIRoutes:
+    """Dispatches OpenAI requests to a Backend: `await routes(request)` returns the Response.
+
+    Deliberately not FastAPI: in Serve 2.60's direct ingress a `serve.ingress(FastAPI)` replica
+    answered ~1,300 chat requests/s where a plain `__call__(request)` deployment running this
+    same handler answered ~3,200 on the same machine (BENCHMARKS.md). Routing eight fixed paths
+    needs no framework; validation stays pydantic.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        b = backend
+        self._post: dict[str, Callable[[Request], Awaitable[Response]]] = {
+            "/v1/chat/completions": lambda r: self._call(
+                r, ChatCompletionRequest, b.chat, b.chat_stream
+            ),
+            "/v1/completions": lambda r: self._call(
+                r, CompletionRequest, b.completions, b.completions_stream
+            ),
+            "/v1/embeddings": lambda r: self._call(r, EmbeddingRequest, b.embeddings),
+            "/v1/images/generations": lambda r: self._call(r, ImageGenerationRequest, b.images),
+        }
+        self._get: dict[str, Callable[[Request], Awaitable[Response]]] = {
+            "/v1/models": self._list_models,
+            "/healthz": self._health,
+        }
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            return await self._dispatch(request)
+        except APIError as exc:
+            return error_response(exc)
+        except Exception as exc:  # a bug on our side: say so, never hang or leak a trace
+            logger.exception("unhandled error on %s %s", request.method, request.url.path)
+            return error_response(InternalError(f"internal error: {type(exc).__name__}"))
+
+    async def asgi(self, scope: Any, receive: Any, send: Any) -> None:
+        """The same routes as a plain ASGI app (for tests and non-Serve hosting)."""
+        response = await self(Request(scope, receive))
+        await response(scope, receive, send)
+
+    async def _dispatch(self, request: Request) -> Response:
+        path = route_path(request)
+        table = self._post if request.method == "POST" else self._get
+        handler = table.get(path)
+        if handler is not None and request.method in ("GET", "POST"):
+            return await handler(request)
+        if path.startswith("/v1/models/") and request.method == "GET":
+            return await self._get_model(path.removeprefix("/v1/models/"))
+        if path in self._post or path in self._get:
+            allowed = "POST" if path in self._post else "GET"
+            raise MethodNotAllowedError(f"{request.method} is not allowed on {path}; use {allowed}")
+        raise NotFoundError(f"no route for {request.method} {path}")
+
+    async def _call(
+        self,
+        request: Request,
+        schema: type[R],
+        unary: Callable[[R], Awaitable[dict[str, Any]]],
+        stream: Callable[[R], AsyncIterator[Chunk]] | None = None,
+    ) -> Response:
+        req = parse_request(await read_body(request), schema)
+        if getattr(req, "stream", False):
+            if stream is None:
+                raise InvalidRequestError("this endpoint does not stream", param="stream")
+            return await streaming_response(stream(req))
+        return json_response(await unary(req))
+
+    async def _list_models(self, request: Request) -> Response:
+        return json_response({"object": "list", "data": await self.backend.list_models()})
+
+    async def _get_model(self, model_id: str) -> Response:
+        for model in await self.backend.list_models():
+            if model["id"] == model_id:
+                return json_response(model)
+        raise ModelNotFoundError(f"the model {model_id!r} does not exist", param="model")
+
+    async def _health(self, request: Request) -> Response:
+        return json_response(await self.backend.health())
+
+
+def route_path(request: Request) -> str:
+    """The path below the application's route prefix (Serve passes it as root_path)."""
+    path: str = request.scope["path"]
+    root = request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return path.rstrip("/") or "/"

@@ -1,0 +1,59 @@
+"""Process environment the Ray cluster must start with, shared by the CLI, tests and benchmarks,
+and clean-up of what `ray stop` leaves behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+DEFAULT_HTTP_HOST = "127.0.0.1"
+DEFAULT_HTTP_PORT = 8000
+
+
+def ingress_mode() -> str:
+    """'haproxy' (default: Serve's HAProxy direct ingress) or 'proxy' (Serve's Python proxy)."""
+    mode = os.environ.get("APP_INGRESS", "haproxy")
+    if mode not in ("haproxy", "proxy"):
+        raise ValueError(f"APP_INGRESS must be 'haproxy' or 'proxy', not {mode!r}")
+    return mode
+
+
+def cluster_env() -> dict[str, str]:
+    """Environment variables a head node needs before it starts (workers inherit them)."""
+    env = {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if ingress_mode() == "haproxy":
+        # HAProxy forwards each request straight to a replica's own HTTP server: one hop, no
+        # Python proxy (see BENCHMARKS.md for the measured difference).
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+        # User code on the replica's own event loop, gRPC between handles and replicas, request
+        # logs buffered: Serve's documented throughput profile (measured in BENCHMARKS.md).
+        env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    return env
+
+
+def stray_haproxy_pids() -> list[int]:
+    """HAProxy processes started by Serve: `ray stop` leaves them holding the HTTP port."""
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        cmdline = " ".join(proc.info.get("cmdline") or [])
+        if proc.info.get("name") == "haproxy" and "haproxy-serve" in cmdline:
+            pids.append(proc.info["pid"])
+    return pids
+
+
+def kill_stray_haproxy() -> int:
+    killed = 0
+    for pid in stray_haproxy_pids():
+        try:
+            os.kill(pid, signal.SIGTERM)
+            killed += 1
+        except ProcessLookupError:
+            pass
+    return killed

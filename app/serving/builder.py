@@ -1,0 +1,138 @@
+"""Builds Serve applications from the catalogue: one application per model id (its deployment is
+also its HTTP ingress) plus the gateway; also the `import_path` targets for deployments/*.yaml."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray.serve import Application
+
+from app.catalog.cards import Catalogue, ModelCard, load_catalogue
+
+DEFAULT_CATALOGUE = Path(__file__).resolve().parents[2] / "models"
+GATEWAY_APP = "gateway"
+
+
+class ResourceUnavailableError(RuntimeError):
+    """A card asks for resources the cluster cannot give (for example a GPU on a CPU machine)."""
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    """One Serve application to run: name, HTTP route prefix and the bound application."""
+
+    name: str
+    route_prefix: str
+    app: Application
+
+
+def catalogue_path() -> Path:
+    return Path(os.environ.get("APP_CATALOGUE", str(DEFAULT_CATALOGUE)))
+
+
+def model_route_prefix(card: ModelCard) -> str:
+    return f"/models/{card.id}"
+
+
+def replica_options(card: ModelCard, cluster_gpus: float, force_cpu: bool) -> dict[str, Any]:
+    """Deployment options for a card; refuses GPU cards on a GPU-less cluster unless forced."""
+    num_gpus = card.resources.num_gpus
+    if num_gpus > 0 and force_cpu:
+        num_gpus = 0
+    elif num_gpus > 0 and cluster_gpus < num_gpus:
+        raise ResourceUnavailableError(
+            f"model {card.id!r} asks for num_gpus={card.resources.num_gpus} per replica but the "
+            f"cluster has {cluster_gpus:g} GPU(s); add GPU nodes, or run it on CPU with "
+            "`app up --cpu` (APP_FORCE_CPU=1)"
+        )
+    actor: dict[str, Any] = {"num_cpus": card.resources.num_cpus, "num_gpus": num_gpus}
+    if card.resources.memory:
+        actor["memory"] = card.resources.memory
+    options: dict[str, Any] = {
+        "name": card.deployment_name,
+        "ray_actor_options": actor,
+        "max_ongoing_requests": card.max_ongoing_requests,
+        "health_check_period_s": 10,
+        "graceful_shutdown_timeout_s": 20,
+    }
+    replicas = card.replicas
+    if replicas.max > replicas.min or replicas.min == 0:
+        options["autoscaling_config"] = {
+            "min_replicas": replicas.min,
+            "max_replicas": replicas.max,
+            "initial_replicas": replicas.initial if replicas.initial is not None else replicas.min,
+            "target_ongoing_requests": max(1, card.max_ongoing_requests // 2),
+        }
+    else:
+        options["num_replicas"] = replicas.min
+    return options
+
+
+def model_application(
+    card: ModelCard, catalogue_dir: Path, *, cluster_gpus: float = 0.0, force_cpu: bool = False
+) -> Application:
+    from app.serving.model_server import ModelServer
+
+    options = replica_options(card, cluster_gpus, force_cpu)
+    device = "cuda" if options["ray_actor_options"]["num_gpus"] > 0 else "cpu"
+    return ModelServer.options(**options).bind(
+        card.model_dump(mode="json"), str(catalogue_dir), device
+    )
+
+
+def gateway_application(catalogue: Catalogue, num_replicas: int = 1) -> Application:
+    from app.api.gateway import Gateway
+
+    cards = [card.model_dump(mode="json") for card in catalogue]
+    return Gateway.options(
+        name="Gateway",
+        num_replicas=num_replicas,
+        max_ongoing_requests=1024,
+        ray_actor_options={"num_cpus": 0.1},
+    ).bind(cards)
+
+
+def build_all(
+    catalogue: Catalogue, *, cluster_gpus: float = 0.0, force_cpu: bool = False
+) -> list[AppSpec]:
+    """Every application for a catalogue: each model under /models/<id>, the gateway at /."""
+    specs = [
+        AppSpec(
+            card.deployment_name,
+            model_route_prefix(card),
+            model_application(
+                card, catalogue.directory, cluster_gpus=cluster_gpus, force_cpu=force_cpu
+            ),
+        )
+        for card in catalogue
+    ]
+    specs.append(AppSpec(GATEWAY_APP, "/", gateway_application(catalogue)))
+    return specs
+
+
+def _cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
+
+
+def _force_cpu(args: dict[str, Any]) -> bool:
+    return bool(args.get("force_cpu")) or os.environ.get("APP_FORCE_CPU", "") == "1"
+
+
+def build_model_app(args: dict[str, Any]) -> Application:
+    """import_path target for one model: args {model: id, catalogue?: dir, force_cpu?: bool}."""
+    catalogue = load_catalogue(args.get("catalogue") or catalogue_path())
+    card = catalogue.select([args["model"]]).cards[args["model"]]
+    return model_application(
+        card, catalogue.directory, cluster_gpus=_cluster_gpus(), force_cpu=_force_cpu(args)
+    )
+
+
+def build_gateway_app(args: dict[str, Any]) -> Application:
+    """import_path target for the gateway: args {catalogue?: dir, models?: [ids]}."""
+    catalogue = load_catalogue(args.get("catalogue") or catalogue_path())
+    return gateway_application(catalogue.select(args.get("models")))

@@ -1,0 +1,30 @@
+"""Runners, one module per loader family; importing this package registers them all."""
+
+from app.serving.runners import echo, embedding, image, text  # noqa: F401
+from app.serving.runners.base import (
+    EmbeddingRunner,
+    GenerationRequest,
+    ImageRequest,
+    ImageRunner,
+    LoadedInfo,
+    Runner,
+    RunnerError,
+    TextGenerationRunner,
+    TokenDelta,
+    UnknownLoaderError,
+    runner_class,
+)
+
+__all__ = [
+    "EmbeddingRunner",
+    "GenerationRequest",
+    "ImageRequest",
+    "ImageRunner",
+    "LoadedInfo",
+    "Runner",
+    "RunnerError",
+    "TextGenerationRunner",
+    "TokenDelta",
+    "UnknownLoaderError",
+    "runner_class",
+]

@@ -1,0 +1,11 @@
+"""Shared test setup: keep unit tests off Ray, give integration tests one real session cluster."""
+
+from __future__ import annotations
+
+import os
+
+# Quiet and deterministic Ray for every test process (and the processes Ray starts from it).
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
