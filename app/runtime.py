@@ -36,21 +36,39 @@ def cluster_env() -> dict[str, str]:
     return env
 
 
-def stray_haproxy_pids() -> list[int]:
-    """HAProxy processes started by Serve: `ray stop` leaves them holding the HTTP port."""
+DEFAULT_HAPROXY_DIR = "/tmp/haproxy-serve"
+
+
+def haproxy_env(state_dir: str, stats_port: int, metrics_port: int) -> dict[str, str]:
+    """Give one cluster's HAProxy its own files and ports, so that two clusters on one machine
+    (a developer's `app up` and the test suite) do not overwrite each other's config."""
+    return {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{state_dir}/haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{state_dir}/admin.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state_dir,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{state_dir}/server-state",
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{state_dir}/metrics.sock",
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
+    }
+
+
+def stray_haproxy_pids(state_dir: str = DEFAULT_HAPROXY_DIR) -> list[int]:
+    """HAProxy processes Serve started with files in state_dir: `ray stop` leaves them running,
+    holding the HTTP port."""
     import psutil
 
     pids = []
     for proc in psutil.process_iter(["pid", "name", "cmdline"]):
         cmdline = " ".join(proc.info.get("cmdline") or [])
-        if proc.info.get("name") == "haproxy" and "haproxy-serve" in cmdline:
+        if "haproxy" in (proc.info.get("name") or "") and state_dir in cmdline:
             pids.append(proc.info["pid"])
     return pids
 
 
-def kill_stray_haproxy() -> int:
+def kill_stray_haproxy(state_dir: str = DEFAULT_HAPROXY_DIR) -> int:
     killed = 0
-    for pid in stray_haproxy_pids():
+    for pid in stray_haproxy_pids(state_dir):
         try:
             os.kill(pid, signal.SIGTERM)
             killed += 1

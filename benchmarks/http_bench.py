@@ -1,4 +1,4 @@
-"""HTTP throughput: our chat-completions path with the echo model against plain Ray Serve hello world.
+"""HTTP throughput: our chat-completions path with the echo model against plain Serve hello world.
 
 One run measures, under the same load generator (wrk, same connections and duration):
   * plain Serve hello world behind Serve's default Python proxy (the baseline),
@@ -93,7 +93,11 @@ def phase(mode: str, duration: int, connections: int, rejected: bool) -> dict[st
         if mode == "haproxy" or rejected:
             cases += [
                 (f"chat, per-model URL ({mode})", "/models/echo/v1/chat/completions", chat),
-                (f"chat stream, per-model URL ({mode})", "/models/echo/v1/chat/completions", stream),
+                (
+                    f"chat stream, per-model URL ({mode})",
+                    "/models/echo/v1/chat/completions",
+                    stream,
+                ),
                 (f"chat, gateway /v1 ({mode})", "/v1/chat/completions", chat),
                 (f"chat stream, gateway /v1 ({mode})", "/v1/chat/completions", stream),
             ]
@@ -110,9 +114,7 @@ def _run_phase(mode: str, args: argparse.Namespace) -> dict[str, dict]:
     from app.runtime import cluster_env
 
     os.environ["APP_INGRESS"] = mode  # cluster_env() reads it
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("RAY_SERVE_", "RAY_ADDRESS"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_SERVE_", "RAY_ADDRESS"))}
     env.update(cluster_env())
     cmd = [sys.executable, __file__, "--phase", mode, "--duration", str(args.duration)]
     cmd += ["--connections", str(args.connections)] + (["--rejected"] if args.rejected else [])
@@ -121,6 +123,32 @@ def _run_phase(mode: str, args: argparse.Namespace) -> dict[str, dict]:
     if out.returncode:
         raise SystemExit(f"phase {mode} failed with exit code {out.returncode}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def machine_description() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or platform.machine(),
+    )
+    mem_kb = next(
+        int(line.split()[1])
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal")
+    )
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem_kb / 2**20:.0f} GiB, "
+        f"Python {platform.python_version()}, Ray {_ray_version()}"
+    )
+
+
+def _ray_version() -> str:
+    import ray
+
+    return str(ray.__version__)
 
 
 def main() -> None:
@@ -137,7 +165,7 @@ def main() -> None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
     results = _run_phase("proxy", args) | _run_phase("haproxy", args)
     baseline = results["hello world (proxy)"]["rps"]
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    print(f"\nmachine: {machine_description()}")
     print(f"wrk -t2 -c{args.connections} -d{args.duration}s, baseline = plain Serve hello world\n")
     print("| case | req/s | p50 ms | p99 ms | non-2xx | x baseline |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -108,13 +109,18 @@ def error_json(error: APIError) -> bytes:
     return orjson.dumps(error.body())
 
 
+# Union members and validators appear in pydantic's error locations ("input.list[str]"); a
+# client only needs the parameter path.
+_TYPE_TAG = re.compile(r"^(body|str|int|float|bool|none|literal\[.*|.*\[.*\]|function-.*)$")
+
+
 def from_validation_error(error: ValidationError | list[dict[str, Any]]) -> InvalidRequestError:
     """The first validation problem as a 400 that names the offending parameter."""
     items = error.errors() if isinstance(error, ValidationError) else error
     if not items:
         return InvalidRequestError("invalid request")
     first = items[0]
-    loc = [str(part) for part in first.get("loc", ()) if part not in ("body",)]
+    loc = [str(part) for part in first.get("loc", ()) if not _TYPE_TAG.match(str(part))]
     param = ".".join(loc) or None
     message = str(first.get("msg", "invalid value"))
     if message.startswith("Value error, "):

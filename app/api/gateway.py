@@ -3,6 +3,7 @@ deployment through a handle (the path for clients that cannot use per-model URLs
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ from typing import Any
 
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve import Deployment
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
@@ -29,7 +31,6 @@ from app.serving.service import model_object
 STATUS_TTL_S = 2.0
 
 
-@serve.deployment
 class Gateway:
     """Resolves the request's model id to that model's deployment handle and forwards."""
 
@@ -38,6 +39,7 @@ class Gateway:
         self.created = int(time.time())
         self._handles: dict[str, DeploymentHandle] = {}
         self._status: tuple[float, dict[str, str]] = (0.0, {})
+        self._refreshing: asyncio.Task[dict[str, str]] | None = None
         self._routes = OpenAIRoutes(self)
 
     def handle_for(self, model: str) -> DeploymentHandle:
@@ -46,6 +48,11 @@ class Gateway:
             raise ModelNotFoundError(
                 f"the model {model!r} does not exist; available: {sorted(self.cards)}",
                 param="model",
+            )
+        if self._model_status().get(model) in ("NOT_DEPLOYED", "DEPLOY_FAILED"):
+            raise ServiceUnavailableError(
+                f"model {model!r} is in the catalogue but its application is not running",
+                retry_after_s=10,
             )
         handle = self._handles.get(model)
         if handle is None:
@@ -61,17 +68,23 @@ class Gateway:
         return [model_object(card, self.created) for card in self.cards.values()]
 
     async def health(self) -> dict[str, Any]:
-        models = self._model_status()
+        models = await self._refresh_status()
         running = [m for m, status in models.items() if status == "RUNNING"]
         if not running:
             raise ServiceUnavailableError("no model application is running", retry_after_s=5)
         return {"status": "ok" if len(running) == len(models) else "degraded", "models": models}
 
     def _model_status(self) -> dict[str, str]:
+        """Last known application status per model, refreshed in the background when stale, so
+        no request waits on the controller (an unknown model status counts as serving)."""
         fetched_at, cached = self._status
-        if time.monotonic() - fetched_at < STATUS_TTL_S:
-            return cached
-        apps = serve.status().applications
+        stale = time.monotonic() - fetched_at > STATUS_TTL_S
+        if stale and (self._refreshing is None or self._refreshing.done()):
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh_status())
+        return cached
+
+    async def _refresh_status(self) -> dict[str, str]:
+        apps = (await asyncio.to_thread(serve.status)).applications
         status = {
             model: apps[card.deployment_name].status.value
             if card.deployment_name in apps
@@ -124,3 +137,8 @@ def _mapped_errors(model: str) -> Iterator[None]:
         raise ServiceUnavailableError(
             f"no replica of model {model!r} is available right now", retry_after_s=2
         ) from exc
+
+
+# Decorated here rather than with @ so that Gateway stays a plain, importable class (pickled by
+# reference into replicas) while the builder gets a Deployment to .options() and .bind().
+gateway_deployment: Deployment = serve.deployment(Gateway)  # type: ignore[assignment]

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MODEL_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
@@ -60,7 +68,8 @@ class Replicas(_Strict):
             raise ValueError(f"replicas.min ({self.min}) must not exceed replicas.max ({self.max})")
         if self.initial is not None and not self.min <= self.initial <= self.max:
             raise ValueError(
-                f"replicas.initial ({self.initial}) must lie in [min, max] = [{self.min}, {self.max}]"
+                f"replicas.initial ({self.initial}) must lie in "
+                f"[min, max] = [{self.min}, {self.max}]"
             )
         return self
 
@@ -102,24 +111,44 @@ class ModelCard(_Strict):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Dtype = Field(Dtype.AUTO, description="Weights dtype; auto picks float32 on CPU.")
-    resources: Resources = Field(default_factory=Resources)
-    batching: Batching = Field(default_factory=Batching)
+    resources: Resources = Resources()
+    batching: Batching = Batching()
     max_ongoing_requests: int = Field(
         64, ge=1, le=100_000, description="Requests one replica holds at once before Serve queues."
     )
-    replicas: Replicas = Field(default_factory=Replicas)
-    generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
-    image: ImageDefaults = Field(default_factory=ImageDefaults)
+    replicas: Replicas = Replicas()
+    generation: GenerationDefaults = GenerationDefaults()
+    image: ImageDefaults = ImageDefaults()
     build: BuildRecipe | None = Field(
         None, description="Recipe that generates `source` locally (offline catalogue only)."
     )
     description: str = Field("", description="Free text shown by `app status`.")
     owned_by: str = Field("app", description="owned_by in GET /v1/models.")
 
+    @field_validator("loader")
+    @classmethod
+    def _known_loader(cls, loader: str) -> str:
+        from app.serving.runners.base import runner_class  # registry; imports no ML library
+
+        runner_class(loader)  # raises UnknownLoaderError (a ValueError) naming the known ones
+        return loader
+
+    @model_validator(mode="after")
+    def _loader_matches_task(self) -> ModelCard:
+        from app.serving.runners.base import runner_class
+
+        runner_task = runner_class(self.loader).task
+        if runner_task != self.task:
+            raise ValueError(
+                f"loader {self.loader!r} runs {runner_task.value} models, "
+                f"but the card's task is {self.task.value}"
+            )
+        return self
+
     @property
     def deployment_name(self) -> str:
         """Serve deployment (and application) name for this model id."""
-        return "model-" + re.sub(r"[^a-zA-Z0-9-]", "-", self.id)
+        return deployment_name(self.id)
 
     def resolve_source(self, catalogue_dir: Path) -> str | None:
         """A local directory made absolute, or a hub id unchanged.
@@ -135,6 +164,11 @@ class ModelCard(_Strict):
         if self.source.startswith((".", "/", "~")) or path.exists():
             return str(path.resolve())
         return self.source
+
+
+def deployment_name(model_id: str) -> str:
+    """The Serve application and deployment name that serves a model id."""
+    return "model-" + re.sub(r"[^a-zA-Z0-9-]", "-", model_id)
 
 
 class CatalogueError(ValueError):
@@ -173,7 +207,7 @@ class Catalogue(BaseModel):
     def get(self, model_id: str) -> ModelCard | None:
         return self.cards.get(model_id)
 
-    def __iter__(self):  # type: ignore[override]
+    def __iter__(self) -> Iterator[ModelCard]:  # type: ignore[override]
         return iter(self.cards.values())
 
     def __len__(self) -> int:

@@ -74,20 +74,20 @@ def replica_options(card: ModelCard, cluster_gpus: float, force_cpu: bool) -> di
 def model_application(
     card: ModelCard, catalogue_dir: Path, *, cluster_gpus: float = 0.0, force_cpu: bool = False
 ) -> Application:
-    from app.serving.model_server import ModelServer
+    from app.serving.model_server import model_server_deployment
 
     options = replica_options(card, cluster_gpus, force_cpu)
     device = "cuda" if options["ray_actor_options"]["num_gpus"] > 0 else "cpu"
-    return ModelServer.options(**options).bind(
+    return model_server_deployment.options(**options).bind(
         card.model_dump(mode="json"), str(catalogue_dir), device
     )
 
 
 def gateway_application(catalogue: Catalogue, num_replicas: int = 1) -> Application:
-    from app.api.gateway import Gateway
+    from app.api.gateway import gateway_deployment
 
     cards = [card.model_dump(mode="json") for card in catalogue]
-    return Gateway.options(
+    return gateway_deployment.options(
         name="Gateway",
         num_replicas=num_replicas,
         max_ongoing_requests=1024,

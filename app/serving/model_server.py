@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ray import serve
+from ray.serve import Deployment
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -27,7 +28,6 @@ from app.serving.service import ModelService
 logger = logging.getLogger(__name__)
 
 
-@serve.deployment
 class ModelServer:
     """One replica of one model id. Handle methods take typed requests (or their dicts)."""
 
@@ -58,6 +58,10 @@ class ModelServer:
             "device": self.loaded.device,
             "inflight": self.service.inflight,
         }
+
+    async def stats(self) -> dict[str, Any]:
+        """Batching and load figures for `app status` and tests."""
+        return self.service.stats() | {"model": self.service.card.id, "device": self.loaded.device}
 
     async def chat(self, req: ChatCompletionRequest | dict[str, Any]) -> dict[str, Any]:
         with self.service.admit():
@@ -92,3 +96,8 @@ class ModelServer:
     async def images(self, req: ImageGenerationRequest | dict[str, Any]) -> dict[str, Any]:
         with self.service.admit():
             return await self.service.images(validate_request(req, ImageGenerationRequest))
+
+
+# Decorated here rather than with @ so that ModelServer stays a plain, importable class (pickled by
+# reference into replicas) while the builder gets a Deployment to .options() and .bind().
+model_server_deployment: Deployment = serve.deployment(ModelServer)  # type: ignore[assignment]

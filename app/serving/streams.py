@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 _DONE = object()
@@ -16,7 +16,7 @@ async def merge_streams(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tu
         async for item in streams[0]:
             yield 0, item
         return
-    queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[T]) -> None:
         try:
@@ -37,7 +37,7 @@ async def merge_streams(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tu
             elif isinstance(item, BaseException):
                 raise item
             else:
-                yield index, item  # type: ignore[misc]
+                yield index, item
     finally:
         for task in tasks:
             task.cancel()

@@ -7,13 +7,21 @@ need several nodes add them with `cluster.add_node(...)` and remove them when do
 from __future__ import annotations
 
 import os
+import socket
+import tempfile
 from collections.abc import Iterator
 
 import pytest
 
-from app.runtime import cluster_env
+from app.runtime import cluster_env, haproxy_env, kill_stray_haproxy
 
 pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -21,22 +29,31 @@ def ray_cluster() -> Iterator[object]:
     import ray
     from ray.cluster_utils import Cluster
 
-    # Processes the cluster starts inherit this environment (HAProxy ingress, offline hubs).
-    for key, value in cluster_env().items():
-        os.environ[key] = value
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 16, "resources": {"head": 1}, "include_dashboard": False},
+    # The head node (and every process it starts) inherits this environment; the test driver
+    # itself keeps its own, so its handles behave as in any other Ray job.
+    haproxy_dir = tempfile.mkdtemp(prefix="haproxy-tests-")
+    env = (
+        cluster_env()
+        | haproxy_env(haproxy_dir, free_port(), free_port())
+        | {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
     )
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 16, "resources": {"head": 1}, "include_dashboard": False},
+        )
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     ray.init(address=cluster.address, namespace="app-tests", log_to_driver=False)
     try:
         yield cluster
     finally:
-        try:
-            from ray import serve
-
-            serve.shutdown()
-        except Exception:
-            pass
         ray.shutdown()
         cluster.shutdown()
+        kill_stray_haproxy(haproxy_dir)  # cluster shutdown leaves Serve's HAProxy running

@@ -65,7 +65,7 @@ class LoadedInfo:
 
 
 class Runner(ABC):
-    """Base of all runners; subclasses register under a loader name: `class X(Runner, loader="x")`."""
+    """Base of all runners; a subclass registers a loader name: `class X(Runner, loader="x")`."""
 
     task: ClassVar[Task]
     loader: ClassVar[str]

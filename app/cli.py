@@ -1,0 +1,242 @@
+"""The `app` command line: up, down, status and models build for the serving platform."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from app.catalog.cards import Catalogue, CatalogueError, load_catalogue
+from app.runtime import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT, cluster_env, kill_stray_haproxy
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _catalogue(args: argparse.Namespace) -> Catalogue:
+    from app.serving.builder import catalogue_path
+
+    catalogue = load_catalogue(args.catalogue or catalogue_path())
+    models = [m for m in (args.models or "").split(",") if m]
+    return catalogue.select(models or None)
+
+
+def _ray(*arguments: str) -> subprocess.CompletedProcess[str]:
+    ray_bin = Path(sys.executable).with_name("ray")
+    command = [str(ray_bin) if ray_bin.exists() else "ray", *arguments]
+    return subprocess.run(command, capture_output=True, text=True, env=os.environ | cluster_env())
+
+
+def connect(address: str | None, *, start: bool, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address` (or the local one); start a local head if none runs."""
+    import ray
+
+    target = address or os.environ.get("RAY_ADDRESS") or "auto"
+    try:
+        ray.init(address=target, namespace="app", log_to_driver=False)
+        return
+    except ConnectionError:
+        if not start or target != "auto":
+            raise
+    say("no Ray cluster running: starting a local head node")
+    arguments = ["start", "--head", "--disable-usage-stats", "--include-dashboard=false"]
+    if num_cpus is not None:
+        arguments.append(f"--num-cpus={num_cpus}")
+    result = _ray(*arguments)
+    if result.returncode != 0:
+        raise SystemExit(f"`ray start --head` failed:\n{result.stdout}\n{result.stderr}")
+    ray.init(address="auto", namespace="app", log_to_driver=False)
+
+
+def cmd_models_build(args: argparse.Namespace) -> int:
+    from app.catalog.recipes import build_catalogue
+
+    catalogue = _catalogue(args)
+    built = build_catalogue(catalogue, force=args.force, progress=say)
+    for model_id, path in built.items():
+        say(f"{model_id}: {path}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    catalogue = _catalogue(args)
+    for card in catalogue:
+        source = card.resolve_source(catalogue.directory) or "-"
+        print(f"{card.id:20} {card.task.value:16} {card.loader:28} {source}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from app.catalog.recipes import build_catalogue
+
+    catalogue = _catalogue(args)
+    say(f"catalogue {catalogue.directory}: {', '.join(card.id for card in catalogue)}")
+    build_catalogue(catalogue, progress=say)
+    connect(args.address, start=True, num_cpus=args.num_cpus)
+
+    import ray
+
+    from app.serving.builder import build_all
+    from app.serving.deploy import deploy, start_serve
+
+    start_serve(args.host, args.port)
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    specs = build_all(catalogue, cluster_gpus=gpus, force_cpu=args.cpu)
+    deploy(specs, timeout_s=args.timeout, progress=say)
+    base = f"http://{args.host}:{args.port}"
+    say(f"ready: OpenAI base URL {base}/v1 (all models)")
+    for card in catalogue:
+        say(f"  {card.id:20} {base}/models/{card.id}/v1 (direct to its replicas)")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    import ray
+
+    try:
+        ray.init(address=args.address or "auto", namespace="app", log_to_driver=False)
+    except ConnectionError:
+        say("no Ray cluster running")
+    else:
+        from ray import serve
+
+        say("shutting down Serve applications")
+        serve.shutdown()
+        ray.shutdown()
+    if not args.keep_ray:
+        say("stopping the local Ray node")
+        _ray("stop", "--force")
+    killed = kill_stray_haproxy()
+    if killed:
+        say(f"stopped {killed} HAProxy process(es) left holding the HTTP port")
+    return 0
+
+
+def status_report() -> dict[str, Any]:
+    """Per model application: status, replicas by state, resources asked per replica."""
+    from ray import serve
+
+    report: dict[str, Any] = {}
+    for name, app in serve.status().applications.items():
+        deployments = {}
+        for dep_name, dep in app.deployments.items():
+            deployments[dep_name] = {
+                "status": _text(dep.status),
+                "replicas": {_text(k): v for k, v in dep.replica_states.items()},
+                "message": dep.message,
+            }
+        report[name] = {
+            "status": _text(app.status),
+            "route_prefix": getattr(app, "route_prefix", None),
+            "deployments": deployments,
+            "message": app.message,
+        }
+    return report
+
+
+def _text(value: Any) -> str:
+    """Serve's status enums are str enums in some places and plain strings in others."""
+    return str(getattr(value, "value", value))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    connect(args.address, start=False)
+    report = status_report()
+    catalogue = _catalogue(args)
+    for card in catalogue:
+        entry = report.get(card.deployment_name)
+        if entry is not None:
+            entry["resources"] = card.resources.model_dump()
+            entry["model"] = card.id
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    if not report:
+        print("no Serve applications are running (run `app up`)")
+        return 1
+    for name, entry in sorted(report.items()):
+        replicas = {
+            state: count
+            for dep in entry["deployments"].values()
+            for state, count in dep["replicas"].items()
+        }
+        resources = entry.get("resources", {})
+        print(
+            f"{name:24} {entry['status']:14} replicas={replicas} "
+            f"cpus={resources.get('num_cpus', '-')} gpus={resources.get('num_gpus', '-')}"
+        )
+        if entry["message"]:
+            print(f"  {entry['message']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="app", description=__doc__)
+    parser.add_argument("--catalogue", help="directory of model cards (default: models/)")
+    parser.add_argument("--models", help="comma-separated model ids (default: all)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start Ray if needed, build tiny models, deploy, wait")
+    up.add_argument("--address", help="Ray cluster address (default: local, started if absent)")
+    up.add_argument("--host", default=DEFAULT_HTTP_HOST)
+    up.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT)
+    up.add_argument("--num-cpus", type=int, help="logical CPUs for a new local head node")
+    up.add_argument("--cpu", action="store_true", help="run GPU cards on CPU (APP_FORCE_CPU=1)")
+    up.add_argument("--timeout", type=float, default=600, help="seconds to wait until healthy")
+    up.set_defaults(func=cmd_up)
+
+    down = sub.add_parser("down", help="shut down Serve, stop local Ray and stray HAProxy")
+    down.add_argument("--address")
+    down.add_argument("--keep-ray", action="store_true", help="only shut down Serve")
+    down.set_defaults(func=cmd_down)
+
+    status = sub.add_parser("status", help="per model: replicas, health, resources")
+    status.add_argument("--address")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    models = sub.add_parser("models", help="the model catalogue")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    build = models_sub.add_parser("build", help="generate the offline tiny models if missing")
+    build.add_argument("--force", action="store_true", help="rebuild even if present")
+    build.set_defaults(func=cmd_models_build)
+    models_sub.add_parser("list", help="list model cards").set_defaults(func=cmd_models_list)
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub: Any) -> None:
+    try:
+        from app.kv.cli import add_kv_commands
+    except ImportError:
+        return
+    add_kv_commands(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "up" and args.cpu:
+        os.environ["APP_FORCE_CPU"] = "1"
+    from app.serving.builder import ResourceUnavailableError
+    from app.serving.deploy import DeployError
+
+    try:
+        return int(args.func(args) or 0)
+    except CatalogueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ResourceUnavailableError, DeployError, ConnectionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

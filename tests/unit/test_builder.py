@@ -1,0 +1,63 @@
+"""The builder: deployment options from cards, GPU refusal on CPU clusters, one app per model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.catalog.cards import ModelCard, load_catalogue
+from app.serving.builder import (
+    GATEWAY_APP,
+    ResourceUnavailableError,
+    build_all,
+    replica_options,
+)
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+def card(**fields: object) -> ModelCard:
+    return ModelCard.model_validate(
+        {"id": "m", "task": "text-generation", "loader": "echo"} | fields
+    )
+
+
+def test_gpu_card_refused_on_cpu_cluster_with_a_useful_message() -> None:
+    gpu = card(resources={"num_gpus": 1})
+    with pytest.raises(ResourceUnavailableError, match=r"num_gpus=1.*--cpu"):
+        replica_options(gpu, cluster_gpus=0, force_cpu=False)
+    assert (
+        replica_options(gpu, cluster_gpus=0, force_cpu=True)["ray_actor_options"]["num_gpus"] == 0
+    )
+    assert (
+        replica_options(gpu, cluster_gpus=2, force_cpu=False)["ray_actor_options"]["num_gpus"] == 1
+    )
+
+
+def test_fixed_versus_autoscaled_replicas() -> None:
+    fixed = replica_options(card(replicas={"min": 2, "max": 2}), 0, False)
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+    scaled = replica_options(card(replicas={"min": 1, "max": 4, "initial": 2}), 0, False)
+    assert scaled["autoscaling_config"]["min_replicas"] == 1
+    assert scaled["autoscaling_config"]["max_replicas"] == 4
+    assert scaled["autoscaling_config"]["initial_replicas"] == 2
+
+
+def test_card_resources_and_limits_reach_the_deployment() -> None:
+    options = replica_options(
+        card(resources={"num_cpus": 2, "memory": 2**30}, max_ongoing_requests=7), 0, False
+    )
+    assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0, "memory": 2**30}
+    assert options["max_ongoing_requests"] == 7
+    assert options["name"] == "model-m"
+
+
+def test_build_all_makes_one_app_per_model_plus_gateway() -> None:
+    catalogue = load_catalogue(MODELS)
+    specs = build_all(catalogue)
+    names = {spec.name: spec.route_prefix for spec in specs}
+    assert names[GATEWAY_APP] == "/"
+    for model in catalogue:
+        assert names[model.deployment_name] == f"/models/{model.id}"
+    assert len(specs) == len(catalogue) + 1
