@@ -19,6 +19,7 @@ from starlette.responses import Response
 
 from app.api.errors import ModelNotFoundError, OverloadedError, ServiceUnavailableError
 from app.api.http import Chunk, OpenAIRoutes
+from app.api.responses import model_object
 from app.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -26,7 +27,6 @@ from app.api.schemas import (
     ImageGenerationRequest,
 )
 from app.catalog.cards import ModelCard
-from app.serving.service import model_object
 
 STATUS_TTL_S = 2.0
 

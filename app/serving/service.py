@@ -6,16 +6,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
 
-import numpy as np
 from ray import serve
 
 from app.api.errors import InternalError, InvalidRequestError, ModelNotFoundError, OverloadedError
+from app.api.responses import (
+    chat_choice,
+    encode_vector,
+    model_object,
+    new_id,
+    parse_size,
+    text_choice,
+    usage,
+)
 from app.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -242,14 +249,14 @@ class ModelService:
             "system_fingerprint": None,
         }
         for i in range(len(requests)):
-            yield base | {"choices": [_chat_choice(i, {"role": "assistant", "content": ""})]}
+            yield base | {"choices": [chat_choice(i, {"role": "assistant", "content": ""})]}
         completion_tokens = 0
         async for i, delta in merge_streams([self._deltas(r) for r in requests]):
             completion_tokens += delta.tokens
             if delta.text:
-                yield base | {"choices": [_chat_choice(i, {"content": delta.text})]}
+                yield base | {"choices": [chat_choice(i, {"content": delta.text})]}
             if delta.finish_reason:
-                yield base | {"choices": [_chat_choice(i, {}, delta.finish_reason)]}
+                yield base | {"choices": [chat_choice(i, {}, delta.finish_reason)]}
         if req.include_usage:
             yield base | {"choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
@@ -296,11 +303,11 @@ class ModelService:
         }
         if req.echo:
             for i, r in enumerate(requests):
-                yield base | {"choices": [_text_choice(i, r.prompt)]}
+                yield base | {"choices": [text_choice(i, r.prompt)]}
         completion_tokens = 0
         async for i, delta in merge_streams([self._deltas(r) for r in requests]):
             completion_tokens += delta.tokens
-            yield base | {"choices": [_text_choice(i, delta.text, delta.finish_reason)]}
+            yield base | {"choices": [text_choice(i, delta.text, delta.finish_reason)]}
         if req.include_usage:
             prompt_tokens = sum(p for p, _ in plans)
             yield base | {"choices": [], "usage": usage(prompt_tokens, completion_tokens)}
@@ -347,7 +354,7 @@ class ModelService:
         return await asyncio.to_thread(self.runner.generate, batch)
 
     def _image_request(self, req: ImageGenerationRequest) -> ImageRequest:
-        width, height = req.dimensions() or _parse_size(self.card.image.size)
+        width, height = req.dimensions() or parse_size(self.card.image.size)
         for side, name in ((width, "width"), (height, "height")):
             if side % 8 or not 8 <= side <= MAX_IMAGE_SIDE:
                 raise InvalidRequestError(
@@ -382,44 +389,3 @@ class ModelService:
             "created": int(self._clock()),
             "data": [{"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs],
         }
-
-
-def model_object(card: ModelCard, created: int) -> dict[str, Any]:
-    return {
-        "id": card.id,
-        "object": "model",
-        "created": created,
-        "owned_by": card.owned_by,
-        "task": card.task.value,
-    }
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def encode_vector(vector: Sequence[float], encoding: str) -> list[float] | str:
-    if encoding == "base64":
-        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-    return list(vector)
-
-
-def _parse_size(size: str) -> tuple[int, int]:
-    width, height = size.split("x")
-    return int(width), int(height)
-
-
-def _chat_choice(index: int, delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-
-
-def _text_choice(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
