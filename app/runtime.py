@@ -30,9 +30,6 @@ def cluster_env() -> dict[str, str]:
         # Python proxy (see BENCHMARKS.md for the measured difference).
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
         env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
-        # User code on the replica's own event loop, gRPC between handles and replicas, request
-        # logs buffered: Serve's documented throughput profile (measured in BENCHMARKS.md).
-        env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     return env
 
 
@@ -51,6 +48,18 @@ def haproxy_env(state_dir: str, stats_port: int, metrics_port: int) -> dict[str,
         "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
     }
+
+
+def replica_env() -> dict[str, str]:
+    """Environment for our own replicas only (set through their runtime_env).
+
+    Serve's throughput profile runs user code and the handle router on the replica's event loop,
+    sends handle calls over gRPC and buffers request logs (measured in BENCHMARKS.md). It is
+    scoped to our replicas rather than the cluster because with it a synchronous handle call
+    outside an event loop fails, and jobs submitted to the cluster inherit the cluster's
+    environment.
+    """
+    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 def stray_haproxy_pids(state_dir: str = DEFAULT_HAPROXY_DIR) -> list[int]:

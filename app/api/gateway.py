@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.api.errors import ModelNotFoundError, OverloadedError, ServiceUnavailableError
-from app.api.http import Chunk, OpenAIRoutes
+from app.api.http import OpenAIRoutes
 from app.api.responses import model_object
 from app.api.schemas import (
     ChatCompletionRequest,
@@ -99,23 +99,24 @@ class Gateway:
         with _mapped_errors(req.model):
             return await getattr(handle, method).remote(req)
 
-    async def _stream(self, method: str, req: Any) -> AsyncIterator[Chunk]:
+    async def _stream(self, method: str, req: Any) -> AsyncIterator[bytes]:
+        """Forward the model replica's SSE writes untouched: no decode and re-encode here."""
         handle = self.handle_for(req.model).options(stream=True)
         with _mapped_errors(req.model):
-            async for chunk in getattr(handle, method).remote(req):
-                yield chunk
+            async for piece in getattr(handle, method).remote(req):
+                yield piece
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
         return await self._call("chat", req)
 
-    def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[Chunk]:
-        return self._stream("chat_stream", req)
+    def chat_sse(self, req: ChatCompletionRequest) -> AsyncIterator[bytes]:
+        return self._stream("relay_chat_sse", req)
 
     async def completions(self, req: CompletionRequest) -> dict[str, Any]:
         return await self._call("completions", req)
 
-    def completions_stream(self, req: CompletionRequest) -> AsyncIterator[Chunk]:
-        return self._stream("completions_stream", req)
+    def completions_sse(self, req: CompletionRequest) -> AsyncIterator[bytes]:
+        return self._stream("relay_completions_sse", req)
 
     async def embeddings(self, req: EmbeddingRequest) -> dict[str, Any]:
         return await self._call("embeddings", req)

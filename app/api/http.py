@@ -3,7 +3,6 @@ model replica, so both speak exactly the same wire format and errors."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,7 +11,7 @@ from typing import Any, Protocol, TypeVar
 import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from app.api.errors import (
     APIError,
@@ -31,25 +30,25 @@ from app.api.schemas import (
     EmbeddingRequest,
     ImageGenerationRequest,
 )
+from app.api.sse import streaming_response
 
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = int(os.environ.get("APP_MAX_REQUEST_BYTES", str(4 * 1024 * 1024)))
-SSE_DONE = b"data: [DONE]\n\n"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 R = TypeVar("R", bound=BaseModel)
 Chunk = dict[str, Any]
 
 
 class Backend(Protocol):
-    """What serves the API: the gateway (all models) or one model's replica."""
+    """What serves the API: the gateway (all models) or one model's replica. Streaming methods
+    return SSE writes (see app.api.sse.SSEStream); errors before the first write raise."""
 
     async def list_models(self) -> list[dict[str, Any]]: ...
     async def health(self) -> dict[str, Any]: ...
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]: ...
-    def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[Chunk]: ...
+    def chat_sse(self, req: ChatCompletionRequest) -> AsyncIterator[bytes]: ...
     async def completions(self, req: CompletionRequest) -> dict[str, Any]: ...
-    def completions_stream(self, req: CompletionRequest) -> AsyncIterator[Chunk]: ...
+    def completions_sse(self, req: CompletionRequest) -> AsyncIterator[bytes]: ...
     async def embeddings(self, req: EmbeddingRequest) -> dict[str, Any]: ...
     async def images(self, req: ImageGenerationRequest) -> dict[str, Any]: ...
 
@@ -109,97 +108,6 @@ def validate_request(data: Any, model: type[R]) -> R:
         raise from_validation_error(exc) from exc
 
 
-async def sse(chunks: AsyncIterator[Chunk]) -> AsyncIterator[bytes]:
-    """Server-sent events in OpenAI's format; an error after the first byte becomes an error
-    event followed by [DONE], so a client never hangs on a half-finished stream."""
-    try:
-        async for chunk in chunks:
-            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-    except APIError as exc:
-        yield b"data: " + error_json(exc) + b"\n\n"
-    except Exception as exc:  # the status line has gone out; report in-band
-        logger.exception("stream failed")
-        failure = InternalError(f"stream failed: {type(exc).__name__}")
-        yield b"data: " + error_json(failure) + b"\n\n"
-    yield SSE_DONE
-
-
-class Coalesced:
-    """Joins the pieces a producer makes without pausing into one write.
-
-    Tokens a model emits with time between them still go out one by one; pieces produced in the
-    same event-loop turn (a fast runner, a cached answer, the closing chunks) share one socket
-    write, which cuts the per-chunk cost of streaming through Serve's ingress.
-    """
-
-    def __init__(self, source: AsyncIterator[bytes]) -> None:
-        self._source = source
-        self._buffer: list[bytes] = []
-        self._wake = asyncio.Event()
-        self._finished: list[BaseException | None] = []
-        self._task = asyncio.create_task(self._pump())
-
-    @property
-    def exhausted(self) -> bool:
-        """The producer has finished and everything it made has been taken."""
-        return bool(self._finished) and not self._buffer
-
-    async def _pump(self) -> None:
-        try:
-            async for piece in self._source:
-                self._buffer.append(piece)
-                self._wake.set()
-        except BaseException as exc:
-            self._finished.append(exc)
-        else:
-            self._finished.append(None)
-        self._wake.set()
-
-    async def next_write(self) -> bytes | None:
-        """Everything produced since the last call (waiting for at least one piece), or None."""
-        while not self._buffer:
-            if self._finished:
-                error = self._finished[0]
-                if error is not None and not isinstance(error, asyncio.CancelledError):
-                    raise error
-                return None
-            await self._wake.wait()
-            self._wake.clear()
-        out = b"".join(self._buffer)
-        self._buffer.clear()
-        return out
-
-    async def writes(self, first: bytes) -> AsyncIterator[bytes]:
-        try:
-            yield first
-            while (piece := await self.next_write()) is not None:
-                yield piece
-        finally:
-            self._task.cancel()
-
-
-async def streaming_response(chunks: AsyncIterator[Chunk]) -> Response:
-    """An SSE response. The first chunk is awaited before any status goes out, so validation and
-    capacity errors (raised before the first chunk) still become a proper HTTP error. A stream
-    that is already complete by its first write (a cached answer, the echo model) goes out as
-    one plain response with the same event-stream body, skipping chunked streaming."""
-    try:
-        first = await anext(chunks)
-    except StopAsyncIteration:
-        return Response(SSE_DONE, media_type="text/event-stream")
-    body = Coalesced(sse(_prepend(first, chunks)))
-    head = await body.next_write() or b""
-    if body.exhausted:
-        return Response(head, media_type="text/event-stream", headers=SSE_HEADERS)
-    return StreamingResponse(body.writes(head), media_type="text/event-stream", headers=SSE_HEADERS)
-
-
-async def _prepend(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-    yield first
-    async for chunk in rest:
-        yield chunk
-
-
 class OpenAIRoutes:
     """Dispatches OpenAI requests to a Backend: `await routes(request)` returns the Response.
 
@@ -214,10 +122,10 @@ class OpenAIRoutes:
         b = backend
         self._post: dict[str, Callable[[Request], Awaitable[Response]]] = {
             "/v1/chat/completions": lambda r: self._call(
-                r, ChatCompletionRequest, b.chat, b.chat_stream
+                r, ChatCompletionRequest, b.chat, b.chat_sse
             ),
             "/v1/completions": lambda r: self._call(
-                r, CompletionRequest, b.completions, b.completions_stream
+                r, CompletionRequest, b.completions, b.completions_sse
             ),
             "/v1/embeddings": lambda r: self._call(r, EmbeddingRequest, b.embeddings),
             "/v1/images/generations": lambda r: self._call(r, ImageGenerationRequest, b.images),
@@ -259,7 +167,7 @@ class OpenAIRoutes:
         request: Request,
         schema: type[R],
         unary: Callable[[R], Awaitable[dict[str, Any]]],
-        stream: Callable[[R], AsyncIterator[Chunk]] | None = None,
+        stream: Callable[[R], AsyncIterator[bytes]] | None = None,
     ) -> Response:
         req = parse_request(await read_body(request), schema)
         if getattr(req, "stream", False):

@@ -11,6 +11,7 @@ from typing import Any
 from ray.serve import Application
 
 from app.catalog.cards import Catalogue, ModelCard, load_catalogue
+from app.runtime import replica_env
 
 DEFAULT_CATALOGUE = Path(__file__).resolve().parents[2] / "models"
 GATEWAY_APP = "gateway"
@@ -48,7 +49,11 @@ def replica_options(card: ModelCard, cluster_gpus: float, force_cpu: bool) -> di
             f"cluster has {cluster_gpus:g} GPU(s); add GPU nodes, or run it on CPU with "
             "`app up --cpu` (APP_FORCE_CPU=1)"
         )
-    actor: dict[str, Any] = {"num_cpus": card.resources.num_cpus, "num_gpus": num_gpus}
+    actor: dict[str, Any] = {
+        "num_cpus": card.resources.num_cpus,
+        "num_gpus": num_gpus,
+        "runtime_env": {"env_vars": replica_env()},
+    }
     if card.resources.memory:
         actor["memory"] = card.resources.memory
     options: dict[str, Any] = {
@@ -91,7 +96,7 @@ def gateway_application(catalogue: Catalogue, num_replicas: int = 1) -> Applicat
         name="Gateway",
         num_replicas=num_replicas,
         max_ongoing_requests=1024,
-        ray_actor_options={"num_cpus": 0.1},
+        ray_actor_options={"num_cpus": 0.1, "runtime_env": {"env_vars": replica_env()}},
     ).bind(cards)
 
 

@@ -21,6 +21,7 @@ from app.api.schemas import (
     EmbeddingRequest,
     ImageGenerationRequest,
 )
+from app.api.sse import SSEStream
 from app.catalog.cards import ModelCard
 from app.serving.runners import runner_class
 from app.serving.service import ModelService
@@ -70,11 +71,22 @@ class ModelServer:
     async def chat_stream(
         self, req: ChatCompletionRequest | dict[str, Any]
     ) -> AsyncIterator[Chunk]:
+        """Chunk dicts, for Python callers (`handle.options(stream=True)`)."""
         with self.service.admit():
             async for chunk in self.service.chat_stream(
                 validate_request(req, ChatCompletionRequest)
             ):
                 yield chunk
+
+    def chat_sse(self, req: ChatCompletionRequest | dict[str, Any]) -> SSEStream:
+        """Encoded, coalesced SSE writes: what this replica's HTTP route sends."""
+        return SSEStream(self.chat_stream(req))
+
+    async def relay_chat_sse(self, req: ChatCompletionRequest) -> AsyncIterator[bytes]:
+        """The same writes over a streaming handle, for the gateway to forward untouched
+        (Serve streams only from async generators)."""
+        async for write in self.chat_sse(req):
+            yield write
 
     async def completions(self, req: CompletionRequest | dict[str, Any]) -> dict[str, Any]:
         with self.service.admit():
@@ -88,6 +100,13 @@ class ModelServer:
                 validate_request(req, CompletionRequest)
             ):
                 yield chunk
+
+    def completions_sse(self, req: CompletionRequest | dict[str, Any]) -> SSEStream:
+        return SSEStream(self.completions_stream(req))
+
+    async def relay_completions_sse(self, req: CompletionRequest) -> AsyncIterator[bytes]:
+        async for write in self.completions_sse(req):
+            yield write
 
     async def embeddings(self, req: EmbeddingRequest | dict[str, Any]) -> dict[str, Any]:
         with self.service.admit():

@@ -48,7 +48,9 @@ def test_card_resources_and_limits_reach_the_deployment() -> None:
     options = replica_options(
         card(resources={"num_cpus": 2, "memory": 2**30}, max_ongoing_requests=7), 0, False
     )
-    assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0, "memory": 2**30}
+    actor = options["ray_actor_options"]
+    assert (actor["num_cpus"], actor["num_gpus"], actor["memory"]) == (2, 0, 2**30)
+    assert actor["runtime_env"]["env_vars"]["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert options["max_ongoing_requests"] == 7
     assert options["name"] == "model-m"
 

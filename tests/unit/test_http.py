@@ -11,9 +11,11 @@ import httpx
 import orjson
 import pytest
 
-from app.api import http
+import app.api.http
+from app.api import sse
 from app.api.http import OpenAIRoutes
 from app.api.schemas import ChatCompletionRequest, CompletionRequest
+from app.api.sse import SSEStream
 from app.catalog.cards import ModelCard
 from app.serving.runners.echo import EchoRunner
 from app.serving.service import ModelService
@@ -45,11 +47,14 @@ class EchoBackend:
             async for chunk in self.service.chat_stream(req):
                 yield chunk
 
+    def chat_sse(self, req: ChatCompletionRequest) -> SSEStream:
+        return SSEStream(self.chat_stream(req))
+
     async def completions(self, req: CompletionRequest) -> dict[str, Any]:
         return await self.service.completions(req)
 
-    def completions_stream(self, req: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
-        return self.service.completions_stream(req)
+    def completions_sse(self, req: CompletionRequest) -> SSEStream:
+        return SSEStream(self.service.completions_stream(req))
 
     async def embeddings(self, req: Any) -> dict[str, Any]:
         return await self.service.embeddings(req)
@@ -160,7 +165,7 @@ async def test_errors_are_openai_bodies(
 async def test_oversized_body_is_413(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(http, "MAX_REQUEST_BYTES", 1000)
+    monkeypatch.setattr(app.api.http, "MAX_REQUEST_BYTES", 1000)
     r = await client.post("/v1/chat/completions", json=chat("x" * 2000))
     assert r.status_code == 413
     assert r.json()["error"]["code"] == "request_too_large"
@@ -194,10 +199,10 @@ async def test_slow_stream_goes_out_in_several_writes() -> None:
             yield {"i": i}
             await asyncio.sleep(0.01)
 
-    response = await http.streaming_response(slow())
+    response = await sse.streaming_response(SSEStream(slow()))
     writes = [piece async for piece in response.body_iterator]  # type: ignore[attr-defined]
     assert len(writes) >= 3
-    assert b"".join(writes).endswith(http.SSE_DONE)
+    assert b"".join(writes).endswith(sse.SSE_DONE)
 
 
 async def test_instant_stream_is_one_plain_response() -> None:
@@ -205,9 +210,9 @@ async def test_instant_stream_is_one_plain_response() -> None:
         for i in range(3):
             yield {"i": i}
 
-    response = await http.streaming_response(instant())
+    response = await sse.streaming_response(SSEStream(instant()))
     assert not hasattr(response, "body_iterator")
-    assert response.body.count(b"data: ") == 4 and response.body.endswith(http.SSE_DONE)
+    assert response.body.count(b"data: ") == 4 and response.body.endswith(sse.SSE_DONE)
 
 
 async def test_error_mid_stream_becomes_error_event() -> None:
@@ -216,7 +221,7 @@ async def test_error_mid_stream_becomes_error_event() -> None:
         await asyncio.sleep(0.01)
         raise RuntimeError("boom")
 
-    response = await http.streaming_response(broken())
+    response = await sse.streaming_response(SSEStream(broken()))
     body = b"".join([p async for p in response.body_iterator])  # type: ignore[attr-defined]
     events = body.decode().strip().split("\n\n")
     assert orjson.loads(events[-2].removeprefix("data: "))["error"]["code"] == "internal_error"
