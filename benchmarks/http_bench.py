@@ -66,6 +66,35 @@ def run_wrk(url: str, script: Path | None, duration: int, connections: int) -> d
     }
 
 
+def fastapi_echo() -> object:
+    """The rejected design: the same echo ModelService behind `serve.ingress(FastAPI)`."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    from app.api.schemas import ChatCompletionRequest
+    from app.catalog.cards import load_catalogue
+    from app.runtime import replica_env
+    from app.serving.runners.echo import EchoRunner
+    from app.serving.service import ModelService
+
+    api = FastAPI()
+
+    @serve.deployment(
+        max_ongoing_requests=256, ray_actor_options={"runtime_env": {"env_vars": replica_env()}}
+    )
+    @serve.ingress(api)
+    class FastAPIEcho:
+        def __init__(self) -> None:
+            card = load_catalogue(ROOT / "models").cards["echo"]
+            self.service = ModelService(card, EchoRunner(card, None))
+
+        @api.post("/v1/chat/completions")
+        async def chat(self, body: ChatCompletionRequest) -> dict:
+            return await self.service.chat(body)
+
+    return FastAPIEcho
+
+
 def phase(mode: str, duration: int, connections: int, rejected: bool) -> dict[str, dict]:
     """Runs inside a subprocess whose environment already selects the ingress mode."""
     import ray
@@ -84,12 +113,14 @@ def phase(mode: str, duration: int, connections: int, rejected: bool) -> dict[st
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     start_serve("127.0.0.1", 8000)
     serve.run(Hello.bind(), name="hello", route_prefix="/hello")
+    if rejected:
+        serve.run(fastapi_echo().bind(), name="fastapi-echo", route_prefix="/fastapi-echo")
     deploy(build_all(load_catalogue(ROOT / "models").select(["echo"])))
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         chat = _wrk_script(CHAT, Path(tmp), "chat")
         stream = _wrk_script(CHAT | {"stream": True}, Path(tmp), "stream")
-        cases = [(f"hello world ({mode})", "/hello", None)]
+        cases: list[tuple[str, str, Path | None]] = [(f"hello world ({mode})", "/hello", None)]
         if mode == "haproxy" or rejected:
             cases += [
                 (f"chat, per-model URL ({mode})", "/models/echo/v1/chat/completions", chat),
@@ -101,6 +132,14 @@ def phase(mode: str, duration: int, connections: int, rejected: bool) -> dict[st
                 (f"chat, gateway /v1 ({mode})", "/v1/chat/completions", chat),
                 (f"chat stream, gateway /v1 ({mode})", "/v1/chat/completions", stream),
             ]
+        if rejected:
+            cases.append(
+                (
+                    f"chat, FastAPI ingress, rejected ({mode})",
+                    "/fastapi-echo/v1/chat/completions",
+                    chat,
+                )
+            )
         for name, path, script in cases:
             results[name] = run_wrk("http://127.0.0.1:8000" + path, script, duration, connections)
             print(f"  {name}: {results[name]['rps']:.0f} req/s", file=sys.stderr)
