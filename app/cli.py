@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from app.catalog.cards import Catalogue, CatalogueError, load_catalogue
+from app.kv.cli import add_kv_commands
 from app.runtime import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT, cluster_env, kill_stray_haproxy
 
 
@@ -207,16 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even if present")
     build.set_defaults(func=cmd_models_build)
     models_sub.add_parser("list", help="list model cards").set_defaults(func=cmd_models_list)
-    _add_optional_commands(sub)
-    return parser
-
-
-def _add_optional_commands(sub: Any) -> None:
-    try:
-        from app.kv.cli import add_kv_commands
-    except ImportError:
-        return
     add_kv_commands(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,378 @@
+"""KVClient: the store's public API, with synchronous methods and `a`-prefixed asyncio twins."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from app.kv import protocol
+from app.kv.config import KVConfig, ReadConcern, WriteConcern, read_code, write_code
+from app.kv.errors import ClusterNotFoundError, InvalidArgumentError
+from app.kv.protocol import MapView
+from app.kv.routing import Backoff, Op, Router
+from app.kv.slots import key_slot
+
+
+@dataclass(frozen=True)
+class ScanPage:
+    """One page of a prefix scan; pass `cursor` back for the next page (None: no more)."""
+
+    items: list[tuple[str, Any]]
+    cursor: str | None
+
+
+class KVClient:
+    """Talks to shard primaries directly, using the slot map it caches from the coordinator.
+
+    Usable from a driver, a task, an actor or a Serve replica (use the `a...` methods inside
+    async code). Cheap to keep for the life of the process; it pickles as (name, namespace).
+    """
+
+    def __init__(self, coordinator: Any, config: KVConfig, view: MapView) -> None:
+        self._coordinator = coordinator
+        self.config = config
+        self._router = Router(coordinator, config, view)
+        self._read = read_code(config.read_concern)
+        self._write = write_code(config.write_concern)
+        self._rid_prefix = uuid.uuid4().hex[:16] + ":"
+        self._rids = itertools.count()
+
+    # Connecting --------------------------------------------------------------------------
+    @staticmethod
+    def _coordinator_handle(name: str, namespace: str) -> Any:
+        try:
+            return ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            raise ClusterNotFoundError(
+                f"no KV cluster named {name!r} in namespace {namespace!r}"
+            ) from None
+
+    @classmethod
+    def connect(cls, name: str = "kv", namespace: str = "app-kv") -> KVClient:
+        coordinator = cls._coordinator_handle(name, namespace)
+        config, view = ray.get([coordinator.config.remote(), coordinator.get_map.remote()])
+        return cls(coordinator, config, view)
+
+    @classmethod
+    async def aconnect(cls, name: str = "kv", namespace: str = "app-kv") -> KVClient:
+        coordinator = cls._coordinator_handle(name, namespace)
+        config = await coordinator.config.remote()
+        return cls(coordinator, config, await coordinator.get_map.remote())
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (KVClient.connect, (self.config.name, self.config.namespace))
+
+    # Drivers: run a routing generator to completion --------------------------------------
+    # No per-call timeout: it costs ~10% of a call in Ray, and a member that stops answering
+    # is the coordinator's to detect (health checks), after which the call fails and retries.
+    def _run(self, op: Op) -> Any:
+        try:
+            request = next(op)
+            while True:
+                try:
+                    if type(request) is Backoff:
+                        time.sleep(request.seconds)
+                        result = None
+                    else:
+                        result = ray.get(request)
+                except Exception as exc:
+                    request = op.throw(exc)
+                    continue
+                request = op.send(result)
+        except StopIteration as stop:
+            return stop.value
+
+    async def _arun(self, op: Op) -> Any:
+        try:
+            request = next(op)
+            while True:
+                try:
+                    if type(request) is Backoff:
+                        await asyncio.sleep(request.seconds)
+                        result = None
+                    elif type(request) is list:
+                        result = await asyncio.gather(*request)
+                    else:
+                        result = await request
+                except Exception as exc:
+                    request = op.throw(exc)
+                    continue
+                request = op.send(result)
+        except StopIteration as stop:
+            return stop.value
+
+    # Argument checks ---------------------------------------------------------------------
+    def _read_args(
+        self, read: ReadConcern | str | None, max_lag_ms: float | None
+    ) -> tuple[int, float]:
+        if read is None and max_lag_ms is None:
+            code = self._read
+        elif read is None:
+            code = protocol.READ_BOUNDED
+        else:
+            code = read_code(read)
+        if code == protocol.READ_EVENTUAL:
+            return code, -1.0
+        if code == protocol.READ_BOUNDED:
+            lag = self.config.max_lag_ms if max_lag_ms is None else max_lag_ms
+            if isinstance(lag, bool) or not isinstance(lag, int | float) or lag <= 0:
+                raise InvalidArgumentError(f"max_lag_ms must be a positive number, not {lag!r}")
+            return code, float(lag)
+        return code, 0.0
+
+    def _write_args(
+        self, write: WriteConcern | str | None, request_id: str | None
+    ) -> tuple[int, str]:
+        code = self._write if write is None else write_code(write)
+        if request_id is None:
+            return code, f"{self._rid_prefix}{next(self._rids)}"
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidArgumentError("request_id must be a non-empty str")
+        return code, request_id
+
+    @staticmethod
+    def _ttl(ttl: float | None) -> float | None:
+        if ttl is None:
+            return None
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
+            raise InvalidArgumentError(f"ttl must be a positive number of seconds, not {ttl!r}")
+        return float(ttl)
+
+    def _page(self, page_size: int) -> int:
+        if (
+            isinstance(page_size, bool)
+            or not isinstance(page_size, int)
+            or not (1 <= page_size <= self.config.max_page_size)
+        ):
+            raise InvalidArgumentError(
+                f"page_size must be an int in 1..{self.config.max_page_size}, not {page_size!r}"
+            )
+        return page_size
+
+    @staticmethod
+    def _keys(keys: Iterable[str]) -> list[str]:
+        if isinstance(keys, str | bytes):
+            raise InvalidArgumentError("mget takes a list of keys, not a single key")
+        return list(keys)
+
+    @staticmethod
+    def _mapping(mapping: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(mapping, Mapping):
+            raise InvalidArgumentError(f"mset takes a mapping, not {type(mapping).__name__}")
+        return dict(mapping)
+
+    @staticmethod
+    def _expected(expected: int | None) -> int | None:
+        if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int)):
+            raise InvalidArgumentError(f"expected_version must be an int or None, not {expected!r}")
+        return expected
+
+    # Operations (each has an asyncio twin below) -----------------------------------------
+    def _get(self, key: str, default: Any, read: Any, max_lag_ms: float | None) -> Op:
+        return self._router.get(key, default, *self._read_args(read, max_lag_ms))
+
+    def _put(self, key: str, value: Any, ttl: Any, write: Any, request_id: Any) -> Op:
+        code, rid = self._write_args(write, request_id)
+        return self._router.put(key, value, self._ttl(ttl), code, rid)
+
+    def _cas(self, key: str, expected: Any, value: Any, ttl: Any, write: Any, rid: Any) -> Op:
+        code, rid = self._write_args(write, rid)
+        return self._router.cas(key, self._expected(expected), value, self._ttl(ttl), code, rid)
+
+    def _mget(self, keys: Iterable[str], default: Any, read: Any, max_lag_ms: Any) -> Op:
+        return self._router.mget(self._keys(keys), default, *self._read_args(read, max_lag_ms))
+
+    def _mset(self, mapping: Mapping[str, Any], ttl: Any, write: Any, request_id: Any) -> Op:
+        code, rid = self._write_args(write, request_id)
+        return self._router.mset(self._mapping(mapping), self._ttl(ttl), code, rid)
+
+    def _scan(self, prefix: str, page_size: int, cursor: str | None) -> Op:
+        if not isinstance(prefix, str):
+            raise InvalidArgumentError(f"prefix must be a str, not {type(prefix).__name__}")
+        return self._router.scan(prefix, self._page(page_size), cursor)
+
+    def get(
+        self,
+        key: str,
+        default: Any = None,
+        *,
+        read: ReadConcern | str | None = None,
+        max_lag_ms: float | None = None,
+    ) -> Any:
+        """The value of `key`, or `default`. `max_lag_ms` alone means a bounded read."""
+        return self._run(self._get(key, default, read, max_lag_ms))
+
+    def get_versioned(self, key: str) -> tuple[Any, int] | None:
+        """(value, version) of `key` from its primary, or None; versions feed `cas`."""
+        return self._run(self._router.get_versioned(key))
+
+    def put(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        write: WriteConcern | str | None = None,
+        request_id: str | None = None,
+    ) -> int:
+        """Store `value` (expiring after `ttl` seconds); returns its new version."""
+        return int(self._run(self._put(key, value, ttl, write, request_id)))
+
+    def delete(
+        self, key: str, *, write: WriteConcern | str | None = None, request_id: str | None = None
+    ) -> bool:
+        """Remove `key`; True if it existed."""
+        code, rid = self._write_args(write, request_id)
+        return bool(self._run(self._router.delete(key, code, rid)))
+
+    def cas(
+        self,
+        key: str,
+        expected_version: int | None,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        write: WriteConcern | str | None = None,
+        request_id: str | None = None,
+    ) -> tuple[bool, int | None]:
+        """Store `value` only if the key's version is `expected_version` (None: key absent).
+        Returns (True, new version) or (False, current version)."""
+        reply = self._run(self._cas(key, expected_version, value, ttl, write, request_id))
+        return bool(reply[0]), reply[1]
+
+    def mget(
+        self,
+        keys: Iterable[str],
+        default: Any = None,
+        *,
+        read: ReadConcern | str | None = None,
+        max_lag_ms: float | None = None,
+    ) -> list[Any]:
+        """Values of `keys` in order (`default` for missing ones), one call per shard group."""
+        return self._run(self._mget(keys, default, read, max_lag_ms))
+
+    def mset(
+        self,
+        mapping: Mapping[str, Any],
+        *,
+        ttl: float | None = None,
+        write: WriteConcern | str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        """Store every item of `mapping`, one call per shard group."""
+        self._run(self._mset(mapping, ttl, write, request_id))
+
+    def scan(
+        self, prefix: str = "", *, page_size: int = 100, cursor: str | None = None
+    ) -> ScanPage:
+        """One page of keys starting with `prefix`, in slot order; never an unbounded read."""
+        items, nxt = self._run(self._scan(prefix, page_size, cursor))
+        return ScanPage(items, nxt)
+
+    def scan_iter(self, prefix: str = "", *, page_size: int = 100) -> Iterator[tuple[str, Any]]:
+        """Every (key, value) with `prefix`, fetched a page at a time."""
+        cursor: str | None = None
+        while True:
+            page = self.scan(prefix, page_size=page_size, cursor=cursor)
+            yield from page.items
+            if page.cursor is None:
+                return
+            cursor = page.cursor
+
+    async def aget(
+        self,
+        key: str,
+        default: Any = None,
+        *,
+        read: ReadConcern | str | None = None,
+        max_lag_ms: float | None = None,
+    ) -> Any:
+        return await self._arun(self._get(key, default, read, max_lag_ms))
+
+    async def aget_versioned(self, key: str) -> tuple[Any, int] | None:
+        return await self._arun(self._router.get_versioned(key))
+
+    async def aput(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        write: WriteConcern | str | None = None,
+        request_id: str | None = None,
+    ) -> int:
+        return int(await self._arun(self._put(key, value, ttl, write, request_id)))
+
+    async def adelete(
+        self, key: str, *, write: WriteConcern | str | None = None, request_id: str | None = None
+    ) -> bool:
+        code, rid = self._write_args(write, request_id)
+        return bool(await self._arun(self._router.delete(key, code, rid)))
+
+    async def acas(
+        self,
+        key: str,
+        expected_version: int | None,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        write: WriteConcern | str | None = None,
+        request_id: str | None = None,
+    ) -> tuple[bool, int | None]:
+        reply = await self._arun(self._cas(key, expected_version, value, ttl, write, request_id))
+        return bool(reply[0]), reply[1]
+
+    async def amget(
+        self,
+        keys: Iterable[str],
+        default: Any = None,
+        *,
+        read: ReadConcern | str | None = None,
+        max_lag_ms: float | None = None,
+    ) -> list[Any]:
+        return await self._arun(self._mget(keys, default, read, max_lag_ms))
+
+    async def amset(
+        self,
+        mapping: Mapping[str, Any],
+        *,
+        ttl: float | None = None,
+        write: WriteConcern | str | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        await self._arun(self._mset(mapping, ttl, write, request_id))
+
+    async def ascan(
+        self, prefix: str = "", *, page_size: int = 100, cursor: str | None = None
+    ) -> ScanPage:
+        items, nxt = await self._arun(self._scan(prefix, page_size, cursor))
+        return ScanPage(items, nxt)
+
+    # Administration (through the coordinator, never on the data path) ---------------------
+    def refresh(self) -> None:
+        """Reload the slot map now (normally it reloads itself when redirected)."""
+        self._run(self._router.reload())
+
+    def group_of(self, key: str | int) -> int:
+        """The shard group that owns a key (or a slot number) in this client's cached map."""
+        slot = key if isinstance(key, int) else key_slot(key, self.config.max_key_bytes)
+        return self._router.owners[slot]
+
+    def status(self) -> dict[str, Any]:
+        return ray.get(self._coordinator.status.remote())
+
+    def rebalance(self) -> list[dict[str, Any]]:
+        return ray.get(self._coordinator.rebalance.remote())
+
+    def split(self, gid: int | None = None) -> dict[str, Any]:
+        return ray.get(self._coordinator.split.remote(gid))
+
+    def move_slots(self, slots: list[int], target: int) -> int:
+        return int(ray.get(self._coordinator.move_slots.remote(list(slots), target)))

@@ -1,0 +1,262 @@
+"""State and shared helpers of a shard actor: the store, its role, logging a write, acknowledging.
+
+A shard actor is one member (primary or replica) of one shard group, run as a threaded actor:
+each call gets a thread, and one lock (`self.lock`, with Condition `self.cond`) guards all state.
+Code paths check routing and change state inside one critical section, so no migration step or
+other write can interleave; waits (for replicas, for a migration batch) release the lock.
+The data path (shard.py), replication (shard_replication.py) and slot migration
+(shard_migration.py) build on this base.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import threading
+import time
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from app.kv import protocol
+from app.kv.config import KVConfig
+from app.kv.protocol import Ask, Moved, NotPrimary, TryAgain
+from app.kv.replication import CommitTracker, ReplicaStream
+from app.kv.store import (
+    OP_PUT,
+    SLOT_IMPORTING,
+    SLOT_MIGRATING,
+    SLOT_OWNED,
+    Op,
+    ShardStore,
+    StoreSnapshot,
+)
+from app.kv.wal import LargeBlob, WriteAheadLog
+
+log = logging.getLogger(__name__)
+
+# Thread pools of a shard actor besides the data path's: health checks and membership changes,
+# and the replication stream, must not queue behind client calls blocked on replicas.
+CONCURRENCY_GROUPS = {"control": 2, "replication": 2}
+
+# `_route` answers this when a write must wait for an in-flight migration batch to finish.
+WAIT = object()
+UNCONFIRMED = TryAgain("waiting for replicas to confirm the latest write")
+
+
+class ShardBase:
+    """One member of a shard group. A primary holds large values as `[ObjectRef, size]` owned
+    by itself (see `_own`), so they live as long as the group, not the writer; replicas hold
+    them as `[ref, size, value]` (see `_hold`)."""
+
+    def __init__(
+        self,
+        gid: int,
+        member: str,
+        config: KVConfig,
+        coordinator: Any = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.gid = gid
+        self.member = member
+        self.cfg = config
+        self.coordinator = coordinator
+        self.store = ShardStore(clock, config.dedupe_window)
+        self.primary = False
+        self.term = 0
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.tracker = CommitTracker(1, self.cond)
+        self.streams: dict[str, ReplicaStream] = {}
+        self.moving: set[str] = set()  # keys of the migration batch in flight
+        self.caught_up_at = 0.0  # primary's clock when this replica last matched its head
+        self.wal: WriteAheadLog | None = None
+        self._closed = False
+        threading.Thread(target=self._sweep, name="kv-expiry", daemon=True).start()
+
+    # Lifecycle -------------------------------------------------------------------------------
+    @ray.method(concurrency_group="control")
+    def ready(self) -> str:
+        """Returns the node this member runs on."""
+        return ray.get_runtime_context().get_node_id()
+
+    @ray.method(concurrency_group="control")
+    def ping(self) -> int:
+        return self.term
+
+    def _sweep(self) -> None:
+        while not self._closed:
+            time.sleep(self.cfg.expiry_sweep_interval_s)
+            with self.lock:
+                self.store.expire()
+
+    def group_dir(self) -> Path:
+        assert self.cfg.data_dir is not None
+        return Path(self.cfg.data_dir) / self.cfg.name / f"group-{self.gid}"
+
+    # Routing (lock held) -----------------------------------------------------------------
+    def _route(self, slot: int, key: str, asking: bool, write: bool) -> Any:
+        """None to serve the request here, else the redirect (or WAIT) to answer with."""
+        if not self.primary:
+            return NotPrimary(self.term)
+        state = self.store.slot_state[slot]
+        if state == SLOT_OWNED:
+            return None
+        peer = self.store.slot_peer.get(slot, -1)
+        if state == SLOT_MIGRATING:
+            if write and key in self.moving:
+                return WAIT
+            # Keys still here are served here; the rest already moved (or are new): ask the target.
+            return None if self.store.get(key) is not None else Ask(peer)
+        if state == SLOT_IMPORTING and asking:
+            return None
+        return Moved(peer, 0)
+
+    def _route_write(self, slot: int, key: str, asking: bool) -> Any:
+        route = self._route(slot, key, asking, True)
+        while route is WAIT:
+            self.cond.wait(1.0)
+            route = self._route(slot, key, asking, True)
+        return route
+
+    # Writing (lock held) -----------------------------------------------------------------
+    def _log(
+        self,
+        kind: str,
+        key: str | None,
+        slot: int = 0,
+        payload: Any = None,
+        version: int = 0,
+        expires_at: float | None = None,
+        rid: str | None = None,
+        result: Any = None,
+        blob: bytes | None = None,
+    ) -> int:
+        """Apply one write locally, queue it for every replica and the WAL; returns its seq."""
+        op = Op(self.store.seq + 1, kind, key, slot, payload, version, expires_at, rid, result)
+        self.store.apply(op)
+        self.tracker.wrote(op.seq, key)
+        for stream in self.streams.values():
+            stream.push(op)
+        if self.wal is not None:
+            disk = op._replace(payload=LargeBlob(blob or b"")) if type(payload) is list else op
+            self.wal.append(disk)
+            if self.wal.snapshot_due:
+                self.wal.write_snapshot(self._disk_snapshot())
+        return op.seq
+
+    def _ack(self, seq: int, code: int, result: Any) -> Any:
+        """`result` once `seq` meets write concern `code`, else TryAgain (the client retries)."""
+        if code == protocol.WRITE_ONE or self.tracker.satisfied(seq, code):
+            return result
+        if self.tracker.wait(seq, code, self.cfg.write_timeout_s):
+            return result
+        return TryAgain("replicas did not acknowledge in time")
+
+    def _settle(self, keys: Collection[str]) -> bool:
+        """Wait until the newest writes of `keys` (all writes if empty) are committed, so a
+        strong read never returns a value a failover could still roll back. The caller reads
+        right after, still holding the lock, so it reads exactly the settled state."""
+        tracker = self.tracker
+
+        def settled() -> bool:
+            if not tracker.unsettled:
+                return True
+            if not keys:
+                return not tracker.settle_at(tracker.head)
+            return not any(tracker.settle_at(tracker.pending.get(k, 0)) for k in keys)
+
+        return self.cond.wait_for(settled, self.cfg.write_timeout_s)
+
+    # Large values (no lock) --------------------------------------------------------------
+    def _own(self, payload: list[Any]) -> tuple[list[Any], bytes | None]:
+        """Take ownership of a large value on a primary: fetch it and put our own copy.
+
+        Ray ties an object's lifetime to its owner, and `ray.put(_owner=...)` is gone (Ray
+        2.56), so the writer's handle would die with the writer: the primary copies the value
+        into an object it owns. The bytes for the WAL come along when durability is on.
+        """
+        value = ray.get(payload[0])
+        blob = pickle.dumps(value, protocol=5) if self.cfg.durable else None
+        return [ray.put(value), payload[1]], blob
+
+    @staticmethod
+    def _hold(payloads: list[list[Any]]) -> list[list[Any]]:
+        """Replica copies of large values: `[primary's ref, size, local value]`.
+
+        The local value is what `ray.get` returns, for arrays a zero-copy view that pins the
+        object-store buffer: it stays readable after the primary (the ref's owner) dies, which
+        is all a replica needs. Only on promotion does it become an object of our own (see
+        `_own_held`), so a replica costs no copy per write on the same node.
+        """
+        values = ray.get([p[0] for p in payloads])
+        return [[p[0], p[1], v] for p, v in zip(payloads, values, strict=True)]
+
+    def _own_held(self) -> None:
+        """On promotion: turn every held large value into an object this member owns."""
+        self.store.map_payloads(
+            lambda p: [ray.put(p[2]), p[1]] if type(p) is list and len(p) == 3 else p
+        )
+
+    # Durability (lock held) --------------------------------------------------------------
+    def _disk_snapshot(self) -> StoreSnapshot:
+        snap = self.store.snapshot()
+        for i, (key, payload, version, expires_at, slot) in enumerate(snap.entries):
+            if type(payload) is list:
+                blob = LargeBlob(pickle.dumps(ray.get(payload[0]), protocol=5))
+                snap.entries[i] = (key, blob, version, expires_at, slot)
+        return snap
+
+    def _start_wal(self) -> None:
+        """Become the group's logger for this term: snapshot now, then log every write."""
+        self.wal = self.wal or WriteAheadLog(
+            self.group_dir(), self.cfg.wal_fsync, self.cfg.snapshot_every_ops
+        )
+        self.wal.begin_term(self.term, self._disk_snapshot())
+
+    # Introspection -----------------------------------------------------------------------
+    def lag_ms(self) -> float:
+        if self.primary:
+            return 0.0
+        return max(0.0, (time.time() - self.caught_up_at) * 1000.0)
+
+    @ray.method(concurrency_group="control")
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "gid": self.gid,
+                "member": self.member,
+                "role": "primary" if self.primary else "replica",
+                "term": self.term,
+                "seq": self.store.seq,
+                "committed": self.tracker.committed if self.primary else None,
+                "lag_ms": round(self.lag_ms(), 1),
+                "keys": len(self.store),
+                "bytes": self.store.bytes,
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "replicas": dict(self.tracker.acked) if self.primary else {},
+            }
+
+    @ray.method(concurrency_group="control")
+    def load_stats(self, reset: bool = True) -> tuple[dict[int, int], dict[int, int]]:
+        """(keys per slot, operations per slot since the last reset) for the rebalancer."""
+        with self.lock:
+            ops = {slot: n for slot, n in enumerate(self.store.slot_ops) if n}
+            if reset:
+                self.store.slot_ops = [0] * len(self.store.slot_ops)
+            return self.store.slot_keys(), ops
+
+    @ray.method(concurrency_group="control")
+    def close(self) -> None:
+        with self.lock:
+            self._closed = True
+            for stream in list(self.streams.values()):
+                stream.close()
+            if self.wal is not None:
+                self.wal.close()
+
+
+def large_value_op(op: Op) -> bool:
+    return op.kind == OP_PUT and type(op.payload) is list

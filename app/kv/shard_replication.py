@@ -1,0 +1,175 @@
+"""Replication on a shard member: applying the primary's log, promotion, attaching replicas."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from typing import Any
+
+import ray
+
+from app.kv.replication import CommitTracker, ReplicaStream
+from app.kv.shard_base import ShardBase, large_value_op
+from app.kv.store import Op, StoreSnapshot
+from app.kv.wal import LargeBlob, WriteAheadLog
+
+log = logging.getLogger(__name__)
+
+
+class ReplicationMixin(ShardBase):
+    """Replica side (`apply_ops`, `install_snapshot`) and primary side (streams, promotion)."""
+
+    # Replica side ------------------------------------------------------------------------
+    @ray.method(concurrency_group="replication")
+    def apply_ops(self, term: int, ops: list[Op], head: int, sent_at: float) -> int:
+        """Apply a batch from the primary of `term`; returns the seq applied so far.
+
+        A batch from an older term comes from a deposed primary and is refused (-1), which
+        fences it off once the coordinator has started a promotion.
+        """
+        large = [i for i, op in enumerate(ops) if large_value_op(op)]
+        if large:
+            held = self._hold([ops[i].payload for i in large])
+            ops = list(ops)
+            for i, payload in zip(large, held, strict=True):
+                ops[i] = ops[i]._replace(payload=payload)
+        with self.lock:
+            if term < self.term or self.primary:
+                return -1
+            self.term = term
+            for op in ops:
+                if op.seq > self.store.seq:
+                    self.store.apply(op)
+            if self.store.seq >= head:
+                self.caught_up_at = sent_at
+            return self.store.seq
+
+    @ray.method(concurrency_group="replication")
+    def install_snapshot(self, term: int, snap: StoreSnapshot, sent_at: float) -> int:
+        """Become an exact copy of the primary at `snap.seq` (new replica, or after failover)."""
+        large = [i for i, entry in enumerate(snap.entries) if type(entry[1]) is list]
+        if large:
+            held = self._hold([snap.entries[i][1] for i in large])
+            for i, payload in zip(large, held, strict=True):
+                key, _, version, expires_at, slot = snap.entries[i]
+                snap.entries[i] = (key, payload, version, expires_at, slot)
+        with self.lock:
+            if term < self.term or self.primary:
+                return -1
+            self.term = term
+            self.store.install(snap)
+            self.caught_up_at = sent_at
+            return self.store.seq
+
+    @ray.method(concurrency_group="control")
+    def prepare_promotion(self, term: int) -> int:
+        """Fence off older primaries and report how far this replica got (its applied seq)."""
+        with self.lock:
+            self.term = max(self.term, term)
+            return self.store.seq
+
+    # Primary side ------------------------------------------------------------------------
+    @ray.method(concurrency_group="control")
+    def become_primary(
+        self, term: int, replicas: dict[str, Any], group_size: int, recover: bool = False
+    ) -> int:
+        """Take over the group at `term` with these replicas; returns the seq taken over at.
+
+        Everything up to that seq becomes a read barrier: it is served only once a majority has
+        it, because this member cannot know which of its entries the old primary had committed.
+        """
+        with self.lock:
+            self.term = term
+            self.primary = True
+            if recover:
+                self._recover_from_disk()
+            self._own_held()
+            self.tracker = CommitTracker(group_size, self.cond)
+            self.tracker.set_barrier(self.store.seq)
+            for member, handle in replicas.items():
+                self._attach(member, handle)
+            if self.cfg.durable:
+                self._start_wal()
+            return self.store.seq
+
+    @ray.method(concurrency_group="control")
+    def add_replica(self, member: str, handle: Any) -> int:
+        """Start streaming to a new replica, beginning with a snapshot of this store."""
+        with self.lock:
+            if not self.primary:
+                return -1
+            self._attach(member, handle)
+            return self.store.seq
+
+    @ray.method(concurrency_group="control")
+    def remove_replica(self, member: str) -> None:
+        with self.lock:
+            stream = self.streams.pop(member, None)
+            if stream is not None:
+                stream.close()
+
+    @ray.method(concurrency_group="control")
+    def set_group_size(self, group_size: int) -> None:
+        with self.lock:
+            self.tracker.group_size = group_size
+            self.tracker.refresh()
+
+    def _attach(self, member: str, handle: Any) -> None:
+        term, timeout = self.term, self.cfg.health_check_timeout_s
+
+        def send_ops(ops: list[Op], head: int, sent_at: float) -> int:
+            return int(ray.get(handle.apply_ops.remote(term, ops, head, sent_at), timeout=timeout))
+
+        def send_snapshot(snap: StoreSnapshot, sent_at: float) -> int:
+            ref = handle.install_snapshot.remote(term, snap, sent_at)
+            return int(ray.get(ref, timeout=timeout))
+
+        old = self.streams.pop(member, None)
+        if old is not None:
+            old.close()
+        stream = ReplicaStream(
+            member,
+            send_ops,
+            send_snapshot,
+            self.tracker,
+            self._stream_failed,
+            self.cfg.heartbeat_interval_ms / 1000.0,
+        )
+        self.streams[member] = stream
+        stream.start(self.store.snapshot())
+
+    def _stream_failed(self, member: str, exc: BaseException) -> None:
+        log.warning("kv group %s: replica %s failed: %r", self.gid, member, exc)
+        with self.lock:
+            self.streams.pop(member, None)
+            term = self.term
+        if self.coordinator is not None:
+            self.coordinator.member_failed.remote(self.gid, member, term)
+
+    def _recover_from_disk(self) -> None:
+        self.wal = WriteAheadLog(self.group_dir(), self.cfg.wal_fsync, self.cfg.snapshot_every_ops)
+        snap, ops, _ = self.wal.recover()
+        if snap is None:
+            return
+        started = time.monotonic()
+        snap.entries = [(k, _load(p), v, e, s) for k, p, v, e, s in snap.entries]
+        self.store.install(snap)
+        for op in ops:
+            if isinstance(op.payload, LargeBlob):
+                op = op._replace(payload=_load(op.payload))
+            self.store.apply(op)
+        log.info(
+            "kv group %s recovered %d keys at seq %d in %.2fs",
+            self.gid,
+            len(self.store),
+            self.store.seq,
+            time.monotonic() - started,
+        )
+
+
+def _load(payload: Any) -> Any:
+    """A payload read from disk: large values go back into the object store, owned by us."""
+    if isinstance(payload, LargeBlob):
+        return [ray.put(pickle.loads(payload.data)), len(payload.data)]
+    return payload

@@ -1,0 +1,231 @@
+"""The KV store's operations on a real Ray cluster: values, versions, TTL, scans, consistency
+levels, large values through the object store, bad input, and clients in other processes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import ray
+
+from app.kv import (
+    InvalidArgumentError,
+    InvalidKeyError,
+    KeyTooLargeError,
+    KVClient,
+    KVConfig,
+    UnknownConsistencyError,
+    ValueNotSerializableError,
+    key_slot,
+    shutdown_kv,
+    start_kv,
+)
+from app.kv.cli import format_status, kv_status
+
+pytestmark = pytest.mark.integration
+
+NAME, NAMESPACE = "kv-ops", "app-kv-tests"
+
+
+@pytest.fixture(scope="module")
+def kv(ray_cluster: Any) -> Iterator[KVClient]:
+    client = start_kv(
+        KVConfig(
+            name=NAME,
+            namespace=NAMESPACE,
+            num_shards=2,
+            replication_factor=2,
+            allow_colocated_replicas=True,
+            expiry_sweep_interval_s=0.1,
+            heartbeat_interval_ms=50,
+        )
+    )
+    try:
+        yield client
+    finally:
+        shutdown_kv(NAME, NAMESPACE)
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def test_put_get_delete_and_versions(kv: KVClient) -> None:
+    v1 = kv.put("ops:a", {"x": 1})
+    assert kv.get("ops:a") == {"x": 1}
+    assert kv.get("ops:missing") is None and kv.get("ops:missing", 7) == 7
+    v2 = kv.put("ops:a", [1, 2, 3])
+    assert v2 > v1 and kv.get_versioned("ops:a") == ([1, 2, 3], v2)
+    assert kv.delete("ops:a") is True and kv.delete("ops:a") is False
+    assert kv.get_versioned("ops:a") is None
+    kv.put("ops:none", None)
+    assert kv.get("ops:none", "default") is None  # a stored None is not a missing key
+
+
+def test_compare_and_set(kv: KVClient) -> None:
+    assert kv.cas("ops:cas", None, "first") == (True, kv.get_versioned("ops:cas")[1])  # type: ignore[index]
+    _, version = kv.get_versioned("ops:cas")  # type: ignore[misc]
+    assert kv.cas("ops:cas", None, "again") == (False, version)
+    assert kv.cas("ops:cas", version + 100, "stale") == (False, version)
+    ok, new = kv.cas("ops:cas", version, "second")
+    assert ok and new > version and kv.get("ops:cas") == "second"
+    kv.delete("ops:cas")
+    assert kv.cas("ops:cas", new, "after delete") == (False, None)  # no ABA
+
+
+def test_mget_mset_span_both_groups(kv: KVClient) -> None:
+    items = {f"ops:m{i}": i * i for i in range(200)}
+    kv.mset(items)
+    assert {key_slot(k) < 8192 for k in items} == {True, False}
+    keys = [*items, "ops:nope"]
+    assert kv.mget(keys, default=-1) == [*items.values(), -1]
+
+
+def test_retried_request_id_applies_once(kv: KVClient) -> None:
+    first = kv.put("ops:rid", "one", request_id="fixed-id-1")
+    again = kv.put("ops:rid", "two", request_id="fixed-id-1")
+    assert again == first and kv.get("ops:rid") == "one"
+    assert kv.delete("ops:rid", request_id="fixed-id-2") is True
+    assert kv.delete("ops:rid", request_id="fixed-id-2") is True  # same answer, not re-run
+
+
+def test_ttl_expiry(kv: KVClient) -> None:
+    kv.put("ops:ttl", "soon gone", ttl=0.3)
+    kv.mset({"ops:ttl2": 1, "ops:ttl3": 2}, ttl=0.3)
+    kv.put("ops:keep", "stays")
+    assert kv.get("ops:ttl") == "soon gone"
+    _eventually(lambda: kv.mget(["ops:ttl", "ops:ttl2", "ops:ttl3"]) == [None, None, None])
+    assert kv.get("ops:keep") == "stays"
+    kv.put("ops:ttl", "renewed")  # a write without ttl makes the key permanent again
+    time.sleep(0.4)
+    assert kv.get("ops:ttl") == "renewed"
+
+
+def test_prefix_scan_is_paged_and_complete(kv: KVClient) -> None:
+    keys = {f"scan:{i:03d}": i for i in range(250)}
+    kv.mset(keys)
+    kv.put("other:1", 1)
+    seen: dict[str, Any] = {}
+    cursor = None
+    pages = 0
+    while True:
+        page = kv.scan("scan:", page_size=40, cursor=cursor)
+        assert len(page.items) <= 40
+        for key, value in page.items:
+            assert key not in seen
+            seen[key] = value
+        pages += 1
+        cursor = page.cursor
+        if cursor is None:
+            break
+    assert seen == keys and pages >= 7
+    assert dict(kv.scan_iter("scan:", page_size=100)) == keys
+    tagged = {f"{{user9}}:{i}": i for i in range(30)}
+    kv.mset(tagged)
+    assert dict(kv.scan_iter("{user9}:", page_size=7)) == tagged
+
+
+def test_consistency_levels(kv: KVClient) -> None:
+    for write in ("one", "majority", "all"):
+        kv.put(f"ops:w-{write}", write, write=write)
+        assert kv.get(f"ops:w-{write}") == write
+    kv.put("ops:repl", "r", write="all")  # every replica has it now
+    assert kv.get("ops:repl", read="eventual") == "r"
+    assert kv.mget(["ops:repl", "ops:w-one"], read="eventual") == ["r", "one"]
+    # Bounded staleness: a replica that heard from its primary within the bound may answer.
+    assert kv.get("ops:repl", max_lag_ms=5000) == "r"
+    assert kv.get("ops:repl", read="bounded", max_lag_ms=0.001) == "r"  # falls back to primary
+    kv.put("ops:async", "later", write="one")
+    _eventually(lambda: kv.get("ops:async", read="eventual") == "later")
+    status = kv_status(None, NAME, NAMESPACE)
+    lags = [m["lag_ms"] for g in status["groups"] for m in g["members"]]
+    assert all(lag >= 0 for lag in lags) and status["keys"] > 0
+    assert "primary" in format_status(status)
+
+
+def test_large_values_go_through_the_object_store(kv: KVClient) -> None:
+    array = np.random.default_rng(0).random(131072)  # 1 MiB
+    kv.put("ops:big", array)
+    got = kv.get("ops:big")
+    assert isinstance(got, np.ndarray) and np.array_equal(got, array)
+    kv.mset({"ops:big2": array * 2, "ops:small": 1})
+    big2, small = kv.mget(["ops:big2", "ops:small"])
+    assert np.array_equal(big2, array * 2) and small == 1
+    assert kv.get("ops:big2", read="eventual") is not None
+    blob = b"x" * 200_000
+    kv.put("ops:bytes", blob)
+    assert kv.get("ops:bytes") == blob
+
+
+def test_large_value_outlives_its_writer(kv: KVClient) -> None:
+    @ray.remote(num_cpus=0)
+    class Writer:
+        def write(self, client: KVClient) -> int:
+            return client.put("ops:orphan", np.arange(100_000))
+
+    writer = Writer.remote()  # type: ignore[attr-defined]
+    ray.get(writer.write.remote(kv))  # the client pickles by name and reconnects there
+    ray.kill(writer)  # the process that called ray.put on the value is gone now
+    _eventually(lambda: _dead(writer))
+    assert np.array_equal(kv.get("ops:orphan"), np.arange(100_000))
+    assert np.array_equal(kv.get("ops:orphan", read="eventual"), np.arange(100_000))
+
+
+def _dead(handle: Any) -> bool:
+    try:
+        ray.get(handle.__ray_ready__.remote(), timeout=1)
+    except ray.exceptions.RayActorError:
+        return True
+    return False
+
+
+def test_bad_input_raises_specific_errors(kv: KVClient) -> None:
+    with pytest.raises(ValueNotSerializableError):
+        kv.put("ops:bad", threading.Lock())
+    with pytest.raises(KeyTooLargeError):
+        kv.put("k" * 5000, 1)
+    with pytest.raises(InvalidKeyError):
+        kv.get(123)  # type: ignore[arg-type]
+    with pytest.raises(UnknownConsistencyError):
+        kv.get("ops:a", read="sequential")
+    with pytest.raises(UnknownConsistencyError):
+        kv.put("ops:a", 1, write="two")
+    with pytest.raises(InvalidArgumentError):
+        kv.put("ops:a", 1, ttl=-1)
+    assert kv.get("ops:bad") is None
+
+
+def test_async_client_inside_an_actor(kv: KVClient) -> None:
+    @ray.remote(num_cpus=0)
+    class Service:
+        async def run(self, name: str, namespace: str) -> list[Any]:
+            from app.kv import KVClient
+
+            client = await KVClient.aconnect(name, namespace)
+            await client.aput("ops:actor", "hello")
+            await client.amset({"ops:actor2": 2, "ops:actor3": 3})
+            page = await client.ascan("ops:actor", page_size=10)
+            return [
+                await client.aget("ops:actor"),
+                await client.amget(["ops:actor2", "ops:actor3"]),
+                await client.acas("ops:actor", None, "x"),
+                await client.adelete("ops:actor3"),
+                sorted(k for k, _ in page.items),
+            ]
+
+    service = Service.remote()  # type: ignore[attr-defined]
+    try:
+        result = ray.get(service.run.remote(NAME, NAMESPACE), timeout=60)
+    finally:
+        ray.kill(service)
+    assert result[0] == "hello" and result[1] == [2, 3]
+    assert result[2][0] is False and result[3] is True
+    assert result[4] == ["ops:actor", "ops:actor2", "ops:actor3"]
+    assert kv.get("ops:actor3") is None
