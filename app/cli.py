@@ -86,7 +86,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from app.serving.builder import build_all
     from app.serving.deploy import deploy, start_serve
 
-    start_serve(args.host, args.port)
+    start_serve(args.host, args.port, args.request_timeout)
     gpus = float(ray.cluster_resources().get("GPU", 0))
     specs = build_all(catalogue, cluster_gpus=gpus, force_cpu=args.cpu)
     deploy(specs, timeout_s=args.timeout, progress=say)
@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--num-cpus", type=int, help="logical CPUs for a new local head node")
     up.add_argument("--cpu", action="store_true", help="run GPU cards on CPU (APP_FORCE_CPU=1)")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait until healthy")
+    up.add_argument(
+        "--request-timeout", type=float, help="seconds before Serve ends an HTTP request"
+    )
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="shut down Serve, stop local Ray and stray HAProxy")

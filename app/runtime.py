@@ -53,13 +53,21 @@ def haproxy_env(state_dir: str, stats_port: int, metrics_port: int) -> dict[str,
 def replica_env() -> dict[str, str]:
     """Environment for our own replicas only (set through their runtime_env).
 
-    Serve's throughput profile runs user code and the handle router on the replica's event loop,
-    sends handle calls over gRPC and buffers request logs (measured in BENCHMARKS.md). It is
-    scoped to our replicas rather than the cluster because with it a synchronous handle call
-    outside an event loop fails, and jobs submitted to the cluster inherit the cluster's
-    environment.
+    These are the knobs of Serve's throughput profile: user code and the handle router on the
+    replica's event loop, handle calls over gRPC, buffered request logs (measured in
+    BENCHMARKS.md). They are scoped to our replicas because a synchronous handle call outside an
+    event loop fails with them, and jobs submitted to the cluster inherit the cluster's
+    environment. RAY_SERVE_THROUGHPUT_OPTIMIZED itself is not used: it also switches on direct
+    ingress inside the replica, which hangs the replica when the cluster runs Serve's proxy.
     """
-    return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    return {
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+        "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+        "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+        "RAY_SERVE_LOG_TO_STDERR": "0",
+        "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
+    }
 
 
 def stray_haproxy_pids(state_dir: str = DEFAULT_HAPROXY_DIR) -> list[int]:

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
 CHAT = {"model": "echo", "messages": [{"role": "user", "content": "the quick brown fox jumps"}]}
 
 
@@ -80,7 +81,8 @@ def fastapi_echo() -> object:
     api = FastAPI()
 
     @serve.deployment(
-        max_ongoing_requests=256, ray_actor_options={"runtime_env": {"env_vars": replica_env()}}
+        max_ongoing_requests=256,
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": replica_env()}},
     )
     @serve.ingress(api)
     class FastAPIEcho:
@@ -88,11 +90,28 @@ def fastapi_echo() -> object:
             card = load_catalogue(ROOT / "models").cards["echo"]
             self.service = ModelService(card, EchoRunner(card, None))
 
-        @api.post("/v1/chat/completions")
         async def chat(self, body: ChatCompletionRequest) -> dict:
             return await self.service.chat(body)
 
+        # Real classes, not the strings `from __future__ import annotations` leaves: the class
+        # travels to the replica by value, where FastAPI could not resolve a string.
+        chat.__annotations__ = {"body": ChatCompletionRequest, "return": dict}
+        chat = api.post("/v1/chat/completions")(chat)
+
     return FastAPIEcho
+
+
+def _check_ok(url: str, script: Path | None) -> None:
+    """One request first: a benchmark of error responses would measure the wrong thing."""
+    import httpx
+
+    if script is None:
+        response = httpx.get(url, timeout=30)
+    else:
+        body = CHAT | ({"stream": True} if script.stem == "stream" else {})
+        response = httpx.post(url, json=body, timeout=30)
+    if response.status_code != 200:
+        raise SystemExit(f"{url} answered {response.status_code}: {response.text[:300]}")
 
 
 def phase(mode: str, duration: int, connections: int, rejected: bool) -> dict[str, dict]:
@@ -105,7 +124,8 @@ def phase(mode: str, duration: int, connections: int, rejected: bool) -> dict[st
     from app.serving.builder import build_all
     from app.serving.deploy import deploy, start_serve
 
-    @serve.deployment(max_ongoing_requests=256)
+    # Zero-CPU baseline deployments, so they never keep our replicas from being scheduled.
+    @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
     class Hello:
         async def __call__(self, request: object) -> str:
             return "hello world"
@@ -141,7 +161,9 @@ def phase(mode: str, duration: int, connections: int, rejected: bool) -> dict[st
                 )
             )
         for name, path, script in cases:
-            results[name] = run_wrk("http://127.0.0.1:8000" + path, script, duration, connections)
+            url = "http://127.0.0.1:8000" + path
+            _check_ok(url, script)
+            results[name] = run_wrk(url, script, duration, connections)
             print(f"  {name}: {results[name]['rps']:.0f} req/s", file=sys.stderr)
     serve.shutdown()
     ray.shutdown()

@@ -111,10 +111,10 @@ def validate_request(data: Any, model: type[R]) -> R:
 class OpenAIRoutes:
     """Dispatches OpenAI requests to a Backend: `await routes(request)` returns the Response.
 
-    Deliberately not FastAPI: in Serve 2.60's direct ingress a `serve.ingress(FastAPI)` replica
-    answered ~1,300 chat requests/s where a plain `__call__(request)` deployment running this
-    same handler answered ~3,200 on the same machine (BENCHMARKS.md). Routing eight fixed paths
-    needs no framework; validation stays pydantic.
+    Deliberately not FastAPI: behind Serve 2.60's direct ingress the same service answered
+    2,284 chat requests/s as a `serve.ingress(FastAPI)` replica and 3,369 as a plain
+    `__call__(request)` deployment with this dispatch (one run, BENCHMARKS.md). Routing eight
+    fixed paths needs no framework; validation stays pydantic.
     """
 
     def __init__(self, backend: Backend) -> None:

@@ -14,8 +14,11 @@ class DeployError(RuntimeError):
     """An application failed to deploy or did not become healthy in time."""
 
 
-def start_serve(host: str, port: int) -> None:
-    serve.start(http_options={"host": host, "port": port, "location": "EveryNode"})
+def start_serve(host: str, port: int, request_timeout_s: float | None = None) -> None:
+    options: dict[str, object] = {"host": host, "port": port, "location": "EveryNode"}
+    if request_timeout_s is not None:
+        options["request_timeout_s"] = request_timeout_s
+    serve.start(http_options=options)
 
 
 def deploy(
@@ -24,32 +27,52 @@ def deploy(
     timeout_s: float = 600,
     progress: Callable[[str], None] = lambda message: None,
 ) -> None:
-    """serve.run every application without blocking, then wait for all of them to run."""
+    """Submit every application at once (replicas start in parallel), then wait for all of them
+    with a deadline; serve.run alone would wait per application with no deadline, forever when
+    a replica cannot be scheduled."""
     for spec in specs:
         progress(f"deploying {spec.name} at {spec.route_prefix}")
-        serve.run(spec.app, name=spec.name, route_prefix=spec.route_prefix, blocking=False)
+    serve.run_many(
+        [
+            serve.RunTarget(spec.app, name=spec.name, route_prefix=spec.route_prefix)
+            for spec in specs
+        ],
+        wait_for_ingress_deployment_creation=False,
+        wait_for_applications_running=False,
+    )
     wait_running([spec.name for spec in specs], timeout_s=timeout_s, progress=progress)
 
 
 def wait_running(
     names: list[str], *, timeout_s: float, progress: Callable[[str], None] = lambda m: None
 ) -> None:
+    """Poll until every named application runs; report status changes and Serve's messages
+    (such as replicas that cannot be scheduled for lack of resources)."""
     deadline = time.monotonic() + timeout_s
     reported: dict[str, str] = {}
     while True:
         apps = serve.status().applications
         pending = []
         for name in names:
-            status = apps[name].status if name in apps else "NOT_STARTED"
+            app = apps.get(name)
+            status = str(getattr(app.status, "value", app.status)) if app else "NOT_STARTED"
             if status in ("DEPLOY_FAILED", "UNHEALTHY"):
-                raise DeployError(f"application {name} is {status}: {apps[name].message}")
+                raise DeployError(f"application {name} is {status}: {_messages(app)}")
             if status != "RUNNING":
                 pending.append(name)
-            if reported.get(name) != status:
-                reported[name] = str(status)
-                progress(f"{name}: {status}")
+            line = f"{name}: {status}" + (f" ({_messages(app)})" if app and _messages(app) else "")
+            if reported.get(name) != line:
+                reported[name] = line
+                progress(line)
         if not pending:
             return
         if time.monotonic() > deadline:
-            raise DeployError(f"applications not running after {timeout_s:.0f}s: {pending}")
+            details = "; ".join(reported[name] for name in pending)
+            raise DeployError(f"not running after {timeout_s:.0f}s: {details}")
         time.sleep(0.5)
+
+
+def _messages(app: object) -> str:
+    texts = [getattr(app, "message", "")]
+    texts += [d.message for d in getattr(app, "deployments", {}).values()]
+    return " ".join(t for t in texts if t)[:500]

@@ -50,7 +50,10 @@ def test_card_resources_and_limits_reach_the_deployment() -> None:
     )
     actor = options["ray_actor_options"]
     assert (actor["num_cpus"], actor["num_gpus"], actor["memory"]) == (2, 0, 2**30)
-    assert actor["runtime_env"]["env_vars"]["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    env = actor["runtime_env"]["env_vars"]
+    assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+    # Direct ingress is the cluster's choice (APP_INGRESS); a replica must never switch it on.
+    assert not {"RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_DIRECT_INGRESS"} & set(env)
     assert options["max_ongoing_requests"] == 7
     assert options["name"] == "model-m"
 
