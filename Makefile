@@ -27,6 +27,7 @@ status: install
 
 lint: install
 	$(VENV)/bin/ruff check app tests benchmarks
+	$(VENV)/bin/ruff format --check app tests benchmarks
 	$(VENV)/bin/mypy
 
 test: install lint

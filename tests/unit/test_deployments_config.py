@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_serve_config_matches_catalogue() -> None:
-    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deployments/serve.yaml").read_text()))
+    config = ServeDeploySchema.model_validate(
+        yaml.safe_load((ROOT / "deployments/serve.yaml").read_text())
+    )
     catalogue = load_catalogue(ROOT / "models")
     apps = {app.name: app for app in config.applications}
     assert set(apps) == {card.deployment_name for card in catalogue} | {GATEWAY_APP}
