@@ -7,21 +7,15 @@ need several nodes add them with `cluster.add_node(...)` and remove them when do
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from collections.abc import Iterator
 
 import pytest
 
 from app.runtime import cluster_env, haproxy_env, kill_stray_haproxy
+from tests.integration.support import free_port
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

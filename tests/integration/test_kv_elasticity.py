@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from app.kv import KVClient, KVConfig, key_slot, shutdown_kv, start_kv
+from app.kv import KVClient, key_slot
 from app.kv.history import RegisterWorkload
+from tests.integration.support import running_kv
 
 pytestmark = pytest.mark.integration
 
@@ -19,20 +20,8 @@ NAME, NAMESPACE = "kv-elastic", "app-kv-tests"
 
 @pytest.fixture(scope="module")
 def kv(ray_cluster: Any) -> Iterator[KVClient]:
-    client = start_kv(
-        KVConfig(
-            name=NAME,
-            namespace=NAMESPACE,
-            num_shards=2,
-            replication_factor=2,
-            allow_colocated_replicas=True,
-            migration_batch_keys=64,
-        )
-    )
-    try:
+    with running_kv(NAME, migration_batch_keys=64) as client:
         yield client
-    finally:
-        shutdown_kv(NAME, NAMESPACE)
 
 
 async def _under_load(client: KVClient, prefix: str, change: Callable[[], Any]) -> Any:

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import ray
 
-from app.kv import KVClient, KVConfig, key_slot, shutdown_kv, start_kv
+from app.kv import KVClient, key_slot
 from app.kv.history import RegisterWorkload
+from tests.integration.support import running_kv, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -28,31 +29,12 @@ def cluster(ray_cluster: Any) -> Iterator[tuple[Any, Any, KVClient]]:
     """A worker node plus a 2-group store with 2 members per group (one per node)."""
     worker = ray_cluster.add_node(num_cpus=2, resources={"kv_worker": 1})
     ray_cluster.wait_for_nodes()
-    client = start_kv(
-        KVConfig(
-            name=NAME,
-            namespace=NAMESPACE,
-            num_shards=2,
-            replication_factor=2,
-            allow_colocated_replicas=True,
-            health_check_interval_s=0.3,
-            request_timeout_s=60,
-        )
-    )
     try:
-        yield ray_cluster, worker, client
+        with running_kv(NAME, health_check_interval_s=0.3, request_timeout_s=60) as client:
+            yield ray_cluster, worker, client
     finally:
-        shutdown_kv(NAME, NAMESPACE)
         if worker in ray_cluster.worker_nodes:
             ray_cluster.remove_node(worker)
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def _groups(client: KVClient) -> list[dict[str, Any]]:
@@ -110,7 +92,7 @@ async def test_node_removal_loses_no_acknowledged_write(
     _assert_history(workload, final)
     # The lost members are replaced (on the head node: colocation is allowed here).
     await asyncio.get_running_loop().run_in_executor(
-        None, _wait_for, lambda: _fully_replicated(client), 60, "replicas to be restored"
+        None, wait_until, lambda: _fully_replicated(client), 60, "replicas to be restored"
     )
 
 
@@ -143,14 +125,14 @@ async def test_killed_primary_fails_over_fast_and_loses_nothing(
     new_view = ray.get(coordinator.get_map.remote())
     assert new_view.groups[gid].term > view.groups[gid].term
     await asyncio.get_running_loop().run_in_executor(
-        None, _wait_for, lambda: _fully_replicated(client), 60, "replicas to be restored"
+        None, wait_until, lambda: _fully_replicated(client), 60, "replicas to be restored"
     )
 
 
 def test_large_values_survive_their_primarys_death(cluster: tuple[Any, Any, KVClient]) -> None:
     """Replicas hold large values without owning them; promotion must make them its own."""
     _, _, client = cluster
-    _wait_for(lambda: _fully_replicated(client), 60, "replicas to be restored")
+    wait_until(lambda: _fully_replicated(client), 60, "replicas to be restored")
     client.refresh()
     key = next(k for k in (f"big:{i}" for i in range(1000)) if client.group_of(k) == 1)
     array = np.arange(200_000, dtype=np.float64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -17,14 +17,12 @@ from app.kv import (
     InvalidKeyError,
     KeyTooLargeError,
     KVClient,
-    KVConfig,
     UnknownConsistencyError,
     ValueNotSerializableError,
     key_slot,
-    shutdown_kv,
-    start_kv,
 )
 from app.kv.cli import format_status, kv_status
+from tests.integration.support import running_kv, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -33,28 +31,8 @@ NAME, NAMESPACE = "kv-ops", "app-kv-tests"
 
 @pytest.fixture(scope="module")
 def kv(ray_cluster: Any) -> Iterator[KVClient]:
-    client = start_kv(
-        KVConfig(
-            name=NAME,
-            namespace=NAMESPACE,
-            num_shards=2,
-            replication_factor=2,
-            allow_colocated_replicas=True,
-            expiry_sweep_interval_s=0.1,
-            heartbeat_interval_ms=50,
-        )
-    )
-    try:
+    with running_kv(NAME, expiry_sweep_interval_s=0.1, heartbeat_interval_ms=50) as client:
         yield client
-    finally:
-        shutdown_kv(NAME, NAMESPACE)
-
-
-def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 def test_put_get_delete_and_versions(kv: KVClient) -> None:
@@ -101,7 +79,7 @@ def test_ttl_expiry(kv: KVClient) -> None:
     kv.mset({"ops:ttl2": 1, "ops:ttl3": 2}, ttl=0.3)
     kv.put("ops:keep", "stays")
     assert kv.get("ops:ttl") == "soon gone"
-    _eventually(lambda: kv.mget(["ops:ttl", "ops:ttl2", "ops:ttl3"]) == [None, None, None])
+    wait_until(lambda: kv.mget(["ops:ttl", "ops:ttl2", "ops:ttl3"]) == [None, None, None])
     assert kv.get("ops:keep") == "stays"
     kv.put("ops:ttl", "renewed")  # a write without ttl makes the key permanent again
     time.sleep(0.4)
@@ -143,7 +121,7 @@ def test_consistency_levels(kv: KVClient) -> None:
     assert kv.get("ops:repl", max_lag_ms=5000) == "r"
     assert kv.get("ops:repl", read="bounded", max_lag_ms=0.001) == "r"  # falls back to primary
     kv.put("ops:async", "later", write="one")
-    _eventually(lambda: kv.get("ops:async", read="eventual") == "later")
+    wait_until(lambda: kv.get("ops:async", read="eventual") == "later")
     status = kv_status(None, NAME, NAMESPACE)
     lags = [m["lag_ms"] for g in status["groups"] for m in g["members"]]
     assert all(lag >= 0 for lag in lags) and status["keys"] > 0
@@ -173,7 +151,7 @@ def test_large_value_outlives_its_writer(kv: KVClient) -> None:
     writer = Writer.remote()  # type: ignore[attr-defined]
     ray.get(writer.write.remote(kv))  # the client pickles by name and reconnects there
     ray.kill(writer)  # the process that called ray.put on the value is gone now
-    _eventually(lambda: _dead(writer))
+    wait_until(lambda: _dead(writer))
     assert np.array_equal(kv.get("ops:orphan"), np.arange(100_000))
     assert np.array_equal(kv.get("ops:orphan", read="eventual"), np.arange(100_000))
 

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from app.catalog.cards import Catalogue, ModelCard, load_catalogue
-from tests.integration.conftest import free_port
+from tests.integration.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGES = [{"role": "user", "content": "hello there world"}]
