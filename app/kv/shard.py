@@ -114,13 +114,9 @@ class Shard(MigrationMixin, ReplicationMixin):
         if type(payload) is list:
             payload, blob = self._own(payload)
         with self.lock:
-            seen = self.store.seen(rid)
-            if seen is not None:
-                return self._ack(seen[0], code, seen[1])
-            if self.store.slot_state[slot] != SLOT_OWNED or not self.primary:
-                route = self._route_write(slot, key, asking)
-                if route is not None:
-                    return route
+            early = self._early_reply(slot, key, rid, code, asking)
+            if early is not None:
+                return early
             store = self.store
             store.slot_ops[slot] += 1
             version = store.next_version()
@@ -129,15 +125,21 @@ class Shard(MigrationMixin, ReplicationMixin):
             )
             return self._ack(seq, code, version)
 
+    def _early_reply(self, slot: int, key: str, rid: str, code: int, asking: bool) -> Any:
+        """Under the lock, before a write: the stored reply for a retried request id, or a
+        redirect when this member is not the slot's primary; None when the write proceeds."""
+        seen = self.store.seen(rid)
+        if seen is not None:
+            return self._ack(seen[0], code, seen[1])
+        if self.store.slot_state[slot] != SLOT_OWNED or not self.primary:
+            return self._route_write(slot, key, asking)
+        return None
+
     def delete(self, key: str, slot: int, rid: str, code: int, asking: bool = False) -> Any:
         with self.lock:
-            seen = self.store.seen(rid)
-            if seen is not None:
-                return self._ack(seen[0], code, seen[1])
-            if self.store.slot_state[slot] != SLOT_OWNED or not self.primary:
-                route = self._route_write(slot, key, asking)
-                if route is not None:
-                    return route
+            early = self._early_reply(slot, key, rid, code, asking)
+            if early is not None:
+                return early
             self.store.slot_ops[slot] += 1
             if self.store.get(key) is None:
                 return False
@@ -162,13 +164,9 @@ class Shard(MigrationMixin, ReplicationMixin):
         if type(payload) is list:
             payload, blob = self._own(payload)
         with self.lock:
-            seen = self.store.seen(rid)
-            if seen is not None:
-                return self._ack(seen[0], code, seen[1])
-            if self.store.slot_state[slot] != SLOT_OWNED or not self.primary:
-                route = self._route_write(slot, key, asking)
-                if route is not None:
-                    return route
+            early = self._early_reply(slot, key, rid, code, asking)
+            if early is not None:
+                return early
             store = self.store
             store.slot_ops[slot] += 1
             entry = store.get(key)
