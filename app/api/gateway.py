@@ -42,14 +42,17 @@ class Gateway:
         self._refreshing: asyncio.Task[dict[str, str]] | None = None
         self._routes = OpenAIRoutes(self)
 
-    def handle_for(self, model: str) -> DeploymentHandle:
+    async def handle_for(self, model: str) -> DeploymentHandle:
         card = self.cards.get(model)
         if card is None:
             raise ModelNotFoundError(
                 f"the model {model!r} does not exist; available: {sorted(self.cards)}",
                 param="model",
             )
-        if self._model_status().get(model) in ("NOT_DEPLOYED", "DEPLOY_FAILED"):
+        # The first request waits for one status read, so that a model whose application was
+        # never deployed gets a 503 at once rather than a handle call that waits for replicas.
+        status = self._model_status() or await self._refresh_status()
+        if status.get(model) in ("NOT_DEPLOYED", "DEPLOY_FAILED"):
             raise ServiceUnavailableError(
                 f"model {model!r} is in the catalogue but its application is not running",
                 retry_after_s=10,
@@ -95,13 +98,13 @@ class Gateway:
         return status
 
     async def _call(self, method: str, req: Any) -> dict[str, Any]:
-        handle = self.handle_for(req.model)
+        handle = await self.handle_for(req.model)
         with _mapped_errors(req.model):
             return await getattr(handle, method).remote(req)
 
     async def _stream(self, method: str, req: Any) -> AsyncIterator[bytes]:
         """Forward the model replica's SSE writes untouched: no decode and re-encode here."""
-        handle = self.handle_for(req.model).options(stream=True)
+        handle = (await self.handle_for(req.model)).options(stream=True)
         with _mapped_errors(req.model):
             async for piece in getattr(handle, method).remote(req):
                 yield piece

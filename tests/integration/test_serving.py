@@ -59,6 +59,17 @@ def client(base_url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
 
 
+def test_model_without_running_app_is_503_with_retry_after(serving: str) -> None:
+    # First test on the gateway on purpose: its status cache is still empty.
+    body = {"model": "echo-offline", "messages": MESSAGES}
+    r = httpx.post(f"{serving}/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 503
+    assert int(r.headers["retry-after"]) > 0
+    assert r.json()["error"]["code"] == "no_replica_available"
+    health = httpx.get(f"{serving}/healthz", timeout=30).json()
+    assert health["status"] == "degraded" and health["models"]["echo"] == "RUNNING"
+
+
 def test_models_list(serving: str) -> None:
     ids = {m.id for m in client(f"{serving}/v1").models.list().data}
     assert {"echo", "tiny-llama", "all-minilm-l6-v2", "tiny-sd", "echo-offline"} <= ids
@@ -192,16 +203,6 @@ def test_openai_client_raises_typed_errors(serving: str) -> None:
         api.chat.completions.create(model="echo", messages=MESSAGES, max_tokens=-5)
     with pytest.raises(openai.BadRequestError):
         api.embeddings.create(model="echo", input="x")
-
-
-def test_model_without_running_app_is_503_with_retry_after(serving: str) -> None:
-    body = {"model": "echo-offline", "messages": MESSAGES}
-    r = httpx.post(f"{serving}/v1/chat/completions", json=body, timeout=30)
-    assert r.status_code == 503
-    assert int(r.headers["retry-after"]) > 0
-    assert r.json()["error"]["code"] == "no_replica_available"
-    health = httpx.get(f"{serving}/healthz", timeout=30).json()
-    assert health["status"] == "degraded" and health["models"]["echo"] == "RUNNING"
 
 
 def test_gpu_card_on_cpu_cluster_fails_at_deploy_time(tmp_path: Path, serving: str) -> None:
