@@ -11,7 +11,14 @@ from app.kv.shard_base import CONCURRENCY_GROUPS, UNCONFIRMED
 from app.kv.shard_migration import MigrationMixin
 from app.kv.shard_replication import ReplicationMixin
 from app.kv.slots import key_slot
-from app.kv.store import OP_DELETE, OP_PUT, SLOT_IMPORTING, SLOT_MIGRATING, SLOT_OWNED
+from app.kv.store import (
+    OP_DELETE,
+    OP_PUT,
+    SLOT_IMPORTING,
+    SLOT_MIGRATING,
+    SLOT_OWNED,
+    Entry,
+)
 
 
 class Shard(MigrationMixin, ReplicationMixin):
@@ -28,19 +35,17 @@ class Shard(MigrationMixin, ReplicationMixin):
 
     # Strong reads (primary) --------------------------------------------------------------
     def get(self, key: str, slot: int, asking: bool = False) -> Any:
-        with self.lock:
-            if self.tracker.unsettled and not self._settle((key,)):
-                return UNCONFIRMED
-            if self.store.slot_state[slot] != SLOT_OWNED or not self.primary:
-                route = self._route(slot, key, asking, False)
-                if route is not None:
-                    return route
-            self.store.slot_ops[slot] += 1
-            entry = self.store.get(key)
-            return None if entry is None else entry.payload
+        found = self._read_entry(key, slot, asking)
+        return found.payload if isinstance(found, Entry) else found
 
     def get_entry(self, key: str, slot: int, asking: bool = False) -> Any:
         """(payload, version), None if missing, or a redirect."""
+        found = self._read_entry(key, slot, asking)
+        return (found.payload, found.version) if isinstance(found, Entry) else found
+
+    def _read_entry(self, key: str, slot: int, asking: bool) -> Any:
+        """The key's Entry, None if missing, or the reply that replaces a read (a redirect, or
+        UNCONFIRMED while the key's latest write has not reached a majority)."""
         with self.lock:
             if self.tracker.unsettled and not self._settle((key,)):
                 return UNCONFIRMED
@@ -49,8 +54,7 @@ class Shard(MigrationMixin, ReplicationMixin):
                 if route is not None:
                     return route
             self.store.slot_ops[slot] += 1
-            entry = self.store.get(key)
-            return None if entry is None else (entry.payload, entry.version)
+            return self.store.get(key)
 
     def mget(self, keys: list[str]) -> list[Any]:
         # Slots are recomputed here (cached CRC16) rather than sent: it trims every batch call.
