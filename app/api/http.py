@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = int(os.environ.get("APP_MAX_REQUEST_BYTES", str(4 * 1024 * 1024)))
 R = TypeVar("R", bound=BaseModel)
-Chunk = dict[str, Any]
 
 
 class Backend(Protocol):

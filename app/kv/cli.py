@@ -8,19 +8,14 @@ from typing import Any
 
 import ray
 
-from app.kv.errors import ClusterNotFoundError
+from app.kv.client import coordinator_handle
 from app.kv.slots import NUM_SLOTS
 
 
 def _coordinator(address: str | None, name: str, namespace: str) -> Any:
     if not ray.is_initialized():
         ray.init(address=address or "auto", log_to_driver=False)
-    try:
-        return ray.get_actor(name, namespace=namespace)
-    except ValueError:
-        raise ClusterNotFoundError(
-            f"no KV cluster named {name!r} in namespace {namespace!r}"
-        ) from None
+    return coordinator_handle(name, namespace)
 
 
 def kv_status(

@@ -28,6 +28,16 @@ class ScanPage:
     cursor: str | None
 
 
+def coordinator_handle(name: str, namespace: str) -> Any:
+    """The named coordinator actor of a KV cluster; ClusterNotFoundError if there is none."""
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        raise ClusterNotFoundError(
+            f"no KV cluster named {name!r} in namespace {namespace!r}"
+        ) from None
+
+
 class KVClient:
     """Talks to shard primaries directly, using the slot map it caches from the coordinator.
 
@@ -45,24 +55,15 @@ class KVClient:
         self._rids = itertools.count()
 
     # Connecting --------------------------------------------------------------------------
-    @staticmethod
-    def _coordinator_handle(name: str, namespace: str) -> Any:
-        try:
-            return ray.get_actor(name, namespace=namespace)
-        except ValueError:
-            raise ClusterNotFoundError(
-                f"no KV cluster named {name!r} in namespace {namespace!r}"
-            ) from None
-
     @classmethod
     def connect(cls, name: str = "kv", namespace: str = "app-kv") -> KVClient:
-        coordinator = cls._coordinator_handle(name, namespace)
+        coordinator = coordinator_handle(name, namespace)
         config, view = ray.get([coordinator.config.remote(), coordinator.get_map.remote()])
         return cls(coordinator, config, view)
 
     @classmethod
     async def aconnect(cls, name: str = "kv", namespace: str = "app-kv") -> KVClient:
-        coordinator = cls._coordinator_handle(name, namespace)
+        coordinator = coordinator_handle(name, namespace)
         config = await coordinator.config.remote()
         return cls(coordinator, config, await coordinator.get_map.remote())
 

@@ -4,7 +4,6 @@ API over HTTP (direct ingress) and over handles (gateway, other Ray jobs)."""
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,14 +13,14 @@ from ray.serve import Deployment
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.api.http import Chunk, OpenAIRoutes, validate_request
+from app.api.http import OpenAIRoutes, validate_request
 from app.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
     ImageGenerationRequest,
 )
-from app.api.sse import SSEStream
+from app.api.sse import Chunk, SSEStream
 from app.catalog.cards import ModelCard
 from app.serving.runners import runner_class
 from app.serving.service import ModelService
@@ -39,7 +38,6 @@ class ModelServer:
         )
         self.loaded = runner.load()
         self.service = ModelService(parsed, runner)
-        self.node_id = os.environ.get("RAY_NODE_ID", "")
         logger.info("loaded %s on %s (%s)", parsed.id, self.loaded.device, self.loaded.dtype)
         self._routes = OpenAIRoutes(self)
 

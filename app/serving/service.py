@@ -29,6 +29,7 @@ from app.api.schemas import (
     EmbeddingRequest,
     ImageGenerationRequest,
 )
+from app.api.sse import Chunk
 from app.catalog.cards import ModelCard, Task
 from app.serving.runners.base import (
     EmbeddingRunner,
@@ -42,7 +43,6 @@ from app.serving.runners.base import (
 from app.serving.streams import merge_streams
 
 MAX_IMAGE_SIDE = 1024
-Chunk = dict[str, Any]
 
 
 class ModelService:
