@@ -128,26 +128,30 @@ class Router:
         return (yield from self.replica_read(key, slot, max_lag_ms))
 
     def get(self, key: str, default: Any, read: int, max_lag_ms: float) -> Op:
-        for _ in range(3):
-            payload = yield from self.read_payload(key, read, max_lag_ms)
-            if payload is None:
-                return default
-            if type(payload) is bytes:
-                return decode_inline(payload)
-            try:
-                return (yield payload[0])
-            except ObjectLostError:
-                continue  # its owner (a primary) died after answering: read again
-        raise KVUnavailableError(f"large value of {key!r} was lost three times in a row")
+        payload = yield from self.read_payload(key, read, max_lag_ms)
+        if payload is None:
+            return default
+        if type(payload) is bytes:
+            return decode_inline(payload)
+        values = yield from self.resolve([key], [payload], default)
+        return values[0]
 
     def get_versioned(self, key: str) -> Op:
         slot = key_slot(key, self.max_key)
-        reply = yield from self.single(slot, lambda h, a: h.get_entry.remote(key, slot, a))
-        if reply is None:
-            return None
-        payload, version = reply
-        values = yield from self.decode([payload], None)
-        return values[0], version
+        for own in (False, True, True):
+            reply = yield from self.single(
+                slot,
+                lambda h, a: h.get_entry.remote(key, slot, a, own),  # noqa: B023
+            )
+            if reply is None:
+                return None
+            payload, version = reply
+            try:
+                values = yield from self.decode([payload], None)
+            except ObjectLostError:
+                continue  # the ref's owner died: read again, asking the primary to re-own it
+            return values[0], version
+        raise KVUnavailableError(f"large value of {key!r} was lost three times in a row")
 
     def put(self, key: str, value: Any, ttl: float | None, code: int, rid: str) -> Op:
         slot = key_slot(key, self.max_key)
@@ -178,16 +182,21 @@ class Router:
         return out
 
     def mget(self, keys: list[str], default: Any, read: int, max_lag_ms: float) -> Op:
-        """Values of `keys`; re-reads if a large value's owner died after answering."""
+        payloads = yield from self.mget_payloads(keys, read, max_lag_ms)
+        return (yield from self.resolve(keys, payloads, default))
+
+    def resolve(self, keys: list[str], payloads: list[Any], default: Any) -> Op:
+        """Values of `keys` from their payloads. A large value's ref goes dead when its owner
+        dies: the writer that put it, or a primary that died after answering. Then the keys
+        are read again from their primaries, asking them to re-own what they hold."""
         for _ in range(3):
-            payloads = yield from self.mget_payloads(keys, read, max_lag_ms)
             try:
                 return (yield from self.decode(payloads, default))
             except ObjectLostError:
-                continue
+                payloads = yield from self.mget_payloads(keys, protocol.READ_STRONG, 0.0, True)
         raise KVUnavailableError("large values were lost three times in a row")
 
-    def mget_payloads(self, keys: list[str], read: int, max_lag_ms: float) -> Op:
+    def mget_payloads(self, keys: list[str], read: int, max_lag_ms: float, own: bool = False) -> Op:
         """One call per shard group; keys redirected mid-migration are re-read one by one."""
         slots = [key_slot(k, self.max_key) for k in keys]
         payloads: list[Any] = [None] * len(keys)
@@ -197,7 +206,9 @@ class Router:
         for gid, idx in batches.items():
             group = self.groups[gid]
             batch = [keys[i] for i in idx]
-            if read == protocol.READ_STRONG:
+            if own:
+                refs.append(group.primary.mget.remote(batch, True))
+            elif read == protocol.READ_STRONG:
                 refs.append(group.primary.mget.remote(batch))
             else:
                 member = random.choice(group.members)
@@ -218,7 +229,7 @@ class Router:
                         payloads[i] = payload
         for i in later:
             key, slot = keys[i], slots[i]
-            payloads[i] = yield from self.single(slot, _get_call(key, slot))
+            payloads[i] = yield from self.single(slot, _get_call(key, slot, own))
         return payloads
 
     def decode(self, payloads: list[Any], default: Any) -> Op:
@@ -299,7 +310,7 @@ class Router:
             elif type(reply) is not TryAgain:
                 yield from self.reload()
             yield _backoff(attempt)
-        values = yield from self.decode([p for _, p in items], None)
+        values = yield from self.resolve([k for k, _ in items], [p for _, p in items], None)
         page_items = [(k, v) for (k, _), v in zip(items, values, strict=True)]
         more = slot <= last
         return page_items, (_cursor(slot, after) if more else None)
@@ -311,7 +322,9 @@ class Router:
         return end
 
 
-def _get_call(key: str, slot: int) -> Callable[[Any, bool], Any]:
+def _get_call(key: str, slot: int, own: bool = False) -> Callable[[Any, bool], Any]:
+    if own:
+        return lambda handle, asking: handle.get.remote(key, slot, asking, True)
     return lambda handle, asking: handle.get.remote(key, slot, asking)
 
 

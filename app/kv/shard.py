@@ -7,7 +7,7 @@ from typing import Any
 import ray
 
 from app.kv.protocol import NotPrimary, Stale, TryAgain
-from app.kv.shard_base import CONCURRENCY_GROUPS, UNCONFIRMED
+from app.kv.shard_base import CONCURRENCY_GROUPS, UNCONFIRMED, wire
 from app.kv.shard_migration import MigrationMixin
 from app.kv.shard_replication import ReplicationMixin
 from app.kv.slots import key_slot
@@ -24,6 +24,8 @@ from app.kv.store import (
 class Shard(MigrationMixin, ReplicationMixin):
     """Data path. Payloads are pickled bytes or `[ObjectRef, size]` for large values; replies are
     a payload, None (missing), or a redirect from app.kv.protocol that the client follows.
+    Reads flagged `own` come from a reader that found a large value's ref dead (its writer
+    died): the primary re-owns those values before answering.
 
     Every method checks slot ownership first (one byte compare on the hot path) and runs its
     routing check and its state change inside one critical section.
@@ -34,16 +36,16 @@ class Shard(MigrationMixin, ReplicationMixin):
         return self.cfg.max_key_bytes
 
     # Strong reads (primary) --------------------------------------------------------------
-    def get(self, key: str, slot: int, asking: bool = False) -> Any:
-        found = self._read_entry(key, slot, asking)
-        return found.payload if isinstance(found, Entry) else found
+    def get(self, key: str, slot: int, asking: bool = False, own: bool = False) -> Any:
+        found = self._read_entry(key, slot, asking, own)
+        return wire(found.payload) if isinstance(found, Entry) else found
 
-    def get_entry(self, key: str, slot: int, asking: bool = False) -> Any:
+    def get_entry(self, key: str, slot: int, asking: bool = False, own: bool = False) -> Any:
         """(payload, version), None if missing, or a redirect."""
-        found = self._read_entry(key, slot, asking)
-        return (found.payload, found.version) if isinstance(found, Entry) else found
+        found = self._read_entry(key, slot, asking, own)
+        return (wire(found.payload), found.version) if isinstance(found, Entry) else found
 
-    def _read_entry(self, key: str, slot: int, asking: bool) -> Any:
+    def _read_entry(self, key: str, slot: int, asking: bool, own: bool = False) -> Any:
         """The key's Entry, None if missing, or the reply that replaces a read (a redirect, or
         UNCONFIRMED while the key's latest write has not reached a majority)."""
         with self.lock:
@@ -54,9 +56,12 @@ class Shard(MigrationMixin, ReplicationMixin):
                 if route is not None:
                     return route
             self.store.slot_ops[slot] += 1
-            return self.store.get(key)
+            entry = self.store.get(key)
+            if own and entry is not None:
+                entry.payload = self._reown(entry.payload)
+            return entry
 
-    def mget(self, keys: list[str]) -> list[Any]:
+    def mget(self, keys: list[str], own: bool = False) -> list[Any]:
         # Slots are recomputed here (cached CRC16) rather than sent: it trims every batch call.
         slots = [key_slot(k, self._max_key) for k in keys]
         with self.lock:
@@ -71,7 +76,12 @@ class Shard(MigrationMixin, ReplicationMixin):
                         continue
                 store.slot_ops[slot] += 1
                 entry = store.get(key)
-                out.append(None if entry is None else entry.payload)
+                if entry is None:
+                    out.append(None)
+                    continue
+                if own:
+                    entry.payload = self._reown(entry.payload)
+                out.append(wire(entry.payload))
             return out
 
     # Replica reads (eventual / bounded staleness) ----------------------------------------
@@ -98,9 +108,7 @@ class Shard(MigrationMixin, ReplicationMixin):
             # Missing here may mean "moved away" or "not synced yet": let the primary decide.
             return None if self.store.slot_state[slot] == SLOT_OWNED else NotPrimary(self.term)
         self.store.slot_ops[slot] += 1
-        payload = entry.payload
-        # A held large value goes back as [ref, size]: the local value stays here.
-        return payload[:2] if type(payload) is list else payload
+        return wire(entry.payload)  # a held large value's local value stays here
 
     # Writes ------------------------------------------------------------------------------
     def put(
@@ -116,7 +124,7 @@ class Shard(MigrationMixin, ReplicationMixin):
         """Store a value; replies with its new version once write concern `code` is met."""
         blob = None
         if type(payload) is list:
-            payload, blob = self._own(payload)
+            payload, blob = self._take([payload])[0]
         with self.lock:
             early = self._early_reply(slot, key, rid, code, asking)
             if early is not None:
@@ -166,7 +174,7 @@ class Shard(MigrationMixin, ReplicationMixin):
         Replies (True, new version) or (False, current version or None)."""
         blob = None
         if type(payload) is list:
-            payload, blob = self._own(payload)
+            payload, blob = self._take([payload])[0]
         with self.lock:
             early = self._early_reply(slot, key, rid, code, asking)
             if early is not None:
@@ -190,7 +198,7 @@ class Shard(MigrationMixin, ReplicationMixin):
         Each item is deduplicated under "<rid>/<key>", the id the client also uses if it has to
         re-send that item on its own, so an item is applied once however it is retried.
         """
-        owned = self._own_items(items)
+        owned = self._take_items(items)
         with self.lock:
             while self.moving and any(item[0] in self.moving for item in owned):
                 self.cond.wait(1.0)
@@ -223,12 +231,14 @@ class Shard(MigrationMixin, ReplicationMixin):
                 results.append(version)
             return self._ack(last, code, results) if last else results
 
-    def _own_items(self, items: list[tuple[str, Any]]) -> list[tuple[str, int, Any, bytes | None]]:
+    def _take_items(self, items: list[tuple[str, Any]]) -> list[tuple[str, int, Any, bytes | None]]:
+        large = [payload for _, payload in items if type(payload) is list]
+        taken = iter(self._take(large) if large else ())
         owned: list[tuple[str, int, Any, bytes | None]] = []
         for key, payload in items:
             blob = None
             if type(payload) is list:
-                payload, blob = self._own(payload)
+                payload, blob = next(taken)
             owned.append((key, key_slot(key, self._max_key), payload, blob))
         return owned
 
@@ -245,7 +255,8 @@ class Shard(MigrationMixin, ReplicationMixin):
                 if SLOT_MIGRATING in states or SLOT_IMPORTING in states:
                     return TryAgain("a slot in the scanned range is migrating")
                 return NotPrimary(self.term)  # not our range any more: the client reloads its map
-            return self.store.scan(prefix, first, last, after, limit)
+            items, nxt = self.store.scan(prefix, first, last, after, limit)
+            return [(key, wire(payload)) for key, payload in items], nxt
 
 
 ShardActor = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Shard)  # type: ignore[call-overload]

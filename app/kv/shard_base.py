@@ -47,9 +47,8 @@ UNCONFIRMED = TryAgain("waiting for replicas to confirm the latest write")
 
 
 class ShardBase:
-    """One member of a shard group. A primary holds large values as `[ObjectRef, size]` owned
-    by itself (see `_own`), so they live as long as the group, not the writer; replicas hold
-    them as `[ref, size, value]` (see `_hold`)."""
+    """One member of a shard group. Large values are held as `[ref, size, value]` (see
+    `_take`) until a member re-owns them as `[ObjectRef, size]` (see `_reown`)."""
 
     def __init__(
         self,
@@ -138,8 +137,10 @@ class ShardBase:
         op = Op(self.store.seq + 1, kind, key, slot, payload, version, expires_at, rid, result)
         self.store.apply(op)
         self.tracker.wrote(op.seq, key)
-        for stream in self.streams.values():
-            stream.push(op)
+        if self.streams:
+            sent = op._replace(payload=payload[:2]) if type(payload) is list else op
+            for stream in self.streams.values():
+                stream.push(sent)
         if self.wal is not None:
             disk = op._replace(payload=LargeBlob(blob or b"")) if type(payload) is list else op
             self.wal.append(disk)
@@ -170,42 +171,52 @@ class ShardBase:
 
         return self.cond.wait_for(settled, self.cfg.write_timeout_s)
 
-    # Large values (no lock) --------------------------------------------------------------
-    def _own(self, payload: list[Any]) -> tuple[list[Any], bytes | None]:
-        """Take ownership of a large value on a primary: fetch it and put our own copy.
+    # Large values -----------------------------------------------------------------------
+    def _take(self, payloads: list[list[Any]]) -> list[tuple[list[Any], bytes | None]]:
+        """Large values arriving from a writer (or a migration source), without a copy.
 
-        Ray ties an object's lifetime to its owner, and `ray.put(_owner=...)` is gone (Ray
-        2.56), so the writer's handle would die with the writer: the primary copies the value
-        into an object it owns. The bytes for the WAL come along when durability is on.
+        Every member holds a large value as `[ref, size, value]`: the ref readers are given
+        (at first the writer's own, put once by the writer) and the local value `ray.get`
+        returns, for arrays a zero-copy view that pins the object-store buffer. Ray ties an
+        object's lifetime to its owner and `ray.put(_owner=...)` is gone (Ray 2.56), so if the
+        writer dies its ref goes dead, but every member still holds the bytes: the first reader
+        that finds the ref dead asks the primary to re-own the value (`_reown`), and snapshots
+        and migrations only ever hand out refs the primary owns. A put thus costs one copy
+        (the writer's) instead of two. The bytes for the WAL come along when durability is on.
         """
-        value = ray.get(payload[0])
-        blob = pickle.dumps(value, protocol=5) if self.cfg.durable else None
-        return [ray.put(value), payload[1]], blob
+        values = ray.get([p[0] for p in payloads])
+        durable = self.cfg.durable
+        return [
+            ([p[0], p[1], v], pickle.dumps(v, protocol=5) if durable else None)
+            for p, v in zip(payloads, values, strict=True)
+        ]
 
     @staticmethod
     def _hold(payloads: list[list[Any]]) -> list[list[Any]]:
-        """Replica copies of large values: `[primary's ref, size, local value]`.
-
-        The local value is what `ray.get` returns, for arrays a zero-copy view that pins the
-        object-store buffer: it stays readable after the primary (the ref's owner) dies, which
-        is all a replica needs. Only on promotion does it become an object of our own (see
-        `_own_held`), so a replica costs no copy per write on the same node.
-        """
+        """Replica copies of large values: `[sender's ref, size, local value]` (see `_take`)."""
         values = ray.get([p[0] for p in payloads])
         return [[p[0], p[1], v] for p, v in zip(payloads, values, strict=True)]
 
+    @staticmethod
+    def _reown(payload: Any) -> Any:
+        """`payload` with a ref this member owns: a held value is put once more, by us
+        (call with the lock held; the caller stores the result)."""
+        if type(payload) is list and len(payload) == 3:
+            return [ray.put(payload[2]), payload[1]]
+        return payload
+
     def _own_held(self) -> None:
-        """On promotion: turn every held large value into an object this member owns."""
-        self.store.map_payloads(
-            lambda p: [ray.put(p[2]), p[1]] if type(p) is list and len(p) == 3 else p
-        )
+        """Turn every held large value into an object this member owns: on promotion, and
+        before a snapshot or migration hands refs to members that resolve them later."""
+        self.store.map_payloads(self._reown)
 
     # Durability (lock held) --------------------------------------------------------------
     def _disk_snapshot(self) -> StoreSnapshot:
         snap = self.store.snapshot()
         for i, (key, payload, version, expires_at, slot) in enumerate(snap.entries):
             if type(payload) is list:
-                blob = LargeBlob(pickle.dumps(ray.get(payload[0]), protocol=5))
+                value = payload[2] if len(payload) == 3 else ray.get(payload[0])
+                blob = LargeBlob(pickle.dumps(value, protocol=5))
                 snap.entries[i] = (key, blob, version, expires_at, slot)
         return snap
 
@@ -260,3 +271,8 @@ class ShardBase:
 
 def large_value_op(op: Op) -> bool:
     return op.kind == OP_PUT and type(op.payload) is list
+
+
+def wire(payload: Any) -> Any:
+    """A stored payload as readers get it: a held large value without its local value."""
+    return payload[:2] if type(payload) is list else payload

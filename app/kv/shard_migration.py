@@ -97,6 +97,8 @@ class MigrationMixin(ShardBase):
         for key in keys:
             entry = self.store.raw(key)  # expired-but-unswept keys move too
             if entry is not None:
+                # The target resolves a large value's ref later: hand it one we own.
+                entry.payload = self._reown(entry.payload)
                 out.append((key, entry.slot, entry.payload, entry.version, entry.expires_at))
         return out
 
@@ -106,11 +108,13 @@ class MigrationMixin(ShardBase):
         An entry already here with a newer version wins, so a replayed batch (after a failover
         mid-migration) can never roll a key back.
         """
+        large = [e[2] for e in entries if type(e[2]) is list]
+        taken = iter(self._take(large) if large else ())
         owned = []
         for key, slot, payload, version, expires_at in entries:
             blob = None
             if type(payload) is list:
-                payload, blob = self._own(payload)
+                payload, blob = next(taken)
             owned.append((key, slot, payload, version, expires_at, blob))
         with self.lock:
             if not self.primary:

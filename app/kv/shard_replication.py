@@ -10,7 +10,7 @@ from typing import Any
 import ray
 
 from app.kv.replication import CommitTracker, ReplicaStream
-from app.kv.shard_base import ShardBase, large_value_op
+from app.kv.shard_base import ShardBase, large_value_op, wire
 from app.kv.store import Op, StoreSnapshot
 from app.kv.wal import LargeBlob, WriteAheadLog
 
@@ -99,6 +99,7 @@ class ReplicationMixin(ShardBase):
         with self.lock:
             if not self.primary:
                 return -1
+            self._own_held()  # the snapshot's refs must outlive their writers
             self._attach(member, handle)
             return self.store.seq
 
@@ -137,7 +138,7 @@ class ReplicationMixin(ShardBase):
             self.cfg.heartbeat_interval_ms / 1000.0,
         )
         self.streams[member] = stream
-        stream.start(self.store.snapshot())
+        stream.start(self.store.snapshot(wire))
 
     def _stream_failed(self, member: str, exc: BaseException) -> None:
         log.warning("kv group %s: replica %s failed: %r", self.gid, member, exc)

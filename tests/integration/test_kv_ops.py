@@ -143,17 +143,27 @@ def test_large_values_go_through_the_object_store(kv: KVClient) -> None:
 
 
 def test_large_value_outlives_its_writer(kv: KVClient) -> None:
+    """Members keep the writer's ref (no copy per put); once the writer is gone, readers get
+    the value through a ref the primary re-owns, by every read path."""
+
     @ray.remote(num_cpus=0)
     class Writer:
         def write(self, client: KVClient) -> int:
+            client.mset({f"ops:orphan{i}": np.arange(100_000) + i for i in range(4)})
             return client.put("ops:orphan", np.arange(100_000))
 
     writer = Writer.remote()  # type: ignore[attr-defined]
     ray.get(writer.write.remote(kv))  # the client pickles by name and reconnects there
-    ray.kill(writer)  # the process that called ray.put on the value is gone now
+    ray.kill(writer)  # the process that called ray.put on the values is gone now
     wait_until(lambda: _dead(writer))
-    assert np.array_equal(kv.get("ops:orphan"), np.arange(100_000))
     assert np.array_equal(kv.get("ops:orphan", read="eventual"), np.arange(100_000))
+    assert np.array_equal(kv.get("ops:orphan"), np.arange(100_000))
+    versioned = kv.get_versioned("ops:orphan")
+    assert versioned is not None and np.array_equal(versioned[0], np.arange(100_000))
+    values = kv.mget([f"ops:orphan{i}" for i in range(4)])
+    assert all(np.array_equal(v, np.arange(100_000) + i) for i, v in enumerate(values))
+    scanned = dict(kv.scan_iter("ops:orphan"))
+    assert len(scanned) == 5 and np.array_equal(scanned["ops:orphan3"], np.arange(100_000) + 3)
 
 
 def _dead(handle: Any) -> bool:
