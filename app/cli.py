@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from app.catalog.cards import Catalogue, CatalogueError, load_catalogue
+from app.fleet.cli import add_fleet_commands
+from app.fleet.router_actor import stop_router
+from app.fleet.spec import FleetSpecError, load_fleet
 from app.kv.cli import add_kv_commands
 from app.runtime import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT, cluster_env, kill_stray_haproxy
 
@@ -77,7 +80,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     from app.catalog.recipes import build_catalogue
 
     catalogue = _catalogue(args)
+    fleet = load_fleet(args.fleet)
     say(f"catalogue {catalogue.directory}: {', '.join(card.id for card in catalogue)}")
+    say(f"fleet: regions {', '.join(fleet.regions)}; routing {fleet.load_balancing.strategy}")
     build_catalogue(catalogue, progress=say)
     connect(args.address, start=True, num_cpus=args.num_cpus)
 
@@ -88,8 +93,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     start_serve(args.host, args.port, args.request_timeout)
     gpus = float(ray.cluster_resources().get("GPU", 0))
-    specs = build_all(catalogue, cluster_gpus=gpus, force_cpu=args.cpu)
-    deploy(specs, timeout_s=args.timeout, progress=say)
+    specs = build_all(catalogue, cluster_gpus=gpus, force_cpu=args.cpu, fleet=fleet)
+    deploy(specs, timeout_s=args.timeout, progress=say, fleet=fleet)
     base = f"http://{args.host}:{args.port}"
     say(f"ready: OpenAI base URL {base}/v1 (all models)")
     for card in catalogue:
@@ -109,6 +114,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
         say("shutting down Serve applications")
         serve.shutdown()
+        stop_router()
         ray.shutdown()
     if not args.keep_ray:
         say("stopping the local Ray node")
@@ -190,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--num-cpus", type=int, help="logical CPUs for a new local head node")
     up.add_argument("--cpu", action="store_true", help="run GPU cards on CPU (APP_FORCE_CPU=1)")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait until healthy")
+    up.add_argument("--fleet", help="fleet spec YAML (default: $APP_FLEET, else one local region)")
     up.add_argument(
         "--request-timeout", type=float, help="seconds before Serve ends an HTTP request"
     )
@@ -212,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_models_build)
     models_sub.add_parser("list", help="list model cards").set_defaults(func=cmd_models_list)
     add_kv_commands(sub)
+    add_fleet_commands(sub)
     return parser
 
 
@@ -224,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except CatalogueError as exc:
+    except (CatalogueError, FleetSpecError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (ResourceUnavailableError, DeployError, ConnectionError) as exc:

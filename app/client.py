@@ -9,8 +9,10 @@
     hello = [{"role": "user", "content": "hi"}]
     reply = client.chat(ChatCompletionRequest(model="echo", messages=hello))
 
-Calls go straight to the model's own deployment handle (one hop, Serve's request routing), not
-through the HTTP gateway.
+Calls go straight to the model's own deployment handle (one hop), not through the HTTP gateway.
+The fleet's request router places each call: near `region` (default: this process's node's
+region), by the deployment's strategy unless `strategy` overrides it, and a call whose replica
+dies or refuses it is retried on the next-best replica (streams only before their first chunk).
 """
 
 from __future__ import annotations
@@ -30,15 +32,37 @@ from app.api.schemas import (
     ImageGenerationRequest,
 )
 from app.catalog.cards import deployment_name
+from app.fleet.failover import (
+    call_with_failover,
+    call_with_failover_sync,
+    iterate_with_failover,
+    stream_with_failover,
+)
+from app.fleet.hints import route_kwarg
+from app.fleet.spec import FleetSpec, LoadBalancing, load_fleet
 
 Response = dict[str, Any]
 
 
 class InferenceClient:
-    """Sync and async access to every deployed model from any process connected to the cluster."""
+    """Sync and async access to every deployed model from any process connected to the cluster.
 
-    def __init__(self) -> None:
+    `region`/`zone` say where this client is (for geo routing), `strategy` overrides the
+    deployments' routing strategy, and `fleet` (a FleetSpec; default $APP_FLEET or the embedded
+    one) gives the failover settings.
+    """
+
+    def __init__(
+        self,
+        *,
+        region: str | None = None,
+        zone: str | None = None,
+        strategy: str | None = None,
+        fleet: FleetSpec | None = None,
+    ) -> None:
         self._handles: dict[str, DeploymentHandle] = {}
+        self._route = route_kwarg(region=region, zone=zone, strategy=strategy)
+        self._balancing: LoadBalancing = (fleet or load_fleet()).load_balancing
 
     def handle(self, model: str) -> DeploymentHandle:
         """The model's deployment handle; ModelNotFoundError if no application serves it."""
@@ -68,38 +92,72 @@ class InferenceClient:
 
     # ---- synchronous -------------------------------------------------------------------------
 
+    def _sync(self, method: str, req: Any) -> Response:
+        handle = self.handle(req.model)
+        return call_with_failover_sync(
+            lambda route: getattr(handle, method).remote(req, route=route).result(),
+            self._route,
+            self._balancing,
+        )
+
+    def _sync_stream(self, method: str, req: Any) -> Iterator[Response]:
+        handle = self._stream(req.model)
+        return iterate_with_failover(
+            lambda route: iter(getattr(handle, method).remote(req, route=route)),
+            self._route,
+            self._balancing,
+        )
+
     def chat(self, req: ChatCompletionRequest) -> Response:
-        return self.handle(req.model).chat.remote(req).result()
+        return self._sync("chat", req)
 
     def chat_stream(self, req: ChatCompletionRequest) -> Iterator[Response]:
-        return iter(self._stream(req.model).chat_stream.remote(req))
+        return self._sync_stream("chat_stream", req)
 
     def completions(self, req: CompletionRequest) -> Response:
-        return self.handle(req.model).completions.remote(req).result()
+        return self._sync("completions", req)
 
     def completions_stream(self, req: CompletionRequest) -> Iterator[Response]:
-        return iter(self._stream(req.model).completions_stream.remote(req))
+        return self._sync_stream("completions_stream", req)
 
     def embeddings(self, req: EmbeddingRequest) -> Response:
-        return self.handle(req.model).embeddings.remote(req).result()
+        return self._sync("embeddings", req)
 
     def images(self, req: ImageGenerationRequest) -> Response:
-        return self.handle(req.model).images.remote(req).result()
+        return self._sync("images", req)
 
     # ---- asynchronous (inside actors, deployments or asyncio drivers) ------------------------
 
-    async def achat(self, req: ChatCompletionRequest) -> Response:
-        return await self.handle(req.model).chat.remote(req)
+    async def _async(self, method: str, req: Any) -> Response:
+        handle = self.handle(req.model)
+        return await call_with_failover(
+            lambda route: getattr(handle, method).remote(req, route=route),
+            self._route,
+            self._balancing,
+        )
 
-    async def achat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[Response]:
-        async for chunk in self._stream(req.model).chat_stream.remote(req):
-            yield chunk
+    def _async_stream(self, method: str, req: Any) -> AsyncIterator[Response]:
+        handle = self._stream(req.model)
+        return stream_with_failover(
+            lambda route: getattr(handle, method).remote(req, route=route),
+            self._route,
+            self._balancing,
+        )
+
+    async def achat(self, req: ChatCompletionRequest) -> Response:
+        return await self._async("chat", req)
+
+    def achat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[Response]:
+        return self._async_stream("chat_stream", req)
 
     async def acompletions(self, req: CompletionRequest) -> Response:
-        return await self.handle(req.model).completions.remote(req)
+        return await self._async("completions", req)
+
+    def acompletions_stream(self, req: CompletionRequest) -> AsyncIterator[Response]:
+        return self._async_stream("completions_stream", req)
 
     async def aembeddings(self, req: EmbeddingRequest) -> Response:
-        return await self.handle(req.model).embeddings.remote(req)
+        return await self._async("embeddings", req)
 
     async def aimages(self, req: ImageGenerationRequest) -> Response:
-        return await self.handle(req.model).images.remote(req)
+        return await self._async("images", req)

@@ -17,8 +17,13 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.api.errors import ModelNotFoundError, OverloadedError, ServiceUnavailableError
-from app.api.http import OpenAIRoutes
+from app.api.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    OverloadedError,
+    ServiceUnavailableError,
+)
+from app.api.http import CURRENT_REQUEST, OpenAIRoutes, json_response
 from app.api.responses import model_object
 from app.api.schemas import (
     ChatCompletionRequest,
@@ -27,6 +32,17 @@ from app.api.schemas import (
     ImageGenerationRequest,
 )
 from app.catalog.cards import ModelCard
+from app.fleet.failover import call_with_failover, stream_with_failover
+from app.fleet.geo import GeoLocator, forwarded_client_ip
+from app.fleet.hints import (
+    REGION_HEADER,
+    STRATEGY_HEADER,
+    ZONE_HEADER,
+    InvalidRouteHintError,
+    route_kwarg,
+)
+from app.fleet.router_actor import FleetRouterUnavailableError, router_handle
+from app.fleet.spec import FleetSpec, embedded_fleet
 
 STATUS_TTL_S = 2.0
 
@@ -34,13 +50,16 @@ STATUS_TTL_S = 2.0
 class Gateway:
     """Resolves the request's model id to that model's deployment handle and forwards."""
 
-    def __init__(self, cards: list[dict[str, Any]]) -> None:
+    def __init__(self, cards: list[dict[str, Any]], fleet: dict[str, Any] | None = None) -> None:
         self.cards = {c.id: c for c in (ModelCard.model_validate(card) for card in cards)}
+        self.fleet = FleetSpec.model_validate(fleet) if fleet else embedded_fleet()
+        self.geo = GeoLocator(self.fleet)
         self.created = int(time.time())
         self._handles: dict[str, DeploymentHandle] = {}
         self._status: tuple[float, dict[str, str]] = (0.0, {})
         self._refreshing: asyncio.Task[dict[str, str]] | None = None
         self._routes = OpenAIRoutes(self)
+        self._routes.add_get("/v1/fleet", self._fleet_view)
 
     async def handle_for(self, model: str) -> DeploymentHandle:
         card = self.cards.get(model)
@@ -97,29 +116,68 @@ class Gateway:
         self._status = (time.monotonic(), status)
         return status
 
+    def _route(self) -> dict[str, Any]:
+        """Routing hints from the HTTP request: X-Client-Region (else the client's IP through
+        the GeoIP table), X-Client-Zone and an X-Route-Strategy override."""
+        request = CURRENT_REQUEST.get()
+        if request is None:
+            return route_kwarg()
+        headers = request.headers
+        client_ip = forwarded_client_ip(
+            headers.get("x-forwarded-for"), request.client.host if request.client else None
+        )
+        try:
+            return route_kwarg(
+                region=self.geo.client_region(headers.get(REGION_HEADER), client_ip),
+                zone=headers.get(ZONE_HEADER),
+                strategy=headers.get(STRATEGY_HEADER),
+            )
+        except InvalidRouteHintError as exc:
+            raise InvalidRequestError(str(exc), param=STRATEGY_HEADER) from exc
+
     async def _call(self, method: str, req: Any) -> dict[str, Any]:
+        route = self._route()
         handle = await self.handle_for(req.model)
         with _mapped_errors(req.model):
-            return await getattr(handle, method).remote(req)
+            return await call_with_failover(
+                lambda hints: getattr(handle, method).remote(req, route=hints),
+                route,
+                self.fleet.load_balancing,
+            )
 
-    async def _stream(self, method: str, req: Any) -> AsyncIterator[bytes]:
+    async def _stream(self, method: str, req: Any, route: dict[str, Any]) -> AsyncIterator[bytes]:
         """Forward the model replica's SSE writes untouched: no decode and re-encode here."""
         handle = (await self.handle_for(req.model)).options(stream=True)
         with _mapped_errors(req.model):
-            async for piece in getattr(handle, method).remote(req):
+            async for piece in stream_with_failover(
+                lambda hints: getattr(handle, method).remote(req, route=hints),
+                route,
+                self.fleet.load_balancing,
+            ):
                 yield piece
+
+    async def _fleet_view(self, request: Request) -> Response:
+        """GET /v1/fleet: nodes, replicas, health and current performance, from the router."""
+        try:
+            actor = router_handle()
+            view = await asyncio.wait_for(actor.fleet.remote(), timeout=5)
+        except (FleetRouterUnavailableError, TimeoutError, RayActorError) as exc:
+            raise ServiceUnavailableError(
+                f"the fleet router is not available: {exc}", retry_after_s=5
+            ) from exc
+        return json_response(view)
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
         return await self._call("chat", req)
 
     def chat_sse(self, req: ChatCompletionRequest) -> AsyncIterator[bytes]:
-        return self._stream("relay_chat_sse", req)
+        return self._stream("relay_chat_sse", req, self._route())
 
     async def completions(self, req: CompletionRequest) -> dict[str, Any]:
         return await self._call("completions", req)
 
     def completions_sse(self, req: CompletionRequest) -> AsyncIterator[bytes]:
-        return self._stream("relay_completions_sse", req)
+        return self._stream("relay_completions_sse", req, self._route())
 
     async def embeddings(self, req: EmbeddingRequest) -> dict[str, Any]:
         return await self._call("embeddings", req)

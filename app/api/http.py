@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any, Protocol, TypeVar
 
 import orjson
@@ -31,6 +32,7 @@ from app.api.schemas import (
     ImageGenerationRequest,
 )
 from app.api.sse import streaming_response
+from app.cache.policy import CACHE_HEADER, CACHE_STATUS_FIELD, bypass_requested
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,13 @@ def json_response(
     payload: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
     return Response(orjson.dumps(payload), status, headers, media_type="application/json")
+
+
+def cached_response(payload: dict[str, Any]) -> Response:
+    """A unary response; the cache status a model replica put in it becomes the X-Cache header
+    (the gateway relays the replica's dict, so both base URLs answer with the header)."""
+    status = payload.pop(CACHE_STATUS_FIELD, None)
+    return json_response(payload, headers={CACHE_HEADER: status} if status else None)
 
 
 def error_response(error: APIError) -> Response:
@@ -107,6 +116,11 @@ def validate_request(data: Any, model: type[R]) -> R:
         raise from_validation_error(exc) from exc
 
 
+# The HTTP request being dispatched, for backends that need its headers or client address (the
+# gateway's routing hints). Each request runs in its own task, so its own context.
+CURRENT_REQUEST: ContextVar[Request | None] = ContextVar("current_request", default=None)
+
+
 class OpenAIRoutes:
     """Dispatches OpenAI requests to a Backend: `await routes(request)` returns the Response.
 
@@ -134,7 +148,12 @@ class OpenAIRoutes:
             "/healthz": self._health,
         }
 
+    def add_get(self, path: str, handler: Callable[[Request], Awaitable[Response]]) -> None:
+        """An extra GET route (the gateway's admin endpoints)."""
+        self._get[path] = handler
+
     async def __call__(self, request: Request) -> Response:
+        CURRENT_REQUEST.set(request)
         try:
             return await self._dispatch(request)
         except APIError as exc:
@@ -173,7 +192,9 @@ class OpenAIRoutes:
             if stream is None:
                 raise InvalidRequestError("this endpoint does not stream", param="stream")
             return await streaming_response(stream(req))
-        return json_response(await unary(req))
+        if bypass_requested(request.headers):
+            req.cache_bypass = True  # type: ignore[attr-defined]
+        return cached_response(await unary(req))
 
     async def _list_models(self, request: Request) -> Response:
         return json_response({"object": "list", "data": await self.backend.list_models()})

@@ -11,6 +11,7 @@ from typing import Any
 from ray.serve import Application
 
 from app.catalog.cards import Catalogue, ModelCard, load_catalogue
+from app.fleet.spec import REGION_LABEL, FleetSpec, load_fleet
 from app.runtime import replica_env
 
 DEFAULT_CATALOGUE = Path(__file__).resolve().parents[2] / "models"
@@ -38,8 +39,27 @@ def model_route_prefix(card: ModelCard) -> str:
     return f"/models/{card.id}"
 
 
-def replica_options(card: ModelCard, cluster_gpus: float, force_cpu: bool) -> dict[str, Any]:
-    """Deployment options for a card; refuses GPU cards on a GPU-less cluster unless forced."""
+ROUTER_CLASS = "app.fleet.request_router.FleetRequestRouter"
+
+
+def request_router_config(card: ModelCard, fleet: FleetSpec) -> dict[str, Any]:
+    """Every model deployment routes with the fleet's RequestRouter (app.fleet)."""
+    return {
+        "request_router_class": ROUTER_CLASS,
+        "request_router_kwargs": {"fleet": fleet.model_dump(mode="json"), "model": card.id},
+        "request_routing_stats_period_s": 2.0,
+        "request_routing_stats_timeout_s": 5.0,
+    }
+
+
+def replica_options(
+    card: ModelCard, cluster_gpus: float, force_cpu: bool, fleet: FleetSpec | None = None
+) -> dict[str, Any]:
+    """Deployment options for a card; refuses GPU cards on a GPU-less cluster unless forced.
+
+    A model the fleet spec places runs its spec'd number of replicas on nodes labelled with its
+    regions (label-based scheduling; Serve spreads replicas over those nodes)."""
+    fleet = fleet or load_fleet()
     num_gpus = card.resources.num_gpus
     if num_gpus > 0 and force_cpu:
         num_gpus = 0
@@ -62,7 +82,13 @@ def replica_options(card: ModelCard, cluster_gpus: float, force_cpu: bool) -> di
         "max_ongoing_requests": card.max_ongoing_requests,
         "health_check_period_s": 10,
         "graceful_shutdown_timeout_s": 20,
+        "request_router_config": request_router_config(card, fleet),
     }
+    placement = fleet.placement(card.id)
+    if placement:
+        actor["label_selector"] = {REGION_LABEL: f"in({','.join(sorted(placement))})"}
+        options["num_replicas"] = sum(placement.values())
+        return options
     replicas = card.replicas
     if replicas.max > replicas.min or replicas.min == 0:
         options["autoscaling_config"] = {
@@ -77,44 +103,62 @@ def replica_options(card: ModelCard, cluster_gpus: float, force_cpu: bool) -> di
 
 
 def model_application(
-    card: ModelCard, catalogue_dir: Path, *, cluster_gpus: float = 0.0, force_cpu: bool = False
+    card: ModelCard,
+    catalogue_dir: Path,
+    *,
+    cluster_gpus: float = 0.0,
+    force_cpu: bool = False,
+    fleet: FleetSpec | None = None,
 ) -> Application:
     from app.serving.model_server import model_server_deployment
 
-    options = replica_options(card, cluster_gpus, force_cpu)
+    fleet = fleet or load_fleet()
+    options = replica_options(card, cluster_gpus, force_cpu, fleet)
     device = "cuda" if options["ray_actor_options"]["num_gpus"] > 0 else "cpu"
     return model_server_deployment.options(**options).bind(
-        card.model_dump(mode="json"), str(catalogue_dir), device
+        card.model_dump(mode="json"), str(catalogue_dir), device, fleet.model_dump(mode="json")
     )
 
 
-def gateway_application(catalogue: Catalogue, num_replicas: int = 1) -> Application:
+def gateway_application(
+    catalogue: Catalogue, num_replicas: int = 1, fleet: FleetSpec | None = None
+) -> Application:
     from app.api.gateway import gateway_deployment
 
+    fleet = fleet or load_fleet()
     cards = [card.model_dump(mode="json") for card in catalogue]
     return gateway_deployment.options(
         name="Gateway",
         num_replicas=num_replicas,
         max_ongoing_requests=1024,
         ray_actor_options={"num_cpus": 0.1, "runtime_env": {"env_vars": replica_env()}},
-    ).bind(cards)
+    ).bind(cards, fleet.model_dump(mode="json"))
 
 
 def build_all(
-    catalogue: Catalogue, *, cluster_gpus: float = 0.0, force_cpu: bool = False
+    catalogue: Catalogue,
+    *,
+    cluster_gpus: float = 0.0,
+    force_cpu: bool = False,
+    fleet: FleetSpec | None = None,
 ) -> list[AppSpec]:
     """Every application for a catalogue: each model under /models/<id>, the gateway at /."""
+    fleet = fleet or load_fleet()
     specs = [
         AppSpec(
             card.deployment_name,
             model_route_prefix(card),
             model_application(
-                card, catalogue.directory, cluster_gpus=cluster_gpus, force_cpu=force_cpu
+                card,
+                catalogue.directory,
+                cluster_gpus=cluster_gpus,
+                force_cpu=force_cpu,
+                fleet=fleet,
             ),
         )
         for card in catalogue
     ]
-    specs.append(AppSpec(GATEWAY_APP, "/", gateway_application(catalogue)))
+    specs.append(AppSpec(GATEWAY_APP, "/", gateway_application(catalogue, fleet=fleet)))
     return specs
 
 
@@ -129,15 +173,22 @@ def _force_cpu(args: dict[str, Any]) -> bool:
 
 
 def build_model_app(args: dict[str, Any]) -> Application:
-    """import_path target for one model: args {model: id, catalogue?: dir, force_cpu?: bool}."""
+    """import_path target for one model: args {model: id, catalogue?: dir, force_cpu?: bool,
+    fleet?: spec file}."""
     catalogue = load_catalogue(args.get("catalogue") or catalogue_path())
     card = catalogue.select([args["model"]]).cards[args["model"]]
     return model_application(
-        card, catalogue.directory, cluster_gpus=_cluster_gpus(), force_cpu=_force_cpu(args)
+        card,
+        catalogue.directory,
+        cluster_gpus=_cluster_gpus(),
+        force_cpu=_force_cpu(args),
+        fleet=load_fleet(args.get("fleet")),
     )
 
 
 def build_gateway_app(args: dict[str, Any]) -> Application:
-    """import_path target for the gateway: args {catalogue?: dir, models?: [ids]}."""
+    """import_path target for the gateway: args {catalogue?: dir, models?: [ids], fleet?: file}."""
     catalogue = load_catalogue(args.get("catalogue") or catalogue_path())
-    return gateway_application(catalogue.select(args.get("models")))
+    return gateway_application(
+        catalogue.select(args.get("models")), fleet=load_fleet(args.get("fleet"))
+    )

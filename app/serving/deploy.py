@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 from ray import serve
 
+from app.fleet.router_actor import ensure_router
+from app.fleet.spec import FleetSpec, load_fleet
 from app.serving.builder import AppSpec
 
 
@@ -26,10 +28,14 @@ def deploy(
     *,
     timeout_s: float = 600,
     progress: Callable[[str], None] = lambda message: None,
+    fleet: FleetSpec | None = None,
 ) -> None:
-    """Submit every application at once (replicas start in parallel), then wait for all of them
-    with a deadline; serve.run alone would wait per application with no deadline, forever when
-    a replica cannot be scheduled."""
+    """Start the fleet's router actor, submit every application at once (replicas start in
+    parallel), then wait for all of them with a deadline; serve.run alone would wait per
+    application with no deadline, forever when a replica cannot be scheduled."""
+    fleet = fleet or load_fleet()
+    progress(f"fleet router: {len(fleet.regions)} region(s), {fleet.load_balancing.strategy}")
+    ensure_router(fleet)
     for spec in specs:
         progress(f"deploying {spec.name} at {spec.route_prefix}")
     serve.run_many(

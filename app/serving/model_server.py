@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +22,65 @@ from app.api.schemas import (
     ImageGenerationRequest,
 )
 from app.api.sse import Chunk, SSEStream
+from app.cache.responses import ResponseCache
 from app.catalog.cards import ModelCard
+from app.fleet.agent import ReplicaAgent
+from app.fleet.spec import FleetSpec, embedded_fleet
 from app.serving.runners import runner_class
 from app.serving.service import ModelService
 
 logger = logging.getLogger(__name__)
 
+# The `route` keyword: routing hints for the request router (app.fleet.hints); unused here.
+RouteArg = dict[str, Any] | None
+
 
 class ModelServer:
     """One replica of one model id. Handle methods take typed requests (or their dicts)."""
 
-    def __init__(self, card: dict[str, Any], catalogue_dir: str, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        card: dict[str, Any],
+        catalogue_dir: str,
+        device: str = "cpu",
+        fleet: dict[str, Any] | None = None,
+    ) -> None:
         parsed = ModelCard.model_validate(card)
         runner = runner_class(parsed.loader)(
             parsed, parsed.resolve_source(Path(catalogue_dir)), device
         )
         self.loaded = runner.load()
-        self.service = ModelService(parsed, runner)
+        self.service = ModelService(
+            parsed, runner, response_cache=ResponseCache.for_card(parsed)
+        )
         logger.info("loaded %s on %s (%s)", parsed.id, self.loaded.device, self.loaded.dtype)
         self._routes = OpenAIRoutes(self)
+        self.fleet = ReplicaAgent(
+            FleetSpec.model_validate(fleet) if fleet else embedded_fleet(),
+            parsed.id,
+            serve.get_replica_context().replica_id.unique_id,
+            parsed.max_ongoing_requests,
+        )
+
+    # ---- fleet hooks: Serve calls these periodically ----------------------------------------
+
+    def record_replica_metadata(self) -> dict[str, Any]:
+        """Region, zone and node, given to every router with this replica."""
+        return self.fleet.metadata()
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        self.fleet.ensure_heartbeats()
+        return self.fleet.routing_stats()
+
+    async def check_health(self) -> None:
+        self.fleet.ensure_heartbeats()
+
+    @asynccontextmanager
+    async def _serving(self) -> AsyncIterator[None]:
+        """Admission (429 beyond capacity) and the fleet's performance accounting."""
+        async with self.fleet.observe():
+            with self.service.admit():
+                yield
 
     # ---- the Backend protocol (HTTP) and the handle API share these methods -----------------
 
@@ -62,15 +103,17 @@ class ModelServer:
         """Batching and load figures for `app status` and tests."""
         return self.service.stats() | {"model": self.service.card.id, "device": self.loaded.device}
 
-    async def chat(self, req: ChatCompletionRequest | dict[str, Any]) -> dict[str, Any]:
-        with self.service.admit():
+    async def chat(
+        self, req: ChatCompletionRequest | dict[str, Any], route: RouteArg = None
+    ) -> dict[str, Any]:
+        async with self._serving():
             return await self.service.chat(validate_request(req, ChatCompletionRequest))
 
     async def chat_stream(
-        self, req: ChatCompletionRequest | dict[str, Any]
+        self, req: ChatCompletionRequest | dict[str, Any], route: RouteArg = None
     ) -> AsyncIterator[Chunk]:
         """Chunk dicts, for Python callers (`handle.options(stream=True)`)."""
-        with self.service.admit():
+        async with self._serving():
             async for chunk in self.service.chat_stream(
                 validate_request(req, ChatCompletionRequest)
             ):
@@ -80,20 +123,24 @@ class ModelServer:
         """Encoded, coalesced SSE writes: what this replica's HTTP route sends."""
         return SSEStream(self.chat_stream(req))
 
-    async def relay_chat_sse(self, req: ChatCompletionRequest) -> AsyncIterator[bytes]:
+    async def relay_chat_sse(
+        self, req: ChatCompletionRequest, route: RouteArg = None
+    ) -> AsyncIterator[bytes]:
         """The same writes over a streaming handle, for the gateway to forward untouched
         (Serve streams only from async generators)."""
         async for write in self.chat_sse(req):
             yield write
 
-    async def completions(self, req: CompletionRequest | dict[str, Any]) -> dict[str, Any]:
-        with self.service.admit():
+    async def completions(
+        self, req: CompletionRequest | dict[str, Any], route: RouteArg = None
+    ) -> dict[str, Any]:
+        async with self._serving():
             return await self.service.completions(validate_request(req, CompletionRequest))
 
     async def completions_stream(
-        self, req: CompletionRequest | dict[str, Any]
+        self, req: CompletionRequest | dict[str, Any], route: RouteArg = None
     ) -> AsyncIterator[Chunk]:
-        with self.service.admit():
+        async with self._serving():
             async for chunk in self.service.completions_stream(
                 validate_request(req, CompletionRequest)
             ):
@@ -102,16 +149,22 @@ class ModelServer:
     def completions_sse(self, req: CompletionRequest | dict[str, Any]) -> SSEStream:
         return SSEStream(self.completions_stream(req))
 
-    async def relay_completions_sse(self, req: CompletionRequest) -> AsyncIterator[bytes]:
+    async def relay_completions_sse(
+        self, req: CompletionRequest, route: RouteArg = None
+    ) -> AsyncIterator[bytes]:
         async for write in self.completions_sse(req):
             yield write
 
-    async def embeddings(self, req: EmbeddingRequest | dict[str, Any]) -> dict[str, Any]:
-        with self.service.admit():
+    async def embeddings(
+        self, req: EmbeddingRequest | dict[str, Any], route: RouteArg = None
+    ) -> dict[str, Any]:
+        async with self._serving():
             return await self.service.embeddings(validate_request(req, EmbeddingRequest))
 
-    async def images(self, req: ImageGenerationRequest | dict[str, Any]) -> dict[str, Any]:
-        with self.service.admit():
+    async def images(
+        self, req: ImageGenerationRequest | dict[str, Any], route: RouteArg = None
+    ) -> dict[str, Any]:
+        async with self._serving():
             return await self.service.images(validate_request(req, ImageGenerationRequest))
 
 

@@ -1,0 +1,75 @@
+"""`app fleet ...`: the router actor's view of the fleet, and operator actions on it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import ray
+
+from app.fleet.router_actor import router_handle
+
+
+def _router(address: str | None) -> Any:
+    if not ray.is_initialized():
+        ray.init(address=address or "auto", log_to_driver=False)
+    return router_handle()
+
+
+def format_fleet(view: dict[str, Any]) -> str:
+    lines = [f"fleet view v{view['version']}, strategy {view['strategy']}", "nodes:"]
+    for n in view["nodes"]:
+        flags = ("" if n["alive"] else " DEAD") + (" DRAINED" if n["drained"] else "")
+        lines.append(f"  {n['node_id'][:12]}  {n['region']:<16} {n['zone'] or '-':<14}{flags}")
+    lines.append("replicas:")
+    for r in view["replicas"]:
+        perf = r["performance"]
+        latency = perf.get("latency_ms")
+        lines.append(
+            f"  {r['model']:<18} {r['replica_id']:<10} {r['region']:<16} "
+            f"{'healthy' if r['healthy'] else 'UNHEALTHY':<9} ongoing {r['ongoing']:>3}/"
+            f"{r['capacity']:<4} weight {r['weight']:<5g} "
+            f"latency {f'{latency:.1f}ms' if latency is not None else '-':>9} "
+            f"success {perf.get('success_rate', 1.0):.3f}" + (" DRAINED" if r["drained"] else "")
+        )
+    return "\n".join(lines)
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    router = _router(args.address)
+    action = args.fleet_command
+    if action == "status":
+        view = ray.get(router.fleet.remote())
+        print(json.dumps(view, indent=2) if args.json else format_fleet(view))
+    elif action == "drain":
+        ray.get(router.drain_node.remote(args.node))
+        print(f"drained node {args.node}")
+    elif action == "undrain":
+        ray.get(router.undrain_node.remote(args.node))
+        print(f"undrained node {args.node}")
+    elif action == "weight":
+        ray.get(router.set_weight.remote(args.replica, args.weight))
+        print(f"replica {args.replica}: weight {args.weight:g}")
+    elif action == "fault":
+        ray.get(router.inject_fault.remote(args.replica, args.latency_ms))
+        print(f"replica {args.replica}: injected latency {args.latency_ms:g} ms")
+    return 0
+
+
+def add_fleet_commands(sub: Any) -> None:
+    fleet = sub.add_parser("fleet", help="fleet routing: nodes, replicas, health, drains")
+    fleet.add_argument("--address", help="Ray cluster address (default: auto)")
+    fleet_sub = fleet.add_subparsers(dest="fleet_command", required=True)
+    status = fleet_sub.add_parser("status", help="nodes and replicas with health and scores")
+    status.add_argument("--json", action="store_true")
+    for name, text in (("drain", "stop routing to a node"), ("undrain", "route to it again")):
+        p = fleet_sub.add_parser(name, help=text)
+        p.add_argument("node", help="node id")
+    weight = fleet_sub.add_parser("weight", help="set a replica's manual weight (0 = none)")
+    weight.add_argument("replica", help="replica id (see `app fleet status`)")
+    weight.add_argument("weight", type=float)
+    fault = fleet_sub.add_parser("fault", help="inject latency into a replica (chaos testing)")
+    fault.add_argument("replica")
+    fault.add_argument("latency_ms", type=float, help="0 clears it")
+    fleet.set_defaults(func=cmd_fleet)

@@ -1,0 +1,151 @@
+"""The Serve RequestRouter every model deployment uses: it adapts Serve's replicas into
+`ReplicaView`s (labels from replica metadata, queue lengths from Serve's cache, performance from
+routing stats and the router actor's snapshot) and ranks them with app.fleet.scoring.
+
+Per-request inputs travel as the `route` keyword of the handle call (see app.fleet.hints): the
+client's region and zone, a strategy override and replicas to avoid. A request without them is
+routed as if its client were on this process's node, so a Ray job calling a handle gets replicas
+near itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import ray
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+
+from app.fleet.geo import region_distances
+from app.fleet.hints import ROUTE_KWARG, hints_from
+from app.fleet.metrics import RoutingMetrics
+from app.fleet.router_actor import ROUTER_NAME, ROUTER_NAMESPACE
+from app.fleet.scoring import Decision, ReplicaView, RouteHints, RoutingPolicy
+from app.fleet.spec import FleetSpec, own_locality
+
+logger = logging.getLogger(__name__)
+
+EMPTY_SNAPSHOT: dict[str, Any] = {"version": -1, "replicas": {}, "drained_nodes": []}
+
+
+class FleetRequestRouter(RequestRouter):
+    """Geo-, load- and performance-aware ranking of one deployment's replicas."""
+
+    def initialize_state(  # type: ignore[override]
+        self, fleet: dict[str, Any], model: str, router_name: str = ROUTER_NAME
+    ) -> None:
+        spec = FleetSpec.model_validate(fleet)
+        self._spec = spec
+        self._model = model
+        self._router_name = router_name
+        distances = region_distances(spec)
+        self._policy = RoutingPolicy(spec.load_balancing, lambda a, b: distances[(a, b)])
+        self._snapshot: dict[str, Any] = EMPTY_SNAPSHOT
+        self._poller: asyncio.Task[None] | None = None
+        self._actor: Any = None
+        self._started: dict[str, float] = {}
+        # replica id -> [requests, errors, latency EMA ms] since the last snapshot pull
+        self._outcomes: dict[str, list[Any]] = {}
+        self._metrics = RoutingMetrics(model)
+        region, zone = own_locality()
+        self._home = RouteHints(region=region or spec.default_region, zone=zone)
+
+    # ---- the decision ------------------------------------------------------------------------
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        self._ensure_poller()
+        hints = self._hints(pending_request)
+        decision = self.decide(candidate_replicas, hints)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        ranked = [by_id[v.replica_id] for v in decision.ranked]
+        if pending_request is not None:
+            self._started[pending_request.metadata.internal_request_id] = time.monotonic()
+        if not ranked:
+            # Nothing eligible (all drained, weighted out or already tried): serving from any
+            # replica beats failing; Serve raises on its own when there is none at all.
+            return [list(candidate_replicas)] if candidate_replicas else []
+        self._metrics.decision(decision, retry=bool(hints.exclude))
+        # One replica per rank: Serve tries them in order, skipping any whose queue is full.
+        return [[r] for r in ranked]
+
+    def decide(self, replicas: list[RunningReplica], hints: RouteHints) -> Decision:
+        return self._policy.rank([self._view(r) for r in replicas], hints)
+
+    def _hints(self, pending_request: PendingRequest | None) -> RouteHints:
+        given = hints_from(pending_request.kwargs.get(ROUTE_KWARG) if pending_request else None)
+        if given.region is None:
+            return RouteHints(
+                region=self._home.region,
+                zone=self._home.zone,
+                strategy=given.strategy,
+                exclude=given.exclude,
+            )
+        return given
+
+    def _view(self, r: RunningReplica) -> ReplicaView:
+        rid = r.replica_id.unique_id
+        meta = r.replica_metadata or {}
+        stats = r.routing_stats or {}
+        fleet = self._snapshot["replicas"].get(rid, {})
+        node_id = meta.get("node_id") or r.node_id
+        return ReplicaView(
+            replica_id=rid,
+            region=meta.get("region") or self._spec.default_region,
+            zone=meta.get("zone") or r.availability_zone,
+            node_id=node_id,
+            capacity=r.max_ongoing_requests,
+            ongoing=self.replica_queue_len_cache.get(r.replica_id),
+            healthy=fleet.get("healthy", True),
+            drained=fleet.get("drained", False) or node_id in self._snapshot["drained_nodes"],
+            weight=fleet.get("weight", 1.0),
+            latency_ms=fleet.get("latency_ms", stats.get("latency_ms")),
+            success_rate=fleet.get("success_rate", stats.get("success_rate", 1.0)),
+            throughput=fleet.get("throughput", stats.get("throughput", 0.0)),
+            actor_id=r.actor_id.hex(),
+        )
+
+    # ---- outcomes and the snapshot pull ------------------------------------------------------
+
+    def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
+        super().on_request_completed(replica_id, internal_request_id)
+        started = self._started.pop(internal_request_id, None)
+        if started is None:
+            return
+        ms = (time.monotonic() - started) * 1000.0
+        entry = self._outcomes.setdefault(replica_id.unique_id, [0, 0, None])
+        entry[0] += 1
+        entry[2] = ms if entry[2] is None else entry[2] + 0.2 * (ms - entry[2])
+
+    def _ensure_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        interval = self._spec.load_balancing.snapshot_interval_s
+        while True:
+            try:
+                await self._pull()
+            except Exception as exc:  # the actor restarting or gone: keep the last snapshot
+                self._actor = None
+                logger.debug("fleet snapshot pull failed: %s", exc)
+            # Forget start times of requests that never completed (cancelled before sending).
+            if len(self._started) > 10_000:
+                cutoff = time.monotonic() - 600
+                self._started = {k: t for k, t in self._started.items() if t > cutoff}
+            await asyncio.sleep(interval)
+
+    async def _pull(self) -> None:
+        if self._actor is None:
+            self._actor = ray.get_actor(self._router_name, namespace=ROUTER_NAMESPACE)
+        outcomes, self._outcomes = self._outcomes, {}
+        snapshot = await asyncio.wait_for(
+            self._actor.snapshot.remote(self._snapshot["version"], outcomes), timeout=5
+        )
+        if snapshot is not None:
+            self._snapshot = snapshot

@@ -1,0 +1,399 @@
+"""The router actor: the fleet's control plane.
+
+It keeps the registry of nodes (from Ray, with their region and zone labels) and replicas (from
+their heartbeats), decides health with a failover threshold, aggregates performance reported by
+replicas and by every router, and holds operator state: drained nodes, manual weights and
+injected faults. Routers pull versioned snapshots of it in the background; no request waits on
+this actor, and when it is gone routers keep routing on what they last saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import ray
+
+from app.fleet.spec import FleetSpec, node_locality
+
+logger = logging.getLogger(__name__)
+
+ROUTER_NAME = "fleet-router"
+ROUTER_NAMESPACE = "app-fleet"
+
+
+class FleetRouterUnavailableError(RuntimeError):
+    """No router actor runs in this cluster (deploy the fleet with `app up` first)."""
+
+
+@dataclass
+class ReplicaRecord:
+    replica_id: str
+    model: str
+    node_id: str | None
+    region: str
+    zone: str | None
+    capacity: int
+    actor_id: str | None = None
+    ongoing: int = 0
+    perf: dict[str, Any] = field(default_factory=dict)
+    last_heartbeat: float = 0.0
+    self_healthy: bool = True
+    healthy: bool = True
+    failed_checks: int = 0
+    passed_checks: int = 0
+    weight: float = 1.0
+    inject_latency_ms: float = 0.0
+    # What routers saw since the last health check: requests, failures, latency EMA.
+    routed: int = 0
+    routed_errors: int = 0
+    router_latency_ms: float | None = None
+
+
+@dataclass
+class NodeRecord:
+    node_id: str
+    region: str
+    zone: str | None
+    address: str
+    alive: bool
+    drained: bool = False
+
+
+class FleetRouter:
+    """Named, detached actor (see `ensure_router`). All methods are cheap and non-blocking."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = FleetSpec.model_validate(spec)
+        self.version = 0
+        self.replicas: dict[str, ReplicaRecord] = {}
+        self.nodes: dict[str, NodeRecord] = {}
+        self.drained_nodes: set[str] = set()
+        self.events: list[dict[str, Any]] = []
+        self._snapshot: dict[str, Any] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._refresh_nodes()
+        self._publish()
+
+    def _ensure_loop(self) -> None:
+        # Started from the first call, on the actor's event loop (not in __init__, which Ray
+        # may run outside it).
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._health_loop())
+
+    # ---- configuration -----------------------------------------------------------------------
+
+    async def configure(self, spec: dict[str, Any]) -> int:
+        self._ensure_loop()
+        self.spec = FleetSpec.model_validate(spec)
+        return self._publish()
+
+    async def get_spec(self) -> dict[str, Any]:
+        self._ensure_loop()
+        return self.spec.model_dump(mode="json")
+
+    # ---- reports in --------------------------------------------------------------------------
+
+    async def heartbeat(self, report: dict[str, Any]) -> dict[str, Any]:
+        """A replica's periodic report; the answer carries operator directives for it."""
+        self._ensure_loop()
+        rid = report["replica_id"]
+        record = self.replicas.get(rid)
+        if record is None:
+            record = ReplicaRecord(
+                replica_id=rid,
+                model=report["model"],
+                node_id=report.get("node_id"),
+                region=report.get("region") or self.spec.default_region,
+                zone=report.get("zone"),
+                capacity=int(report.get("capacity") or 1),
+                actor_id=report.get("actor_id"),
+            )
+            self.replicas[rid] = record
+            self._event("replica_registered", replica=rid, region=record.region)
+            self._publish()
+        record.last_heartbeat = time.monotonic()
+        record.ongoing = int(report.get("ongoing") or 0)
+        record.perf = dict(report.get("perf") or {})
+        record.self_healthy = bool(report.get("healthy", True))
+        return {
+            "inject_latency_ms": record.inject_latency_ms,
+            "drained": record.node_id in self.drained_nodes,
+        }
+
+    async def deregister(self, replica_id: str) -> None:
+        self._ensure_loop()
+        if self.replicas.pop(replica_id, None) is not None:
+            self._event("replica_deregistered", replica=replica_id)
+            self._publish()
+
+    async def snapshot(
+        self, since_version: int = -1, outcomes: dict[str, Any] | None = None
+    ) -> Any:
+        """The current snapshot, or None when the caller already has this version. A router
+        piggybacks what it observed since its last pull ({replica: [n, errors, latency_ms]})."""
+        self._ensure_loop()
+        for rid, (count, errors, latency_ms) in (outcomes or {}).items():
+            record = self.replicas.get(rid)
+            if record is None:
+                continue
+            record.routed += int(count)
+            record.routed_errors += int(errors)
+            if latency_ms is not None:
+                prev = record.router_latency_ms
+                record.router_latency_ms = (
+                    latency_ms if prev is None else prev + 0.3 * (latency_ms - prev)
+                )
+        return None if since_version == self.version else self._snapshot
+
+    # ---- operator actions --------------------------------------------------------------------
+
+    async def drain_node(self, node_id: str) -> int:
+        self._ensure_loop()
+        self._node(node_id)
+        self.drained_nodes.add(node_id)
+        self._event("node_drained", node=node_id)
+        return self._publish()
+
+    async def undrain_node(self, node_id: str) -> int:
+        self._ensure_loop()
+        self._node(node_id)
+        self.drained_nodes.discard(node_id)
+        self._event("node_undrained", node=node_id)
+        return self._publish()
+
+    async def set_weight(self, replica_id: str, weight: float) -> int:
+        self._ensure_loop()
+        if not 0 <= weight <= 1000:
+            raise ValueError(f"weight must be between 0 and 1000, not {weight}")
+        self._replica(replica_id).weight = float(weight)
+        self._event("weight_set", replica=replica_id, weight=weight)
+        return self._publish()
+
+    async def inject_fault(self, replica_id: str, latency_ms: float) -> int:
+        """Chaos testing: the replica adds this much latency to every request (0 clears it)."""
+        self._ensure_loop()
+        if not 0 <= latency_ms <= 600_000:
+            raise ValueError(f"latency_ms must be between 0 and 600000, not {latency_ms}")
+        self._replica(replica_id).inject_latency_ms = float(latency_ms)
+        self._event("fault_injected", replica=replica_id, latency_ms=latency_ms)
+        return self.version
+
+    # ---- views out ---------------------------------------------------------------------------
+
+    async def fleet(self) -> dict[str, Any]:
+        """Nodes, replicas with health and performance, for GET /v1/fleet and `app fleet`."""
+        self._ensure_loop()
+        now = time.monotonic()
+        return {
+            "version": self.version,
+            "strategy": self.spec.load_balancing.strategy.value,
+            "regions": {
+                name: {"latitude": r.latitude, "longitude": r.longitude, "zones": list(r.zones)}
+                for name, r in self.spec.regions.items()
+            },
+            "nodes": [
+                {
+                    "node_id": n.node_id,
+                    "region": n.region,
+                    "zone": n.zone,
+                    "address": n.address,
+                    "alive": n.alive,
+                    "drained": n.drained,
+                }
+                for n in self.nodes.values()
+            ],
+            "replicas": [
+                {
+                    "replica_id": r.replica_id,
+                    "model": r.model,
+                    "node_id": r.node_id,
+                    "region": r.region,
+                    "zone": r.zone,
+                    "capacity": r.capacity,
+                    "ongoing": r.ongoing,
+                    "healthy": r.healthy,
+                    "failed_checks": r.failed_checks,
+                    "drained": r.node_id in self.drained_nodes,
+                    "weight": r.weight,
+                    "inject_latency_ms": r.inject_latency_ms,
+                    "heartbeat_age_s": round(now - r.last_heartbeat, 3),
+                    "performance": self._performance(r),
+                }
+                for r in sorted(self.replicas.values(), key=lambda r: (r.model, r.region))
+            ],
+            "placement": self._placement(),
+            "events": self.events[-50:],
+        }
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _performance(self, r: ReplicaRecord) -> dict[str, Any]:
+        """Replica-reported figures merged with what routers observed: the routers' latency
+        includes the network, and a failure either side lowers the success rate."""
+        perf = dict(r.perf)
+        if r.router_latency_ms is not None:
+            perf["latency_ms"] = r.router_latency_ms
+        total = r.routed
+        if total:
+            router_success = 1.0 - r.routed_errors / total
+            perf["success_rate"] = min(float(perf.get("success_rate", 1.0)), router_success)
+        return perf
+
+    def _placement(self) -> dict[str, Any]:
+        """Spec'd replicas per model and region against what is running."""
+        out: dict[str, Any] = {}
+        for model, wanted in self.spec.models.items():
+            running: dict[str, int] = {}
+            for r in self.replicas.values():
+                if r.model == model:
+                    running[r.region] = running.get(r.region, 0) + 1
+            out[model] = {"spec": wanted, "running": running}
+        return out
+
+    def _node(self, node_id: str) -> NodeRecord:
+        self._refresh_nodes()
+        if node_id not in self.nodes:
+            raise KeyError(f"unknown node {node_id!r}; known: {sorted(self.nodes)}")
+        return self.nodes[node_id]
+
+    def _replica(self, replica_id: str) -> ReplicaRecord:
+        if replica_id not in self.replicas:
+            raise KeyError(f"unknown replica {replica_id!r}")
+        return self.replicas[replica_id]
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        self.events.append({"t": time.time(), "event": kind, **fields})
+        del self.events[:-200]
+
+    def _refresh_nodes(self) -> None:
+        nodes: dict[str, NodeRecord] = {}
+        for info in ray.nodes():
+            region, zone = node_locality(info.get("Labels") or {})
+            node_id = info["NodeID"]
+            nodes[node_id] = NodeRecord(
+                node_id=node_id,
+                region=region or self.spec.default_region,
+                zone=zone,
+                address=info.get("NodeManagerAddress", ""),
+                alive=bool(info.get("Alive")),
+                drained=node_id in self.drained_nodes,
+            )
+        self.nodes = nodes
+
+    def _check(self, r: ReplicaRecord, now: float, interval: float) -> bool:
+        """One health check of a replica: it sent a heartbeat lately, says it is healthy, its node
+        is alive, and the routers' requests to it since the last check mostly succeeded."""
+        node = self.nodes.get(r.node_id or "")
+        ok = (
+            now - r.last_heartbeat <= 2.5 * interval
+            and r.self_healthy
+            and (node is None or node.alive)
+            and not (r.routed >= 3 and r.routed_errors > r.routed // 2)
+        )
+        r.routed = r.routed_errors = 0
+        return ok
+
+    async def _health_loop(self) -> None:
+        while True:
+            interval = self.spec.load_balancing.health_check_interval_s
+            await asyncio.sleep(interval)
+            try:
+                self._run_checks(interval)
+            except Exception:  # the loop must survive anything; the next round retries
+                logger.exception("fleet health check failed")
+
+    def _run_checks(self, interval: float) -> None:
+        self._refresh_nodes()
+        now = time.monotonic()
+        lb = self.spec.load_balancing
+        changed = False
+        for rid, r in list(self.replicas.items()):
+            if self._check(r, now, interval):
+                r.failed_checks, r.passed_checks = 0, r.passed_checks + 1
+                if not r.healthy and r.passed_checks >= lb.recovery_threshold:
+                    r.healthy, changed = True, True
+                    self._event("replica_healthy", replica=rid)
+            else:
+                r.passed_checks, r.failed_checks = 0, r.failed_checks + 1
+                if r.healthy and r.failed_checks >= lb.failover_threshold:
+                    r.healthy, changed = False, True
+                    self._event("replica_unhealthy", replica=rid, region=r.region)
+            # A replica silent for a long time is gone (Serve replaced it): forget it.
+            if now - r.last_heartbeat > max(60.0, 20 * interval):
+                del self.replicas[rid]
+                changed = True
+        # Performance figures move continuously; publish them every round.
+        self._publish()
+        del changed
+
+    def _publish(self) -> int:
+        self.version += 1
+        self._snapshot = {
+            "version": self.version,
+            "replicas": {
+                rid: {
+                    "healthy": r.healthy,
+                    "drained": r.node_id in self.drained_nodes,
+                    "weight": r.weight,
+                    **{
+                        k: v
+                        for k, v in self._performance(r).items()
+                        if k in ("latency_ms", "success_rate", "throughput")
+                    },
+                }
+                for rid, r in self.replicas.items()
+            },
+            "drained_nodes": sorted(self.drained_nodes),
+        }
+        return self.version
+
+
+def router_actor_class() -> Any:
+    # ray.remote's type stubs do not know max_concurrency.
+    return cast(Any, ray.remote)(
+        num_cpus=0,
+        max_restarts=-1,
+        max_task_retries=-1,
+        max_concurrency=64,
+    )(FleetRouter)
+
+
+def ensure_router(spec: FleetSpec, name: str = ROUTER_NAME) -> Any:
+    """The cluster's router actor, created if missing (detached, restarted by Ray if it dies)
+    and given this spec."""
+    actor = (
+        router_actor_class()
+        .options(
+            name=name,
+            namespace=ROUTER_NAMESPACE,
+            get_if_exists=True,
+            lifetime="detached",
+        )
+        .remote(spec.model_dump(mode="json"))
+    )
+    ray.get(actor.configure.remote(spec.model_dump(mode="json")))
+    return actor
+
+
+def router_handle(name: str = ROUTER_NAME) -> Any:
+    try:
+        return ray.get_actor(name, namespace=ROUTER_NAMESPACE)
+    except ValueError as exc:
+        raise FleetRouterUnavailableError(
+            f"no fleet router actor {name!r} in namespace {ROUTER_NAMESPACE!r}; "
+            "deploy with `app up` first"
+        ) from exc
+
+
+def stop_router(name: str = ROUTER_NAME) -> bool:
+    """Kill the router actor if it runs (it is detached, so Serve's shutdown leaves it)."""
+    try:
+        actor = ray.get_actor(name, namespace=ROUTER_NAMESPACE)
+    except ValueError:
+        return False
+    ray.kill(actor, no_restart=True)
+    return True

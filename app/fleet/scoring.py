@@ -1,0 +1,282 @@
+"""Routing decisions as pure functions over replica views: filters, scorers and pickers, composed
+into one pipeline that every path (handles, the gateway, HAProxy's /internal/route) runs.
+
+    eligible (not excluded, not drained) -> healthy (fails open when none is) -> region tiers by
+    great-circle distance from the client, a saturated tier spilling to the next-nearest ->
+    the strategy orders replicas inside a tier -> ranked list, best first
+
+Nothing here touches Ray: the request router adapts Serve's replicas into `ReplicaView`s, and the
+unit tests build views by hand.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from app.fleet.spec import CompositeWeights, LoadBalancing, PerformanceWeights, Strategy
+
+DEFAULT_LATENCY_MS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaView:
+    """What a router knows about one replica when it decides."""
+
+    replica_id: str
+    region: str
+    zone: str | None = None
+    node_id: str | None = None
+    capacity: int = 1
+    ongoing: int | None = None  # None: unknown (not probed yet)
+    healthy: bool = True
+    drained: bool = False
+    weight: float = 1.0  # operator-set; 0 takes the replica out of rotation
+    latency_ms: float | None = None  # moving average of service latency
+    success_rate: float = 1.0
+    throughput: float = 0.0  # completed requests per second
+    actor_id: str | None = None
+
+    @property
+    def load(self) -> int:
+        return self.ongoing or 0
+
+    @property
+    def utilization(self) -> float:
+        return self.load / max(1, self.capacity)
+
+    @property
+    def has_room(self) -> bool:
+        return self.ongoing is None or self.ongoing < self.capacity
+
+
+@dataclass(frozen=True, slots=True)
+class RouteHints:
+    """Per-request inputs: where the client is, an optional strategy override, and replicas a
+    failed attempt already tried."""
+
+    region: str | None = None
+    zone: str | None = None
+    strategy: Strategy | None = None
+    exclude: frozenset[str] = frozenset()  # replica ids or actor ids
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    ranked: list[ReplicaView]  # best first; empty when no replica is eligible
+    strategy: Strategy
+    client_region: str | None
+    spilled: bool = False  # the pick is outside the client's nearest serving region
+    panic: bool = False  # no replica was healthy, so health was ignored
+
+    @property
+    def chosen(self) -> ReplicaView | None:
+        return self.ranked[0] if self.ranked else None
+
+
+# ---- filters --------------------------------------------------------------------------------
+
+
+def eligible(replicas: Iterable[ReplicaView], exclude: frozenset[str]) -> list[ReplicaView]:
+    """Not drained, not weighted out, not already tried by this request."""
+    return [
+        r
+        for r in replicas
+        if not r.drained
+        and r.weight > 0
+        and r.replica_id not in exclude
+        and (r.actor_id is None or r.actor_id not in exclude)
+    ]
+
+
+def healthy(replicas: list[ReplicaView]) -> tuple[list[ReplicaView], bool]:
+    """The healthy replicas; all of them (panic mode) when none is, because the fleet view may
+    be stale and refusing every request is worse than trying one (Envoy's panic threshold)."""
+    ok = [r for r in replicas if r.healthy]
+    return (ok, False) if ok or not replicas else (list(replicas), True)
+
+
+# ---- scorers (higher is better, each in [0, 1]) ---------------------------------------------
+
+
+def load_score(r: ReplicaView) -> float:
+    return 1.0 - min(1.0, r.utilization)
+
+
+def locality_score(r: ReplicaView, zone: str | None) -> float:
+    return 1.0 if zone is not None and r.zone == zone else 0.0
+
+
+def performance_scores(
+    replicas: Sequence[ReplicaView], weights: PerformanceWeights
+) -> dict[str, float]:
+    """Weighted score of latency, success rate and throughput.
+
+    The latency term compares expected completion times, the moving-average latency times the
+    queue the request would join (Finagle's and Linkerd's peak-EWMA idea), against the best in
+    the set; the throughput term is relative to the busiest replica. A replica with no latency
+    sample yet counts as the median, so new replicas get traffic.
+    """
+    if not replicas:
+        return {}
+    known = [r.latency_ms for r in replicas if r.latency_ms is not None and r.latency_ms > 0]
+    neutral = statistics.median(known) if known else DEFAULT_LATENCY_MS
+    expected = {
+        r.replica_id: (r.latency_ms if r.latency_ms and r.latency_ms > 0 else neutral)
+        * (1 + r.load)
+        for r in replicas
+    }
+    best = min(expected.values())
+    top_throughput = max(r.throughput for r in replicas)
+    return {
+        r.replica_id: weights.latency * (best / expected[r.replica_id])
+        + weights.success_rate * max(0.0, min(1.0, r.success_rate))
+        + weights.throughput * (r.throughput / top_throughput if top_throughput > 0 else 1.0)
+        for r in replicas
+    }
+
+
+def composite_scores(
+    replicas: Sequence[ReplicaView],
+    zone: str | None,
+    composite: CompositeWeights,
+    performance: PerformanceWeights,
+) -> dict[str, float]:
+    perf = performance_scores(replicas, performance)
+    return {
+        r.replica_id: r.weight
+        * (
+            composite.locality * locality_score(r, zone)
+            + composite.load * load_score(r)
+            + composite.performance * perf[r.replica_id]
+        )
+        for r in replicas
+    }
+
+
+# ---- pickers --------------------------------------------------------------------------------
+
+
+def by_load(replicas: Iterable[ReplicaView], rng: random.Random) -> list[ReplicaView]:
+    """Least utilised first; ties broken at random so equal replicas share the work."""
+    return sorted(replicas, key=lambda r: (r.utilization, r.load, rng.random()))
+
+
+def by_score(
+    replicas: Iterable[ReplicaView], scores: dict[str, float], rng: random.Random
+) -> list[ReplicaView]:
+    return sorted(replicas, key=lambda r: (-scores[r.replica_id], r.load, rng.random()))
+
+
+def power_of_two(replicas: Sequence[ReplicaView], rng: random.Random) -> list[ReplicaView]:
+    """Two replicas sampled at random, the less loaded first; the rest after them by load."""
+    if len(replicas) <= 2:
+        return by_load(replicas, rng)
+    pair = rng.sample(list(replicas), 2)
+    first = by_load(pair, rng)
+    chosen = {r.replica_id for r in pair}
+    return first + by_load((r for r in replicas if r.replica_id not in chosen), rng)
+
+
+@dataclass
+class WeightedRoundRobin:
+    """Smooth weighted round robin (nginx's): over any window, each replica is picked in
+    proportion to its weight, and picks of one replica are spread out rather than bunched."""
+
+    current: dict[str, float] = field(default_factory=dict)
+
+    def pick(self, replicas: Sequence[ReplicaView]) -> ReplicaView:
+        live = {r.replica_id for r in replicas}
+        for stale in [k for k in self.current if k not in live]:
+            del self.current[stale]
+        total = 0.0
+        best: ReplicaView | None = None
+        for r in replicas:
+            self.current[r.replica_id] = self.current.get(r.replica_id, 0.0) + r.weight
+            total += r.weight
+            if best is None or self.current[r.replica_id] > self.current[best.replica_id]:
+                best = r
+        assert best is not None
+        self.current[best.replica_id] -= total
+        return best
+
+    def order(self, replicas: Sequence[ReplicaView], rng: random.Random) -> list[ReplicaView]:
+        if not replicas:
+            return []
+        first = self.pick(replicas)
+        return [first, *by_load((r for r in replicas if r is not first), rng)]
+
+
+# ---- the pipeline ---------------------------------------------------------------------------
+
+
+@dataclass
+class RoutingPolicy:
+    """One router's decision procedure. Holds only the state the pickers need (the round-robin
+    weights and a random generator), so it can be unit-tested with a seeded generator."""
+
+    balancing: LoadBalancing
+    distance_km: Callable[[str, str], float]
+    rng: random.Random = field(default_factory=random.Random)
+    wrr: WeightedRoundRobin = field(default_factory=WeightedRoundRobin)
+
+    def rank(self, replicas: Iterable[ReplicaView], hints: RouteHints) -> Decision:
+        strategy = hints.strategy or self.balancing.strategy
+        candidates = eligible(replicas, hints.exclude)
+        candidates, panic = healthy(candidates)
+        if not candidates:
+            return Decision([], strategy, hints.region, panic=panic)
+        geo = strategy in (Strategy.GEO, Strategy.COMPOSITE) and hints.region is not None
+        tiers = self._tiers(candidates, hints.region) if geo else [candidates]
+        ranked: list[ReplicaView] = []
+        saturated: list[ReplicaView] = []
+        for tier in tiers:
+            room = [r for r in tier if r.utilization < self.balancing.spillover_utilization]
+            if not room:
+                saturated.extend(tier)  # every replica here is busy: try nearer-free regions first
+                continue
+            ranked.extend(self._order(strategy, tier, hints))
+        ranked.extend(self._order(strategy, saturated, hints) if saturated else [])
+        spilled = geo and bool(ranked) and ranked[0].region != tiers[0][0].region
+        return Decision(ranked, strategy, hints.region, spilled=spilled, panic=panic)
+
+    def _tiers(self, replicas: list[ReplicaView], client: str | None) -> list[list[ReplicaView]]:
+        """Replicas grouped by region, nearest region to the client first."""
+        groups: dict[str, list[ReplicaView]] = {}
+        for r in replicas:
+            groups.setdefault(r.region, []).append(r)
+        order = sorted(groups, key=lambda region: (self._distance(client, region), region))
+        return [groups[region] for region in order]
+
+    def _distance(self, client: str | None, region: str) -> float:
+        if client is None or client == region:
+            return 0.0
+        try:
+            return self.distance_km(client, region)
+        except KeyError:
+            return float("inf")  # a region the spec does not know: last resort
+
+    def _order(
+        self, strategy: Strategy, replicas: list[ReplicaView], hints: RouteHints
+    ) -> list[ReplicaView]:
+        rng = self.rng
+        if strategy is Strategy.LEAST_LOADED:
+            return by_load(replicas, rng)
+        if strategy is Strategy.POWER_OF_TWO:
+            return power_of_two(replicas, rng)
+        if strategy is Strategy.WEIGHTED_ROUND_ROBIN:
+            return self.wrr.order(replicas, rng)
+        if strategy is Strategy.PERFORMANCE:
+            return by_score(replicas, performance_scores(replicas, self.balancing.weights), rng)
+        if strategy is Strategy.GEO:
+            zone = hints.zone
+            return sorted(
+                replicas,
+                key=lambda r: (-locality_score(r, zone), r.utilization, r.load, rng.random()),
+            )
+        scores = composite_scores(
+            replicas, hints.zone, self.balancing.composite, self.balancing.weights
+        )
+        return by_score(replicas, scores, rng)
