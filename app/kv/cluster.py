@@ -36,7 +36,10 @@ def start_kv(config: KVConfig | None = None, **overrides: Any) -> KVClient:
         get_if_exists=True,
         lifetime="detached" if cfg.detached else None,
         num_cpus=0,
-        max_restarts=0,
+        # Restarted after a crash, rebuilding its state from the members; calls made while it
+        # restarts are retried (every coordinator method is safe to repeat).
+        max_restarts=-1,
+        max_task_retries=-1,
         max_concurrency=10_000,
         scheduling_strategy=NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=False

@@ -1,7 +1,8 @@
 """The coordinator actor: owns the slot map and group membership, detects failures, fails over.
 
 It is never on the data path: clients fetch the map once and talk to shard primaries directly,
-coming back only when a call fails or a redirect leaves them without a handle.
+coming back only when a call fails or a redirect leaves them without a handle. Ray restarts it
+after a crash; it then rebuilds its state from the members themselves (see app.kv.recovery).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,12 @@ from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from app.kv.config import KVConfig
+from app.kv.membership import Group, Member, alive_nodes, kill
 from app.kv.placement import effective_replication, place_group, place_member
 from app.kv.protocol import GroupView, MapView
 from app.kv.rebalancer import RebalanceMixin
 from app.kv.replication import choose_successor
+from app.kv.restart import RestartMixin
 from app.kv.shard import ShardActor
 from app.kv.slot_map import SlotMap
 from app.kv.store import SLOT_OWNED
@@ -35,30 +38,7 @@ _SHARD_THREADS = 64
 _START_TIMEOUT_S = 60.0  # a new worker process on a busy 2-core machine can take a while
 
 
-@dataclass
-class Member:
-    mid: str
-    handle: Any
-    node: str
-
-
-@dataclass
-class Group:
-    gid: int
-    term: int
-    size: int  # members the group should have (effective replication factor)
-    primary: Member
-    replicas: dict[str, Member] = field(default_factory=dict)
-
-    def members(self) -> list[Member]:
-        return [self.primary, *self.replicas.values()]
-
-
-def alive_nodes() -> list[str]:
-    return sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
-
-
-class Coordinator(RebalanceMixin):
+class Coordinator(RestartMixin, RebalanceMixin):
     """Slot map, membership, health checks, failover and replica repair for one KV cluster."""
 
     def __init__(self, config: KVConfig) -> None:
@@ -74,6 +54,9 @@ class Coordinator(RebalanceMixin):
         self._view: MapView | None = None
         self._starting: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Start on our own: after a restart by Ray nobody else would (and health checks must
+        # run without clients). start() is idempotent, so start_kv calling it too is harmless.
+        ray.get_runtime_context().current_actor.start.remote()
 
     # Start-up ----------------------------------------------------------------------------
     async def start(self) -> int:
@@ -84,6 +67,20 @@ class Coordinator(RebalanceMixin):
         return self.version
 
     async def _start(self) -> None:
+        reports = await self._discover()
+        if reports:
+            await self._adopt(reports)
+        else:
+            await self._create_all()
+        self._bump()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._health_loop())]
+        if self.cfg.auto_rebalance_s is not None:
+            self._tasks.append(loop.create_task(self._rebalance_loop(self.cfg.auto_rebalance_s)))
+        await self.resume_migrations()
+
+    async def _create_all(self) -> None:
+        """A new cluster, or a durable one whose members are all gone: recover from disk."""
         meta = self._load_meta()
         gids = [int(g) for g in meta["terms"]] if meta else list(range(self.cfg.num_shards))
         self.slots = SlotMap.from_dict(meta["slots"]) if meta else SlotMap.even(gids)
@@ -98,12 +95,6 @@ class Coordinator(RebalanceMixin):
                 for i, gid in enumerate(gids)
             )
         )
-        self._bump()
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._health_loop())]
-        if self.cfg.auto_rebalance_s is not None:
-            self._tasks.append(loop.create_task(self._rebalance_loop(self.cfg.auto_rebalance_s)))
-        await self.resume_migrations()
 
     async def _create_group(
         self, gid: int, index: int, size: int, slots: list[int], old_term: int | None = None
@@ -130,7 +121,7 @@ class Coordinator(RebalanceMixin):
         except (TimeoutError, RayActorError):
             if node is None:
                 raise
-            _kill(member.handle)
+            kill(member.handle)
             return await self._start_member(gid, None)
         return member
 
@@ -143,6 +134,11 @@ class Coordinator(RebalanceMixin):
             # is the point. A node that vanished meanwhile is handled by _start_member.
             strategy = NodeAffinitySchedulingStrategy(node, soft=False)
         handle = ShardActor.options(
+            # Named and detached, so members outlive a crash of this process (Ray ends the
+            # actors a process owns with it) and a restarted coordinator finds them again.
+            name=self._name_prefix() + mid,
+            namespace=self.cfg.namespace,
+            lifetime="detached",
             num_cpus=self.cfg.shard_num_cpus,
             max_restarts=0,  # failover is ours: a restarted member would come back empty
             # A threaded actor: this many calls at once (writers waiting for replicas hold one).
@@ -162,6 +158,7 @@ class Coordinator(RebalanceMixin):
     async def refresh(self, gid: int, term: int) -> MapView:
         """A client's call to group `gid` failed: check its primary, fail over if it is dead,
         and return the current map either way."""
+        await self.start()  # after a restart: only once the members are adopted
         group = self.groups.get(gid)
         if group is not None and group.term == term:
             await self._failover(gid, term)
@@ -179,11 +176,15 @@ class Coordinator(RebalanceMixin):
         return self._view
 
     def _bump(self) -> None:
-        self.version += 1
+        # Clients install a map only if its epoch is not older than theirs, and a restarted
+        # coordinator starts from nothing: a clock-based epoch keeps growing across restarts.
+        self.version = max(self.version + 1, time.time_ns() // 1000)
         self._save_meta()
 
     # Failure handling --------------------------------------------------------------------
     async def _alive(self, member: Member, timeout: float) -> bool:
+        if member.handle is None:  # a group adopted without a primary, not yet promoted
+            return False
         try:
             await asyncio.wait_for(member.handle.ping.remote(), timeout)
         except RayActorError:
@@ -206,7 +207,7 @@ class Coordinator(RebalanceMixin):
 
     async def _promote(self, group: Group) -> None:
         """Fence the old primary, promote the replica with the highest applied seq."""
-        _kill(group.primary.handle)
+        kill(group.primary.handle)
         term = group.term + 1
         replies = await asyncio.gather(
             *(
@@ -221,7 +222,7 @@ class Coordinator(RebalanceMixin):
                 applied[member.mid] = reply
             else:
                 log.warning("kv group %s: replica %s unusable: %r", group.gid, member.mid, reply)
-                _kill(group.replicas.pop(member.mid).handle)
+                kill(group.replicas.pop(member.mid).handle)
         successor = choose_successor(applied)
         if successor is None:
             await self._recreate(group)
@@ -250,13 +251,14 @@ class Coordinator(RebalanceMixin):
 
     async def member_failed(self, gid: int, mid: str, term: int) -> None:
         """A primary's replication stream to `mid` broke: drop that replica and replace it."""
+        await self.start()
         group = self.groups.get(gid)
         if group is None or mid not in group.replicas:
             return
         async with self._locks[gid]:
             member = group.replicas.pop(mid, None)
             if member is not None:
-                _kill(member.handle)
+                kill(member.handle)
                 self._bump()
         self._repair_later(gid)
 
@@ -280,7 +282,7 @@ class Coordinator(RebalanceMixin):
                 async with self._locks[gid]:
                     reply = await group.primary.handle.add_replica.remote(member.mid, member.handle)
                     if reply < 0:
-                        _kill(member.handle)
+                        kill(member.handle)
                         return
                     group.replicas[member.mid] = member
                     self._bump()
@@ -323,6 +325,7 @@ class Coordinator(RebalanceMixin):
     # Introspection and lifecycle ---------------------------------------------------------
     async def status(self) -> dict[str, Any]:
         """Slots, members, sizes and replication lag of every group (for the CLI)."""
+        await self.start()
         out: dict[str, Any] = {
             "name": self.cfg.name,
             "version": self.version,
@@ -358,7 +361,7 @@ class Coordinator(RebalanceMixin):
             for member in group.members():
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(member.handle.close.remote(), 2.0)
-                _kill(member.handle)
+                kill(member.handle)
         self.groups.clear()
 
     # Metadata on disk (durable clusters) -------------------------------------------------
@@ -386,11 +389,6 @@ class Coordinator(RebalanceMixin):
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
         os.replace(tmp, path)
-
-
-def _kill(handle: Any) -> None:
-    with contextlib.suppress(Exception):
-        ray.kill(handle, no_restart=True)
 
 
 CoordinatorActor = ray.remote(Coordinator)

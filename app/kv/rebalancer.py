@@ -26,6 +26,9 @@ class RebalanceMixin:
     slots: SlotMap
     _admin: asyncio.Lock
 
+    async def start(self) -> int:
+        raise NotImplementedError
+
     async def _failover(self, gid: int, seen_term: int) -> None:
         raise NotImplementedError
 
@@ -40,6 +43,7 @@ class RebalanceMixin:
     async def rebalance(self) -> list[dict[str, Any]]:
         """Move slots from groups above rebalance_high x mean size or load to those below
         rebalance_low x mean; returns the moves made."""
+        await self.start()
         async with self._admin:
             moves = plan_rebalance(
                 await self._loads(), self.cfg.rebalance_high, self.cfg.rebalance_low
@@ -50,6 +54,7 @@ class RebalanceMixin:
 
     async def split(self, gid: int | None = None) -> dict[str, Any]:
         """Add a group and move it about half of group `gid`'s weight (default: the hottest)."""
+        await self.start()
         async with self._admin:
             loads = await self._loads()
             source = gid if gid is not None else hottest(loads)
@@ -66,6 +71,7 @@ class RebalanceMixin:
 
     async def move_slots(self, slots: list[int], target: int) -> int:
         """Move `slots` (from whichever groups own them) to group `target`; returns how many."""
+        await self.start()
         async with self._admin:
             by_source: dict[int, list[int]] = {}
             for slot in slots:

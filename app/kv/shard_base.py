@@ -11,6 +11,7 @@ The data path (shard.py), replication (shard_replication.py) and slot migration
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import threading
 import time
@@ -23,6 +24,7 @@ import ray
 from app.kv import protocol
 from app.kv.config import KVConfig
 from app.kv.protocol import Ask, Moved, NotPrimary, TryAgain
+from app.kv.recovery import MemberReport
 from app.kv.replication import CommitTracker, ReplicaStream
 from app.kv.store import (
     OP_PUT,
@@ -74,6 +76,8 @@ class ShardBase:
         self.wal: WriteAheadLog | None = None
         self._closed = False
         threading.Thread(target=self._sweep, name="kv-expiry", daemon=True).start()
+        if coordinator is not None:
+            threading.Thread(target=self._watch_cluster, name="kv-watch", daemon=True).start()
 
     # Lifecycle -------------------------------------------------------------------------------
     @ray.method(concurrency_group="control")
@@ -90,6 +94,28 @@ class ShardBase:
             time.sleep(self.cfg.expiry_sweep_interval_s)
             with self.lock:
                 self.store.expire()
+
+    def _watch_cluster(self, period_s: float = 2.0) -> None:
+        """Exit once the cluster's coordinator is gone for good.
+
+        Members are detached actors, so that a coordinator restarted by Ray (which ends the
+        actors its old process owned) does not take the data with it. They would outlive the
+        cluster, though: a coordinator that Ray will not restart (its job ended, or
+        shutdown_kv) releases its name, and that is the members' cue to stop. A restarting
+        coordinator keeps its name."""
+        misses = 0
+        while not self._closed:
+            time.sleep(period_s)
+            try:
+                ray.get_actor(self.cfg.name, namespace=self.cfg.namespace)
+                misses = 0
+            except ValueError:
+                misses += 1
+            except Exception:  # GCS briefly unreachable: not a verdict
+                continue
+            if misses >= 2 and not self._closed:
+                log.warning("kv member %s: cluster %r is gone; exiting", self.member, self.cfg.name)
+                os._exit(0)
 
     def group_dir(self) -> Path:
         assert self.cfg.data_dir is not None
@@ -249,6 +275,24 @@ class ShardBase:
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "replicas": dict(self.tracker.acked) if self.primary else {},
             }
+
+    @ray.method(concurrency_group="control")
+    def describe(self) -> MemberReport:
+        """This member's part of the cluster metadata, for a restarted coordinator."""
+        with self.lock:
+            states = self.store.slot_state
+            return MemberReport(
+                member=self.member,
+                gid=self.gid,
+                primary=self.primary,
+                term=self.term,
+                seq=self.store.seq,
+                group_size=self.tracker.group_size,
+                replicas=tuple(self.streams) if self.primary else (),
+                owned=tuple(i for i, state in enumerate(states) if state == SLOT_OWNED),
+                migrating=tuple(i for i, state in enumerate(states) if state == SLOT_MIGRATING),
+                node=ray.get_runtime_context().get_node_id(),
+            )
 
     @ray.method(concurrency_group="control")
     def load_stats(self, reset: bool = True) -> tuple[dict[int, int], dict[int, int]]:
