@@ -21,6 +21,11 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="allow", str_strip_whitespace=False)
 
     model: Annotated[str, Field(min_length=1, max_length=256, description="Model id.")]
+    cache_bypass: bool = Field(
+        False,
+        description="Skip the response cache for this request (neither read nor stored); "
+        "HTTP clients can send `Cache-Control: no-cache` or `X-Cache-Bypass: 1` instead.",
+    )
 
 
 class TextPart(BaseModel):

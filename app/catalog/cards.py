@@ -18,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 
+from app.cache.config import ResponseCachePolicy
+
 MODEL_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
 
@@ -122,6 +124,7 @@ class ModelCard(_Strict):
     build: BuildRecipe | None = Field(
         None, description="Recipe that generates `source` locally (offline catalogue only)."
     )
+    response_cache: ResponseCachePolicy = ResponseCachePolicy()
     description: str = Field("", description="Free text shown by `app status`.")
     owned_by: str = Field("app", description="owned_by in GET /v1/models.")
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
@@ -42,6 +42,9 @@ from app.serving.runners.base import (
 )
 from app.serving.streams import merge_streams
 
+if TYPE_CHECKING:
+    from app.cache.responses import ResponseCache
+
 MAX_IMAGE_SIDE = 1024
 
 
@@ -49,10 +52,18 @@ class ModelService:
     """Serves one model card through one runner; every public method is one OpenAI operation."""
 
     def __init__(
-        self, card: ModelCard, runner: Runner, *, clock: Callable[[], float] = time.time
+        self,
+        card: ModelCard,
+        runner: Runner,
+        *,
+        clock: Callable[[], float] = time.time,
+        response_cache: ResponseCache | None = None,
     ) -> None:
         self.card = card
         self.runner = runner
+        # Deterministic unary responses (greedy chat and completions, embeddings) come from
+        # here when cached; streams are always computed (see README, "Cache").
+        self.response_cache = response_cache
         self._clock = clock
         self._inflight = 0
         self.created = int(clock())
@@ -204,8 +215,18 @@ class ModelService:
             finish = delta.finish_reason or finish
         return "".join(text), tokens, finish
 
+    async def _cached(
+        self, operation: str, req: Any, compute: Callable[[], Awaitable[dict[str, Any]]]
+    ) -> dict[str, Any]:
+        if self.response_cache is None:
+            return await compute()
+        return await self.response_cache.serve(operation, req, compute)
+
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
         self._check(req.model, Task.TEXT_GENERATION, "chat completions")
+        return await self._cached("chat", req, lambda: self._chat(req))
+
+    async def _chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
         prompt = self._text.render_chat(req.message_dicts())
         prompt_tokens, requests = self._generation_requests(prompt, req, "messages")
         results = await asyncio.gather(*(self._collect(r) for r in requests))
@@ -262,6 +283,9 @@ class ModelService:
 
     async def completions(self, req: CompletionRequest) -> dict[str, Any]:
         self._check(req.model, Task.TEXT_GENERATION, "completions")
+        return await self._cached("completions", req, lambda: self._completions(req))
+
+    async def _completions(self, req: CompletionRequest) -> dict[str, Any]:
         plans = [self._generation_requests(p, req, "prompt") for p in req.prompts()]
         requests = [r for _, rs in plans for r in rs]
         results = await asyncio.gather(*(self._collect(r) for r in requests))
@@ -321,6 +345,9 @@ class ModelService:
 
     async def embeddings(self, req: EmbeddingRequest) -> dict[str, Any]:
         self._check(req.model, Task.EMBEDDING, "embeddings")
+        return await self._cached("embeddings", req, lambda: self._embeddings(req))
+
+    async def _embeddings(self, req: EmbeddingRequest) -> dict[str, Any]:
         runner = self.runner
         assert isinstance(runner, EmbeddingRunner)
         if req.dimensions is not None and req.dimensions != runner.dimensions:

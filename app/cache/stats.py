@@ -1,0 +1,80 @@
+"""Cache statistics: cheap in-process counters per tier and event, exported as Ray metrics.
+
+Counting is a dict increment on the hot path; `MetricsExporter.flush` turns the deltas into
+ray.util.metrics counters from the cache's background loop, so a hit never touches the metrics
+agent. Without a Ray connection (unit tests, tools) flushing does nothing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from enum import StrEnum
+from typing import Any
+
+
+class Event(StrEnum):
+    HIT = "hit"
+    MISS = "miss"
+    SET = "set"
+    EVICTION = "eviction"
+    EXPIRATION = "expiration"
+    LOAD = "load"
+    LOAD_ERROR = "load_error"
+    ERROR = "error"
+    DROPPED_WRITE = "dropped_write"
+    INVALIDATION = "invalidation"
+    FLUSH = "flush"
+    WAITED = "waited"
+
+
+class CacheStats:
+    """Counts of (tier, event); tiers are "l1", "actors", "redis" and "loader"."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def add(self, tier: str, event: Event, n: int = 1) -> None:
+        self.counts[(tier, event)] += n
+
+    def get(self, tier: str, event: Event) -> int:
+        return self.counts[(tier, event)]
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (tier, event), n in sorted(self.counts.items()):
+            out.setdefault(tier, {})[str(event)] = n
+        return out
+
+
+class MetricsExporter:
+    """Pushes the growth of a CacheStats into one Ray counter, `app_cache_events`, tagged by
+    cache name, tier and event."""
+
+    def __init__(self, cache_name: str) -> None:
+        self.cache_name = cache_name
+        self._sent: Counter[tuple[str, str]] = Counter()
+        self._counter: Any = None
+
+    def flush(self, stats: CacheStats) -> int:
+        """Export what changed since the last flush; returns how many series moved."""
+        import ray
+
+        if not ray.is_initialized():
+            return 0
+        if self._counter is None:
+            from ray.util.metrics import Counter as RayCounter
+
+            self._counter = RayCounter(
+                "app_cache_events",
+                description="Cache events (hits, misses, evictions, loads, errors) by tier.",
+                tag_keys=("cache", "tier", "event"),
+            )
+        moved = 0
+        for key, total in list(stats.counts.items()):
+            delta = total - self._sent[key]
+            if delta > 0:
+                tier, event = key
+                self._counter.inc(delta, {"cache": self.cache_name, "tier": tier, "event": event})
+                self._sent[key] = total
+                moved += 1
+        return moved
