@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ import ray
 from app.kv import protocol
 from app.kv.config import KVConfig, ReadConcern, WriteConcern, read_code, write_code
 from app.kv.errors import ClusterNotFoundError, InvalidArgumentError
+from app.kv.pipeline import ReadMany, ReadPipeline
 from app.kv.protocol import MapView
 from app.kv.routing import Backoff, Op, Router
 from app.kv.slots import key_slot
@@ -53,6 +55,10 @@ class KVClient:
         self._write = write_code(config.write_concern)
         self._rid_prefix = uuid.uuid4().hex[:16] + ":"
         self._rids = itertools.count()
+        # One auto-pipelining state per event loop (its futures belong to that loop).
+        self._pipelines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ReadPipeline] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # Connecting --------------------------------------------------------------------------
     @classmethod
@@ -81,6 +87,10 @@ class KVClient:
                     if type(request) is Backoff:
                         time.sleep(request.seconds)
                         result = None
+                    elif type(request) is list:
+                        result = ray.get(
+                            [r.submit() if type(r) is ReadMany else r for r in request]
+                        )
                     else:
                         result = ray.get(request)
                 except Exception as exc:
@@ -99,7 +109,10 @@ class KVClient:
                         await asyncio.sleep(request.seconds)
                         result = None
                     elif type(request) is list:
-                        result = await asyncio.gather(*request)
+                        pipeline = self._pipeline()
+                        result = await asyncio.gather(
+                            *(pipeline.read(r) if type(r) is ReadMany else r for r in request)
+                        )
                     else:
                         result = await request
                 except Exception as exc:
@@ -108,6 +121,13 @@ class KVClient:
                 request = op.send(result)
         except StopIteration as stop:
             return stop.value
+
+    def _pipeline(self) -> ReadPipeline:
+        loop = asyncio.get_running_loop()
+        pipeline = self._pipelines.get(loop)
+        if pipeline is None:
+            pipeline = self._pipelines[loop] = ReadPipeline()
+        return pipeline
 
     # Argument checks ---------------------------------------------------------------------
     def _read_args(

@@ -1,7 +1,8 @@
 """The client's protocol engine: slot-map cache, redirects, failover retries, batching per shard.
 
 Each operation is a generator that yields what it needs done (an ObjectRef or a list of them to
-wait for, or a Backoff to sleep) and receives the result, so the synchronous and the asyncio
+wait for, where a list may also hold ReadMany requests for the driver to submit, or a Backoff to
+sleep) and receives the result, so the synchronous and the asyncio
 client drive the very same logic. The common case is one yield: one actor call to a primary.
 """
 
@@ -19,6 +20,7 @@ from app.kv import protocol
 from app.kv.codec import decode_inline, encode
 from app.kv.config import KVConfig
 from app.kv.errors import InvalidArgumentError, KVUnavailableError
+from app.kv.pipeline import ReadMany
 from app.kv.protocol import REDIRECTS, Ask, MapView, Moved, TryAgain
 from app.kv.slots import NUM_SLOTS, key_slot
 
@@ -209,7 +211,7 @@ class Router:
             if own:
                 refs.append(group.primary.mget.remote(batch, True))
             elif read == protocol.READ_STRONG:
-                refs.append(group.primary.mget.remote(batch))
+                refs.append(ReadMany(group.primary, batch))
             else:
                 member = random.choice(group.members)
                 refs.append(member.read_many.remote(batch, max_lag_ms))
