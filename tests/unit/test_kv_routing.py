@@ -16,6 +16,7 @@ from ray.exceptions import ActorDiedError
 from app.kv import protocol
 from app.kv.config import KVConfig
 from app.kv.errors import KVUnavailableError
+from app.kv.pipeline import ReadMany
 from app.kv.protocol import Ask, GroupView, MapView, Moved, NotPrimary, TryAgain
 from app.kv.routing import Backoff, Router
 from app.kv.slots import NUM_SLOTS, key_slot
@@ -77,6 +78,8 @@ def drive(op: Generator[Any, Any, Any], answer: Any) -> tuple[Any, list[Any]]:
     try:
         request = next(op)
         while True:
+            if isinstance(request, list):  # submitted as the synchronous client does
+                request = [r.submit() if isinstance(r, ReadMany) else r for r in request]
             requests.append(request)
             if isinstance(request, Backoff):
                 reply = None
