@@ -163,12 +163,13 @@ class ShardBase:
         op = Op(self.store.seq + 1, kind, key, slot, payload, version, expires_at, rid, result)
         self.store.apply(op)
         self.tracker.wrote(op.seq, key)
+        large = kind == OP_PUT and type(payload) is list
         if self.streams:
-            sent = op._replace(payload=payload[:2]) if type(payload) is list else op
+            sent = op._replace(payload=payload[:2]) if large else op
             for stream in self.streams.values():
                 stream.push(sent)
         if self.wal is not None:
-            disk = op._replace(payload=LargeBlob(blob or b"")) if type(payload) is list else op
+            disk = op._replace(payload=LargeBlob(blob or b"")) if large else op
             self.wal.append(disk)
             if self.wal.snapshot_due:
                 self.wal.write_snapshot(self._disk_snapshot())

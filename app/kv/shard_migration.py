@@ -1,8 +1,9 @@
 """Slot migration on a shard primary: marking slots, moving keys in batches, handing slots over.
 
 The protocol follows Redis Cluster. The target marks the slots IMPORTING, the source MIGRATING;
-the source then moves keys in batches (target imports with its write concern, source deletes);
-finally the target marks them OWNED and the source gives them up. Clients are redirected with ASK
+the source then moves keys in batches (target imports with its write concern, source deletes),
+then the request ids it remembers for those slots; finally the target marks them OWNED and the
+source gives them up. Clients are redirected with ASK
 for keys already gone from the source and with MOVED once the slots have left it.
 """
 
@@ -17,6 +18,7 @@ from app.kv.shard_base import ShardBase
 from app.kv.store import (
     OP_DELETE,
     OP_PUT,
+    OP_REQUESTS,
     OP_SLOTS,
     SLOT_IMPORTING,
     SLOT_MIGRATING,
@@ -64,7 +66,8 @@ class MigrationMixin(ShardBase):
             return out
 
     def migrate_batch(self, slots: list[int], target: Any, batch_keys: int) -> int:
-        """Move up to `batch_keys` keys of `slots` to `target`; returns how many moved (0: done).
+        """Move up to `batch_keys` keys of `slots` to `target`; returns how many moved (0: done,
+        and then the slots' request ids have moved too).
 
         While a batch is in flight its keys can still be read here but writes to them wait, so
         the copy the target imports is the final one and no write lands on a key mid-move.
@@ -72,10 +75,16 @@ class MigrationMixin(ShardBase):
         with self.lock:
             leaving = {s for s in slots if self.store.slot_state[s] == SLOT_MIGRATING}
             keys = self.store.keys_in_slots(leaving, batch_keys)
-            if not keys:
-                return 0
-            self.moving = set(keys)
-            entries = self._export(keys)
+            if keys:
+                self.moving = set(keys)
+                entries = self._export(keys)
+            else:
+                # No key left means no new write here either (they are ASKed to the target).
+                requests = self.store.requests_in_slots(leaving)
+        if not keys:
+            if requests and ray.get(target.import_requests.remote(requests)) < 0:
+                raise RuntimeError(f"group {self.gid}: target refused the request ids")
+            return 0
         try:
             reply = ray.get(target.import_entries.remote(entries))
             if reply != len(entries):
@@ -128,3 +137,17 @@ class MigrationMixin(ShardBase):
             if not isinstance(self._ack(last, protocol.WRITE_MAJORITY, last), int):
                 return -1
             return len(entries)
+
+    def import_requests(self, requests: list[tuple[str, Any, int]]) -> int:
+        """Remember the request ids of writes the source applied to slots moving here, so a
+        client retrying one of them here gets its original answer; -1 if not primary."""
+        with self.lock:
+            if not self.primary:
+                return -1
+            fresh = tuple(r for r in requests if self.store.seen(r[0]) is None)
+            if not fresh:
+                return 0
+            seq = self._log(OP_REQUESTS, None, payload=fresh)
+            if not isinstance(self._ack(seq, protocol.WRITE_MAJORITY, seq), int):
+                return -1
+            return len(fresh)

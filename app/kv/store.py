@@ -25,10 +25,12 @@ OP_PUT = "p"
 OP_DELETE = "d"
 OP_SLOTS = "s"
 OP_NOOP = "n"
+OP_REQUESTS = "r"  # request ids migrated in with their slots
 
 
 class Op(NamedTuple):
-    """One replicated log record. For OP_SLOTS, payload is (slots, state, peer gid)."""
+    """One replicated log record. For OP_SLOTS, payload is (slots, state, peer gid); for
+    OP_REQUESTS, a tuple of (request id, result, slot)."""
 
     seq: int
     kind: str
@@ -65,7 +67,7 @@ class StoreSnapshot:
     entries: list[tuple[str, Any, int, float | None, int]]
     slot_state: bytes
     slot_peer: dict[int, int]
-    dedupe: list[tuple[str, tuple[int, Any]]]
+    dedupe: list[tuple[str, tuple[Any, ...]]]  # request id -> (seq, result, slot)
 
 
 class ShardStore:
@@ -80,7 +82,7 @@ class ShardStore:
         self._data: dict[str, Entry] = {}
         self._by_slot: dict[int, set[str]] = {}
         self._expiry: list[tuple[float, str]] = []
-        self._dedupe: OrderedDict[str, tuple[int, Any]] = OrderedDict()
+        self._dedupe: OrderedDict[str, tuple[Any, ...]] = OrderedDict()  # -> (seq, result, slot)
         self._dedupe_window = dedupe_window
         self.slot_state = bytearray(NUM_SLOTS)
         self.slot_peer: dict[int, int] = {}
@@ -108,7 +110,18 @@ class ShardStore:
 
     def seen(self, rid: str) -> tuple[int, Any] | None:
         """(seq, result) of an already applied request id."""
-        return self._dedupe.get(rid)
+        entry = self._dedupe.get(rid)
+        return None if entry is None else (entry[0], entry[1])
+
+    def requests_in_slots(self, slots: set[int]) -> list[tuple[str, Any, int]]:
+        """(request id, result, slot) of remembered writes to `slots`: they migrate with the
+        slots, so a write retried at the new owner is answered instead of applied twice.
+        (Entries from snapshots written before slots were recorded have no slot.)"""
+        return [
+            (rid, entry[1], entry[2])
+            for rid, entry in self._dedupe.items()
+            if len(entry) > 2 and entry[2] in slots
+        ]
 
     def keys_in_slot(self, slot: int) -> list[str]:
         return sorted(self._by_slot.get(slot, ()))
@@ -171,8 +184,12 @@ class ShardStore:
         elif op.kind == OP_SLOTS:
             slots, state, peer = op.payload
             self.set_slots(slots, state, peer)
+        elif op.kind == OP_REQUESTS:
+            for rid, result, slot in op.payload:
+                if rid not in self._dedupe:
+                    self._remember(rid, op.seq, result, slot)
         if op.rid is not None:
-            self._remember(op.rid, op.seq, op.result)
+            self._remember(op.rid, op.seq, op.result, op.slot)
         return removed
 
     def set_slots(self, slots: Iterable[int], state: int, peer: int | None) -> None:
@@ -203,8 +220,8 @@ class ShardStore:
             self.bytes -= payload_size(old.payload)
         return old
 
-    def _remember(self, rid: str, seq: int, result: Any) -> None:
-        self._dedupe[rid] = (seq, result)
+    def _remember(self, rid: str, seq: int, result: Any, slot: int) -> None:
+        self._dedupe[rid] = (seq, result, slot)
         if len(self._dedupe) > self._dedupe_window:
             self._dedupe.popitem(last=False)
 

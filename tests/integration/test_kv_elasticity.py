@@ -104,3 +104,21 @@ async def test_split_adds_a_group_under_load(kv: KVClient) -> None:
     assert len(groups) == 3 and sum(g["slots"] for g in groups) == 16384
     assert all(g["members"][0]["keys"] > 0 for g in groups)
     _all_present(kv, data)
+
+
+def test_retried_write_is_answered_by_the_new_owner(kv: KVClient) -> None:
+    """Request ids move with their slots: a write applied before its slot moved, retried at the
+    new owner with the same request id, gets its first answer and is not applied again."""
+    key = "retry:{moving}"
+    slot = key_slot(key)
+    source = kv.group_of(key)
+    target = next(g["gid"] for g in kv.status()["groups"] if g["gid"] != source)
+    version = kv.put(key, "first", request_id="retry-1")
+    done, _ = kv.cas(key, version, "second", request_id="retry-2")
+    assert done
+    kv.move_slots([slot], target)
+    kv.refresh()
+    assert kv.group_of(key) == target
+    assert kv.put(key, "first again", request_id="retry-1") == version
+    assert kv.cas(key, version, "second again", request_id="retry-2")[0]  # the first answer
+    assert kv.get(key) == "second"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app.kv.slots import key_slot
-from app.kv.store import OP_DELETE, OP_PUT, OP_SLOTS, SLOT_OWNED, Op, ShardStore
+from app.kv.store import OP_DELETE, OP_PUT, OP_REQUESTS, OP_SLOTS, SLOT_OWNED, Op, ShardStore
 
 
 class Clock:
@@ -129,6 +129,20 @@ def test_slot_states_and_keys_by_slot() -> None:
     assert len(store.keys_in_slot(slot)) == 20
     assert len(store.keys_in_slots({slot}, 5)) == 5
     assert store.slot_keys() == {slot: 20}
+
+
+def test_request_ids_move_with_their_slots() -> None:
+    src, dst = ShardStore(), ShardStore()
+    _put(src, "{a}1", b"1", rid="r1")
+    _put(src, "{b}1", b"1", rid="r2")
+    moving = src.requests_in_slots({key_slot("{a}")})
+    assert moving == [("r1", 1, key_slot("{a}"))]
+    _put(dst, "x", b"1", rid="r1-other")
+    dst.apply(Op(dst.seq + 1, OP_REQUESTS, payload=tuple(moving)))
+    assert dst.seen("r1") == (dst.seq, 1)  # answered at the seq that brought it in
+    assert dst.seen("r2") is None
+    dst.apply(Op(dst.seq + 1, OP_REQUESTS, payload=(("r1", 99, 0),)))
+    assert dst.seen("r1") == (2, 1)  # a replayed import keeps the first answer
 
 
 def test_snapshot_install_round_trip() -> None:
