@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app.cache.cli import add_cache_commands
 from app.catalog.cards import Catalogue, CatalogueError, load_catalogue
 from app.fleet.cli import add_fleet_commands
 from app.fleet.router_actor import stop_router
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_models_build)
     models_sub.add_parser("list", help="list model cards").set_defaults(func=cmd_models_list)
     add_kv_commands(sub)
+    add_cache_commands(sub)
     add_fleet_commands(sub)
     return parser
 
