@@ -159,7 +159,7 @@ class Gateway:
     async def _fleet_view(self, request: Request) -> Response:
         """GET /v1/fleet: nodes, replicas, health and current performance, from the router."""
         try:
-            actor = router_handle()
+            actor = router_handle(self.fleet.router_actor)
             view = await asyncio.wait_for(actor.fleet.remote(), timeout=5)
         except (FleetRouterUnavailableError, TimeoutError, RayActorError) as exc:
             raise ServiceUnavailableError(

@@ -13,7 +13,7 @@ from typing import Any
 
 import ray
 
-from app.fleet.router_actor import ROUTER_NAME, ROUTER_NAMESPACE
+from app.fleet.router_actor import ROUTER_NAMESPACE
 from app.fleet.spec import FleetSpec, own_locality
 from app.fleet.stats import PerfTracker
 
@@ -31,13 +31,12 @@ class ReplicaAgent:
         model: str,
         replica_id: str,
         capacity: int,
-        router_name: str = ROUTER_NAME,
     ) -> None:
         self.spec = spec
         self.model = model
         self.replica_id = replica_id
         self.capacity = capacity
-        self.router_name = router_name
+        self.router_name = spec.router_actor
         self.perf = PerfTracker()
         self.ongoing = 0
         self.inject_latency_ms = 0.0
@@ -49,6 +48,11 @@ class ReplicaAgent:
         self.region = region or spec.default_region
         self._actor: Any = None
         self._heartbeats: asyncio.Task[None] | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """Which replica answered, where: `<region>/<zone>/<replica id>`."""
+        return f"{self.region}/{self.zone or '-'}/{self.replica_id}"
 
     def metadata(self) -> dict[str, Any]:
         """Static facts every router gets with the replica (Serve's replica metadata)."""

@@ -21,7 +21,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 from app.fleet.geo import region_distances
 from app.fleet.hints import ROUTE_KWARG, hints_from
 from app.fleet.metrics import RoutingMetrics
-from app.fleet.router_actor import ROUTER_NAME, ROUTER_NAMESPACE
+from app.fleet.router_actor import ROUTER_NAMESPACE
 from app.fleet.scoring import Decision, ReplicaView, RouteHints, RoutingPolicy
 from app.fleet.spec import FleetSpec, own_locality
 
@@ -34,12 +34,12 @@ class FleetRequestRouter(RequestRouter):
     """Geo-, load- and performance-aware ranking of one deployment's replicas."""
 
     def initialize_state(  # type: ignore[override]
-        self, fleet: dict[str, Any], model: str, router_name: str = ROUTER_NAME
+        self, fleet: dict[str, Any], model: str
     ) -> None:
         spec = FleetSpec.model_validate(fleet)
         self._spec = spec
         self._model = model
-        self._router_name = router_name
+        self._router_name = spec.router_actor
         distances = region_distances(spec)
         self._policy = RoutingPolicy(spec.load_balancing, lambda a, b: distances[(a, b)])
         self._snapshot: dict[str, Any] = EMPTY_SNAPSHOT
@@ -129,6 +129,10 @@ class FleetRequestRouter(RequestRouter):
     async def _poll(self) -> None:
         interval = self._spec.load_balancing.snapshot_interval_s
         while True:
+            if not ray.is_initialized():
+                # The process disconnected (ray.shutdown): calling Ray now would auto-connect
+                # it again, to whatever cluster it finds.
+                return
             try:
                 await self._pull()
             except Exception as exc:  # the actor restarting or gone: keep the last snapshot

@@ -362,13 +362,13 @@ def router_actor_class() -> Any:
     )(FleetRouter)
 
 
-def ensure_router(spec: FleetSpec, name: str = ROUTER_NAME) -> Any:
+def ensure_router(spec: FleetSpec) -> Any:
     """The cluster's router actor, created if missing (detached, restarted by Ray if it dies)
     and given this spec."""
     actor = (
         router_actor_class()
         .options(
-            name=name,
+            name=spec.router_actor,
             namespace=ROUTER_NAMESPACE,
             get_if_exists=True,
             lifetime="detached",

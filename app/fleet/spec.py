@@ -134,6 +134,9 @@ class FleetSpec(_Strict):
     )
     load_balancing: LoadBalancing = LoadBalancing()
     geoip: GeoIP = GeoIP()
+    router_actor: Name = Field(
+        "fleet-router", description="Name of the router actor (one control plane per fleet)."
+    )
 
     @model_validator(mode="after")
     def _known_regions(self) -> FleetSpec:

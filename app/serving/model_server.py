@@ -50,9 +50,7 @@ class ModelServer:
             parsed, parsed.resolve_source(Path(catalogue_dir)), device
         )
         self.loaded = runner.load()
-        self.service = ModelService(
-            parsed, runner, response_cache=ResponseCache.for_card(parsed)
-        )
+        self.service = ModelService(parsed, runner, response_cache=ResponseCache.for_card(parsed))
         logger.info("loaded %s on %s (%s)", parsed.id, self.loaded.device, self.loaded.dtype)
         self._routes = OpenAIRoutes(self)
         self.fleet = ReplicaAgent(
@@ -74,6 +72,11 @@ class ModelServer:
 
     async def check_health(self) -> None:
         self.fleet.ensure_heartbeats()
+
+    def _stamp(self, response: dict[str, Any]) -> dict[str, Any]:
+        """OpenAI's system_fingerprint names the backend that answered: region/zone/replica."""
+        response["system_fingerprint"] = self.fleet.fingerprint
+        return response
 
     @asynccontextmanager
     async def _serving(self) -> AsyncIterator[None]:
@@ -107,7 +110,8 @@ class ModelServer:
         self, req: ChatCompletionRequest | dict[str, Any], route: RouteArg = None
     ) -> dict[str, Any]:
         async with self._serving():
-            return await self.service.chat(validate_request(req, ChatCompletionRequest))
+            request = validate_request(req, ChatCompletionRequest)
+            return self._stamp(await self.service.chat(request))
 
     async def chat_stream(
         self, req: ChatCompletionRequest | dict[str, Any], route: RouteArg = None
@@ -135,7 +139,8 @@ class ModelServer:
         self, req: CompletionRequest | dict[str, Any], route: RouteArg = None
     ) -> dict[str, Any]:
         async with self._serving():
-            return await self.service.completions(validate_request(req, CompletionRequest))
+            request = validate_request(req, CompletionRequest)
+            return self._stamp(await self.service.completions(request))
 
     async def completions_stream(
         self, req: CompletionRequest | dict[str, Any], route: RouteArg = None

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,34 +18,8 @@ import openai
 import pytest
 from PIL import Image
 
-from app.catalog.cards import Catalogue, ModelCard, load_catalogue
-from tests.integration.support import free_port
-
 ROOT = Path(__file__).resolve().parents[2]
 MESSAGES = [{"role": "user", "content": "hello there world"}]
-
-
-@pytest.fixture(scope="session")
-def serving(ray_cluster: object) -> Iterator[str]:
-    """All four offline models plus a gateway that also lists a card nobody deployed."""
-    from ray import serve
-
-    from app.catalog.recipes import build_catalogue
-    from app.serving.builder import GATEWAY_APP, build_all, gateway_application
-    from app.serving.deploy import deploy, start_serve, wait_running
-
-    catalogue = load_catalogue(ROOT / "models")
-    build_catalogue(catalogue)
-    port = free_port()
-    start_serve("127.0.0.1", port)
-    specs = [spec for spec in build_all(catalogue) if spec.name != GATEWAY_APP]
-    offline = ModelCard(id="echo-offline", task="text-generation", loader="echo")
-    listed = Catalogue(directory=catalogue.directory, cards=catalogue.cards | {offline.id: offline})
-    gateway = gateway_application(listed)
-    deploy(specs, timeout_s=600)
-    serve.run(gateway, name=GATEWAY_APP, route_prefix="/", blocking=False)
-    wait_running([GATEWAY_APP], timeout_s=120)
-    yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(params=["gateway", "direct"])

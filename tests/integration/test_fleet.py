@@ -1,0 +1,260 @@
+"""Fleet routing on a real multi-node cluster: three nodes labelled with three regions, one
+replica of an echo model in each, placed by label, routed by app.fleet's RequestRouter.
+
+Which replica answered is read from the response's system_fingerprint (region/zone/replica).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import ray
+
+from app.api.schemas import ChatCompletionRequest
+from app.catalog.cards import Catalogue, ModelCard, load_catalogue
+from app.client import InferenceClient
+from app.fleet.router_actor import ROUTER_NAMESPACE, ensure_router
+from app.fleet.spec import REGION_LABEL, ZONE_LABEL, FleetSpec, LoadBalancing, Region
+from tests.integration.conftest import ROOT
+from tests.integration.support import wait_until
+
+MODEL = "geo-echo"
+REGIONS = {
+    "us-east-1": Region(latitude=38.9, longitude=-77.4, zones=("us-east-1a",)),
+    "eu-west-1": Region(latitude=53.3, longitude=-6.3, zones=("eu-west-1a",)),
+    "ap-southeast-1": Region(latitude=1.35, longitude=103.8, zones=("ap-southeast-1a",)),
+}
+SPEC = FleetSpec(
+    regions=REGIONS,
+    default_region="us-east-1",
+    models={MODEL: {"us-east-1": 1, "eu-west-1": 1, "ap-southeast-1": 1}},
+    load_balancing=LoadBalancing(
+        health_check_interval_s=0.5,
+        failover_threshold=2,
+        snapshot_interval_s=0.2,
+        max_attempts=4,
+        backoff_s=0.05,
+    ),
+    geoip={"cidr": {"10.30.0.0/16": "ap-southeast-1"}},  # type: ignore[arg-type]
+    router_actor="fleet-router-tests",
+)
+CARD = ModelCard(
+    id=MODEL,
+    task="text-generation",
+    loader="echo",
+    max_ongoing_requests=2,
+    replicas={"min": 1, "max": 1},  # type: ignore[arg-type]
+)
+
+
+@dataclass
+class Fleet:
+    base: str  # the fleet gateway's OpenAI base URL
+    nodes: dict[str, Any]  # region -> Ray node
+    router: Any
+
+    def view(self) -> dict[str, Any]:
+        return ray.get(self.router.fleet.remote())
+
+    def replica_in(self, region: str) -> dict[str, Any]:
+        return next(r for r in self.view()["replicas"] if r["region"] == region)
+
+
+def region_of(reply: dict[str, Any]) -> str:
+    return str(reply["system_fingerprint"]).split("/")[0]
+
+
+def chat(client: InferenceClient, text: str = "hi") -> dict[str, Any]:
+    return client.chat(
+        ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": text}])
+    )
+
+
+@pytest.fixture(scope="module")
+def fleet(ray_cluster: Any, serving: str) -> Iterator[Fleet]:
+    from ray import serve
+
+    from app.serving.builder import gateway_application, model_application
+    from app.serving.deploy import wait_running
+
+    nodes = {
+        region: ray_cluster.add_node(
+            num_cpus=2,
+            labels={REGION_LABEL: region, ZONE_LABEL: spec.zones[0]},
+        )
+        for region, spec in REGIONS.items()
+    }
+    ray_cluster.wait_for_nodes()
+    router = ensure_router(SPEC)
+    catalogue = load_catalogue(ROOT / "models")
+    app = model_application(CARD, catalogue.directory, fleet=SPEC)
+    serve.run(app, name=CARD.deployment_name, route_prefix=f"/models/{MODEL}", blocking=False)
+    listed = Catalogue(directory=catalogue.directory, cards={MODEL: CARD})
+    serve.run(
+        gateway_application(listed, fleet=SPEC),
+        name="fleet-gateway",
+        route_prefix="/fleet",
+        blocking=False,
+    )
+    wait_running([CARD.deployment_name, "fleet-gateway"], timeout_s=180)
+    result = Fleet(base=f"{serving}/fleet/v1", nodes=nodes, router=router)
+    wait_until(
+        lambda: len([r for r in result.view()["replicas"] if r["model"] == MODEL]) == 3,
+        timeout=30,
+        what="three replicas registered with the router actor",
+    )
+    try:
+        yield result
+    finally:
+        serve.delete("fleet-gateway")
+        serve.delete(CARD.deployment_name)
+        for node in result.nodes.values():
+            if node in ray_cluster.list_all_nodes():
+                ray_cluster.remove_node(node)
+        ray.kill(ray.get_actor(SPEC.router_actor, namespace=ROUTER_NAMESPACE))
+
+
+def test_replicas_are_placed_one_per_region_by_label(fleet: Fleet) -> None:
+    view = fleet.view()
+    regions = sorted(r["region"] for r in view["replicas"] if r["model"] == MODEL)
+    assert regions == sorted(REGIONS)
+    assert view["placement"][MODEL]["running"] == {region: 1 for region in REGIONS}
+    node_regions = {n["node_id"]: n["region"] for n in view["nodes"]}
+    for replica in view["replicas"]:
+        if replica["model"] == MODEL:
+            assert node_regions[replica["node_id"]] == replica["region"]
+
+
+@pytest.mark.parametrize("region", sorted(REGIONS))
+def test_handle_client_lands_in_its_own_region(fleet: Fleet, region: str) -> None:
+    client = InferenceClient(region=region, fleet=SPEC)
+    assert {region_of(chat(client)) for _ in range(10)} == {region}
+
+
+def test_http_client_region_header_and_geoip(fleet: Fleet) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    url = f"{fleet.base}/chat/completions"
+    eu = httpx.post(url, json=body, headers={"X-Client-Region": "eu-west-1"}, timeout=30)
+    assert eu.status_code == 200, eu.text
+    assert region_of(eu.json()) == "eu-west-1"
+    ap = httpx.post(url, json=body, headers={"X-Forwarded-For": "10.30.1.2"}, timeout=30)
+    assert region_of(ap.json()) == "ap-southeast-1"
+    bad = httpx.post(url, json=body, headers={"X-Route-Strategy": "fastest"}, timeout=30)
+    assert bad.status_code == 400
+    assert "least_loaded" in bad.json()["error"]["message"]
+
+
+def test_fleet_endpoint_shows_nodes_replicas_health_and_scores(fleet: Fleet) -> None:
+    view = httpx.get(f"{fleet.base}/fleet", timeout=30).json()
+    assert {n["region"] for n in view["nodes"]} >= set(REGIONS)
+    mine = [r for r in view["replicas"] if r["model"] == MODEL]
+    assert len(mine) == 3 and all(r["healthy"] for r in mine)
+    assert all("success_rate" in r["performance"] for r in mine)
+
+
+def test_saturated_region_spills_to_the_nearest_other_region(fleet: Fleet) -> None:
+    eu = fleet.replica_in("eu-west-1")
+    ray.get(fleet.router.inject_fault.remote(eu["replica_id"], 3000))
+    time.sleep(1.5)  # the replica picks the fault up with its next heartbeat
+    client = InferenceClient(region="eu-west-1", fleet=SPEC)
+
+    async def scenario() -> tuple[list[str], str]:
+        # Two slow requests fill the EU replica (max_ongoing_requests=2)...
+        held = [asyncio.ensure_future(client.achat(_req("slow"))) for _ in range(2)]
+        await asyncio.sleep(0.5)
+        # ...so the next EU request goes to the nearest other region: us-east-1, not ap.
+        spilled = region_of(await client.achat(_req("next")))
+        return [region_of(r) for r in await asyncio.gather(*held)], spilled
+
+    try:
+        held, spilled = asyncio.run(scenario())
+    finally:
+        ray.get(fleet.router.inject_fault.remote(eu["replica_id"], 0))
+    assert held == ["eu-west-1", "eu-west-1"]
+    assert spilled == "us-east-1"
+
+
+def test_drained_node_gets_no_requests(fleet: Fleet) -> None:
+    eu = fleet.replica_in("eu-west-1")
+    ray.get(fleet.router.drain_node.remote(eu["node_id"]))
+    try:
+        time.sleep(0.6)  # one snapshot pull
+        client = InferenceClient(region="eu-west-1", fleet=SPEC)
+        assert {region_of(chat(client)) for _ in range(10)} == {"us-east-1"}
+    finally:
+        ray.get(fleet.router.undrain_node.remote(eu["node_id"]))
+    time.sleep(0.6)
+    assert region_of(chat(InferenceClient(region="eu-west-1", fleet=SPEC))) == "eu-west-1"
+
+
+def test_slow_replica_gets_a_shrinking_share_under_the_performance_strategy(
+    fleet: Fleet,
+) -> None:
+    ap = fleet.replica_in("ap-southeast-1")
+    ray.get(fleet.router.inject_fault.remote(ap["replica_id"], 150))
+    time.sleep(1.5)
+    client = InferenceClient(strategy="performance", fleet=SPEC)
+    started = time.monotonic()
+    served: list[tuple[float, str]] = []
+    try:
+        while time.monotonic() - started < 6:
+            served.append((time.monotonic() - started, region_of(chat(client))))
+    finally:
+        ray.get(fleet.router.inject_fault.remote(ap["replica_id"], 0))
+
+    def share(lo: float, hi: float) -> float:
+        window = [region for t, region in served if lo <= t < hi]
+        return window.count("ap-southeast-1") / max(1, len(window))
+
+    early, late = share(0, 1.5), share(4, 6)
+    assert early > 0, served[:20]
+    assert late < early and late < 0.05, (early, late)
+
+
+def test_node_removal_under_load_loses_no_idempotent_request(
+    fleet: Fleet, ray_cluster: Any
+) -> None:
+    client = InferenceClient(region="eu-west-1", fleet=SPEC)
+    stop = threading.Event()
+    results: Counter[str] = Counter()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        while not stop.is_set():
+            try:
+                results[region_of(chat(client, "idempotent"))] += 1
+            except BaseException as exc:  # every failure is a test failure
+                errors.append(exc)
+
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(4):
+            pool.submit(worker)
+        wait_until(lambda: results["eu-west-1"] > 20, timeout=30, what="EU traffic")
+        ray_cluster.remove_node(fleet.nodes["eu-west-1"])
+        before = sum(results.values())
+        wait_until(lambda: sum(results.values()) > before + 100, timeout=60, what="failover")
+        stop.set()
+    assert errors == [], errors[:3]
+    assert results["us-east-1"] > 0  # the EU client failed over to the nearest region
+    wait_until(
+        lambda: (
+            not fleet.replica_in("eu-west-1")["healthy"]
+            if any(r["region"] == "eu-west-1" for r in fleet.view()["replicas"])
+            else True
+        ),
+        timeout=30,
+        what="the EU replica marked unhealthy or forgotten",
+    )
+
+
+def _req(text: str) -> ChatCompletionRequest:
+    return ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": text}])

@@ -1,0 +1,228 @@
+"""Fleet spec validation, the GeoIP table, routing hints, failover and performance stats."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ray.exceptions import ActorDiedError
+
+from app.api.errors import InvalidRequestError, OverloadedError
+from app.fleet.failover import (
+    call_with_failover,
+    call_with_failover_sync,
+    iterate_with_failover,
+    stream_with_failover,
+)
+from app.fleet.geo import GeoLocator, forwarded_client_ip
+from app.fleet.hints import InvalidRouteHintError, hints_from, parse_strategy, route_kwarg
+from app.fleet.spec import FleetSpecError, LoadBalancing, Strategy, load_fleet, node_locality
+from app.fleet.stats import PerfTracker, percentile
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = LoadBalancing(max_attempts=3, backoff_s=0.0)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_fleet_spec_is_valid() -> None:
+    spec = load_fleet(ROOT / "deployments" / "fleet.yaml")
+    assert {"us-east-1", "eu-west-1", "ap-southeast-1"} <= set(spec.regions)
+    assert spec.placement("echo")
+
+
+def test_no_spec_is_the_embedded_single_region(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("APP_FLEET", raising=False)
+    spec = load_fleet()
+    assert list(spec.regions) == ["local"] and spec.placement("echo") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("regions: {}\ndefault_region: a\n", "regions"),
+        ("regions: {a: {latitude: 0, longitude: 0}}\ndefault_region: b\n", "default_region"),
+        (
+            "regions: {a: {latitude: 0, longitude: 0}}\ndefault_region: a\nmodels: {m: {z: 1}}\n",
+            "unknown region 'z'",
+        ),
+        ("regions: {a: {latitude: 91, longitude: 0}}\ndefault_region: a\n", "latitude"),
+        (
+            "regions: {a: {latitude: 0, longitude: 0}}\ndefault_region: a\n"
+            "load_balancing: {strategy: fastest}\n",
+            "load_balancing.strategy",
+        ),
+        (
+            "regions: {a: {latitude: 0, longitude: 0}}\ndefault_region: a\n"
+            "load_balancing: {weights: {latency: 0.5, success_rate: 0.5, throughput: 0.5}}\n",
+            "sum to 1",
+        ),
+        (
+            "regions: {a: {latitude: 0, longitude: 0}}\ndefault_region: a\n"
+            "geoip: {cidr: {'10.0.0.0/33': a}}\n",
+            "not a CIDR block",
+        ),
+        ("regions: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_specs_name_the_file_and_field(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(FleetSpecError, match="fleet.yaml") as info:
+        load_fleet(path)
+    assert message in str(info.value)
+
+
+def test_missing_spec_file(tmp_path: Path) -> None:
+    with pytest.raises(FleetSpecError, match="cannot read"):
+        load_fleet(tmp_path / "nope.yaml")
+
+
+def test_geoip_cidr_most_specific_block_wins_and_header_beats_ip(tmp_path: Path) -> None:
+    spec = load_fleet(
+        write(
+            tmp_path,
+            "regions: {a: {latitude: 0, longitude: 0}, b: {latitude: 1, longitude: 1}}\n"
+            "default_region: a\n"
+            "geoip: {cidr: {'10.0.0.0/8': a, '10.1.0.0/16': b, '2001:db8::/32': b}}\n",
+        )
+    )
+    geo = GeoLocator(spec)
+    assert geo.lookup("10.2.3.4") == "a"
+    assert geo.lookup("10.1.3.4") == "b"
+    assert geo.lookup("2001:db8::1") == "b"
+    assert geo.lookup("192.168.0.1") is None
+    assert geo.lookup("not an ip") is None
+    assert geo.client_region("B ", "10.2.3.4") == "b"
+    assert geo.client_region("atlantis", "10.1.0.9") == "b"  # unknown header: fall back to IP
+    assert geo.client_region(None, None) is None
+
+
+def test_forwarded_client_ip() -> None:
+    assert forwarded_client_ip("203.0.113.9, 10.0.0.1", "10.0.0.2") == "203.0.113.9"
+    assert forwarded_client_ip(None, "10.0.0.2") == "10.0.0.2"
+    assert forwarded_client_ip(" ", None) is None
+
+
+def test_node_locality_accepts_strings_and_lists() -> None:
+    labels = {"ray.io/availability-region": ["eu-west-1"], "ray.io/availability-zone": "eu-1a"}
+    assert node_locality(labels) == ("eu-west-1", "eu-1a")
+    assert node_locality({}) == (None, None)
+
+
+def test_route_hints_validate_strategy_but_routers_tolerate_junk() -> None:
+    assert parse_strategy("Power-Of-Two") is Strategy.POWER_OF_TWO
+    with pytest.raises(InvalidRouteHintError, match="least_loaded"):
+        route_kwarg(strategy="fastest")
+    hints = hints_from({"region": "eu-west-1", "strategy": "bogus", "exclude": ["x"]})
+    assert hints.region == "eu-west-1" and hints.strategy is None
+    assert hints.exclude == frozenset({"x"})
+    assert hints_from("garbage").region is None  # type: ignore[arg-type]
+
+
+class DiedError(ActorDiedError):
+    """Ray's real ActorDiedError with a chosen actor id (its constructor wants a cause)."""
+
+    def __init__(self, actor_id: str) -> None:
+        Exception.__init__(self, f"actor {actor_id} died")
+        self.actor_id = actor_id
+        self.error_msg = f"actor {actor_id} died"
+
+
+def test_failover_excludes_the_dead_replica_and_retries() -> None:
+    routes: list[dict[str, Any]] = []
+
+    def call(route: dict[str, Any]) -> str:
+        routes.append(route)
+        if len(routes) < 3:
+            raise DiedError(f"actor{len(routes)}")
+        return "ok"
+
+    assert call_with_failover_sync(call, route_kwarg(region="a"), FAST) == "ok"
+    assert [r["exclude"] for r in routes] == [[], ["actor1"], ["actor1", "actor2"]]
+
+
+def test_failover_retries_429_and_gives_up_after_max_attempts() -> None:
+    calls = 0
+
+    async def call(route: dict[str, Any]) -> str:
+        nonlocal calls
+        calls += 1
+        raise OverloadedError("full", retry_after_s=1)
+
+    with pytest.raises(OverloadedError):
+        asyncio.run(call_with_failover(call, route_kwarg(), FAST))
+    assert calls == 3
+
+
+def test_client_errors_are_not_retried() -> None:
+    calls = 0
+
+    def call(route: dict[str, Any]) -> str:
+        nonlocal calls
+        calls += 1
+        raise InvalidRequestError("bad")
+
+    with pytest.raises(InvalidRequestError):
+        call_with_failover_sync(call, route_kwarg(), FAST)
+    assert calls == 1
+
+
+def test_stream_retries_only_before_the_first_chunk() -> None:
+    opened = 0
+
+    def open_stream(route: dict[str, Any]) -> Iterator[int]:
+        nonlocal opened
+        opened += 1
+        if opened == 1:
+            raise DiedError("first")
+        yield 1
+        raise DiedError("mid-stream")
+
+    got: list[int] = []
+    with pytest.raises(ActorDiedError, match="mid-stream"):
+        for item in iterate_with_failover(open_stream, route_kwarg(), FAST):
+            got.append(item)
+    assert got == [1] and opened == 2
+
+
+async def test_async_stream_failover() -> None:
+    opened: list[dict[str, Any]] = []
+
+    async def open_stream(route: dict[str, Any]) -> AsyncIterator[int]:
+        opened.append(route)
+        if len(opened) == 1:
+            raise DiedError("dead")
+        for i in range(3):
+            yield i
+
+    items = [i async for i in stream_with_failover(open_stream, route_kwarg(), FAST)]
+    assert items == [0, 1, 2] and opened[1]["exclude"] == ["dead"]
+
+
+def test_perf_tracker_window_percentiles_and_success_rate() -> None:
+    now = [0.0]
+    tracker = PerfTracker(window_s=10, alpha=0.5, clock=lambda: now[0])
+    for ms in (10, 20, 30, 40):
+        now[0] += 1
+        tracker.record(ms / 1000)
+    tracker.record(1.0, ok=False)
+    snap = tracker.snapshot()
+    assert snap.p50_ms == 20 and snap.p99_ms == 40
+    assert snap.success_rate == pytest.approx(4 / 5)
+    assert snap.latency_ms == pytest.approx(((10 + 20) / 2 + 30) / 2 / 2 + 20)
+    now[0] += 20  # everything falls out of the window
+    empty = tracker.snapshot()
+    assert empty.completed == 0 and empty.success_rate == 1.0 and empty.p99_ms is None
+
+
+def test_percentile_nearest_rank() -> None:
+    assert percentile([], 50) is None
+    assert percentile([1.0, 2.0, 3.0, 4.0], 75) == 3.0
+    assert percentile(list(map(float, range(1, 101))), 99) == 99.0
