@@ -74,7 +74,7 @@ def test_no_spec_is_the_embedded_single_region(monkeypatch: pytest.MonkeyPatch) 
 )
 def test_bad_specs_name_the_file_and_field(tmp_path: Path, text: str, message: str) -> None:
     path = write(tmp_path, text)
-    with pytest.raises(FleetSpecError, match="fleet.yaml") as info:
+    with pytest.raises(FleetSpecError, match=r"fleet\.yaml") as info:
         load_fleet(path)
     assert message in str(info.value)
 
