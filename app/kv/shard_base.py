@@ -35,7 +35,7 @@ from app.kv.store import (
     ShardStore,
     StoreSnapshot,
 )
-from app.kv.wal import LargeBlob, WriteAheadLog
+from app.kv.wal import LargeBlob, WriteAheadLog, prune_logs
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,9 @@ class ShardBase:
         assert self.cfg.data_dir is not None
         return Path(self.cfg.data_dir) / self.cfg.name / f"group-{self.gid}"
 
+    def member_dir(self) -> Path:
+        return self.group_dir() / self.member
+
     # Routing (lock held) -----------------------------------------------------------------
     def _route(self, slot: int, key: str, asking: bool, write: bool) -> Any:
         """None to serve the request here, else the redirect (or WAIT) to answer with."""
@@ -169,11 +172,15 @@ class ShardBase:
             for stream in self.streams.values():
                 stream.push(sent)
         if self.wal is not None:
-            disk = op._replace(payload=LargeBlob(blob or b"")) if large else op
-            self.wal.append(disk)
-            if self.wal.snapshot_due:
-                self.wal.write_snapshot(self._disk_snapshot())
+            self._wal_append(op._replace(payload=LargeBlob(blob or b"")) if large else op)
         return op.seq
+
+    def _wal_append(self, op: Op) -> None:
+        """Log `op` (large values as their bytes) to this member's WAL, snapshotting when due."""
+        assert self.wal is not None
+        self.wal.append(op)
+        if self.wal.snapshot_due:
+            self.wal.write_snapshot(self._disk_snapshot())
 
     def _ack(self, seq: int, code: int, result: Any) -> Any:
         """`result` once `seq` meets write concern `code`, else TryAgain (the client retries)."""
@@ -247,12 +254,17 @@ class ShardBase:
                 snap.entries[i] = (key, blob, version, expires_at, slot)
         return snap
 
-    def _start_wal(self) -> None:
-        """Become the group's logger for this term: snapshot now, then log every write."""
-        self.wal = self.wal or WriteAheadLog(
-            self.group_dir(), self.cfg.wal_fsync, self.cfg.snapshot_every_ops
-        )
+    def _start_wal(self, members: Collection[str] = ()) -> None:
+        """Log this term from a snapshot of the store as it is now (a promoted primary, or a
+        replica taking its primary's snapshot). A primary also removes the logs of former
+        members (not in `members`): its new snapshot supersedes them."""
+        if self.wal is None:
+            self.wal = WriteAheadLog(
+                self.member_dir(), self.cfg.wal_fsync, self.cfg.snapshot_every_ops
+            )
         self.wal.begin_term(self.term, self._disk_snapshot())
+        if self.primary:
+            prune_logs(self.group_dir(), {self.member, *members}, self.term)
 
     # Introspection -----------------------------------------------------------------------
     def lag_ms(self) -> float:

@@ -12,7 +12,7 @@ import ray
 from app.kv.replication import CommitTracker, ReplicaStream
 from app.kv.shard_base import ShardBase, large_value_op, wire
 from app.kv.store import Op, StoreSnapshot
-from app.kv.wal import LargeBlob, WriteAheadLog
+from app.kv.wal import LargeBlob, WriteAheadLog, best_log
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +29,23 @@ class ReplicationMixin(ShardBase):
         fences it off once the coordinator has started a promotion.
         """
         large = [i for i, op in enumerate(ops) if large_value_op(op)]
+        disk: dict[int, Op] = {}  # what the WAL gets for large values: their bytes
         if large:
             held = self._hold([ops[i].payload for i in large])
             ops = list(ops)
             for i, payload in zip(large, held, strict=True):
+                if self.cfg.durable:
+                    disk[i] = ops[i]._replace(payload=LargeBlob(pickle.dumps(payload[2], 5)))
                 ops[i] = ops[i]._replace(payload=payload)
         with self.lock:
             if term < self.term or self.primary:
                 return -1
             self.term = term
-            for op in ops:
+            for i, op in enumerate(ops):
                 if op.seq > self.store.seq:
                     self.store.apply(op)
+                    if self.wal is not None:
+                        self._wal_append(disk.get(i, op))
             if self.store.seq >= head:
                 self.caught_up_at = sent_at
             return self.store.seq
@@ -60,6 +65,8 @@ class ReplicationMixin(ShardBase):
             self.term = term
             self.store.install(snap)
             self.caught_up_at = sent_at
+            if self.cfg.durable:
+                self._start_wal()  # a replica logs too: the primary's disk is not the only copy
             return self.store.seq
 
     @ray.method(concurrency_group="control")
@@ -90,7 +97,7 @@ class ReplicationMixin(ShardBase):
             for member, handle in replicas.items():
                 self._attach(member, handle)
             if self.cfg.durable:
-                self._start_wal()
+                self._start_wal(replicas)
             return self.store.seq
 
     @ray.method(concurrency_group="control")
@@ -149,8 +156,11 @@ class ReplicationMixin(ShardBase):
             self.coordinator.member_failed.remote(self.gid, member, term)
 
     def _recover_from_disk(self) -> None:
-        self.wal = WriteAheadLog(self.group_dir(), self.cfg.wal_fsync, self.cfg.snapshot_every_ops)
-        snap, ops, _ = self.wal.recover()
+        """Load the group's furthest member log (this member is new: its own is empty)."""
+        source = best_log(self.group_dir())
+        if source is None:
+            return
+        snap, ops, _ = WriteAheadLog(source).recover()
         if snap is None:
             return
         started = time.monotonic()
@@ -161,10 +171,11 @@ class ReplicationMixin(ShardBase):
                 op = op._replace(payload=_load(op.payload))
             self.store.apply(op)
         log.info(
-            "kv group %s recovered %d keys at seq %d in %.2fs",
+            "kv group %s recovered %d keys at seq %d from %s in %.2fs",
             self.gid,
             len(self.store),
             self.store.seq,
+            source.name,
             time.monotonic() - started,
         )
 

@@ -1,15 +1,21 @@
-"""Durability files of one shard group: an append-only write-ahead log plus periodic snapshots.
+"""Durability files of one shard member: an append-only write-ahead log plus periodic snapshots.
 
-Layout in the group's directory: `snap-<term>-<seq>.pkl` (a StoreSnapshot) and
+Every member of a group logs (the primary what it writes, replicas what they apply), each in its
+own directory `<group dir>/<member>/`, so losing the primary's disk loses nothing a majority
+acknowledged. Layout of one log: `snap-<term>-<seq>.pkl` (a StoreSnapshot) and
 `wal-<term>-<start seq>.log` (records of `Op`). Each record is length + CRC32 + pickle, so a torn
-tail from a crash is detected and dropped. A primary starting a term writes a snapshot and removes
-older files, which keeps a deposed primary's unreplicated tail out of any later recovery.
+tail from a crash is detected and dropped. A member starting a term (a promoted primary, or a
+replica taking the new primary's snapshot) writes a snapshot and removes its older files.
+Recovery reads the log that reaches furthest in the newest term (see `best_log`): members of the
+newest term all started from its primary's snapshot, which holds every committed write, so a
+deposed primary's unreplicated tail (an older term) is never chosen.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import struct
 import zlib
 from dataclasses import dataclass
@@ -133,3 +139,42 @@ def read_records(path: Path) -> list[Op]:
         ops.append(pickle.loads(body))
         pos += _HEADER.size + length
     return ops
+
+
+def log_position(directory: Path) -> tuple[int, int]:
+    """(term, seq) the log in `directory` recovers to; (0, 0) if it holds none."""
+    snaps = sorted(directory.glob("snap-*.pkl"), key=_parse)
+    if not snaps:
+        return 0, 0
+    term, seq = _parse(snaps[-1])
+    segments = sorted((p for p in directory.glob("wal-*.log") if _parse(p)[0] == term), key=_parse)
+    for segment in segments:
+        for op in read_records(segment):
+            if op.seq == seq + 1:
+                seq += 1
+    return term, seq
+
+
+def member_logs(group_dir: Path) -> list[Path]:
+    """Directories that may hold a log of the group: one per member, plus the group directory
+    itself (where logs were kept before every member logged)."""
+    if not group_dir.is_dir():
+        return []
+    return [group_dir, *sorted(p for p in group_dir.iterdir() if p.is_dir())]
+
+
+def best_log(group_dir: Path) -> Path | None:
+    """The member log to recover the group from: the furthest (term, seq), None if none."""
+    positions = {d: log_position(d) for d in member_logs(group_dir)}
+    positions = {d: pos for d, pos in positions.items() if pos != (0, 0)}
+    if not positions:
+        return None
+    return max(positions, key=lambda d: positions[d])
+
+
+def prune_logs(group_dir: Path, keep: set[str], term: int) -> None:
+    """Remove logs of former members (not in `keep`) that stop before `term`: superseded by the
+    snapshot the current primary wrote when it started `term`."""
+    for directory in member_logs(group_dir)[1:]:
+        if directory.name not in keep and log_position(directory)[0] < term:
+            shutil.rmtree(directory, ignore_errors=True)

@@ -3,6 +3,7 @@ including writes made after a failover moved the write-ahead log to a new primar
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,26 @@ def test_a_fresh_directory_starts_empty(ray_cluster: Any, tmp_path: Path) -> Non
         kv.put("x", 1)
         assert time.monotonic() - started < 30
         assert (tmp_path / NAME / "cluster.json").exists()
-        assert list((tmp_path / NAME).glob(f"group-{kv.group_of('x')}/wal-*.log"))
+        # Every member logs, each in its own directory.
+        logs = list((tmp_path / NAME).glob(f"group-{kv.group_of('x')}/*/wal-*.log"))
+        assert len({log.parent for log in logs}) == 2
         assert key_slot("x") >= 0
+    finally:
+        shutdown_kv(NAME, NAMESPACE)
+
+
+def test_replica_logs_stand_in_for_a_lost_primary_disk(ray_cluster: Any, tmp_path: Path) -> None:
+    kv = start_kv(_config(tmp_path))
+    try:
+        data = {f"r:{i}": i for i in range(200)}
+        kv.mset(data)
+        kv.put("r:big", np.arange(50_000))
+        for group in kv.status()["groups"]:
+            primary = next(m for m in group["members"] if m["role"] == "primary")
+            shutil.rmtree(tmp_path / NAME / f"group-{group['gid']}" / primary["member"])
+
+        kv = _restart(tmp_path)  # every member is new: only the old replicas' logs are left
+        assert kv.mget(list(data)) == list(data.values())
+        assert np.array_equal(kv.get("r:big"), np.arange(50_000))
     finally:
         shutdown_kv(NAME, NAMESPACE)

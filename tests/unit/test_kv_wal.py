@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from app.kv.store import OP_PUT, Op, ShardStore
-from app.kv.wal import LargeBlob, WriteAheadLog
+from app.kv.wal import LargeBlob, WriteAheadLog, best_log, log_position, prune_logs
 
 
 def _op(seq: int, payload: object = b"v") -> Op:
@@ -89,3 +89,38 @@ def test_large_values_are_stored_as_blobs(tmp_path: Path) -> None:
     wal.close()
     _, ops, term = WriteAheadLog(tmp_path).recover()
     assert term == 1 and ops[0].payload == LargeBlob(b"x" * 1000)
+
+
+def _member_log(directory: Path, term: int, seqs: int) -> None:
+    wal = WriteAheadLog(directory)
+    store = ShardStore()
+    wal.begin_term(term, store.snapshot())
+    for seq in range(1, seqs + 1):
+        op = _op(seq)
+        store.apply(op)
+        wal.append(op)
+    wal.close()
+
+
+def test_recovery_reads_the_furthest_log_of_the_newest_term(tmp_path: Path) -> None:
+    _member_log(tmp_path / "g0-m1", term=1, seqs=9)  # a deposed primary's longer tail
+    _member_log(tmp_path / "g0-m2", term=2, seqs=4)  # the new primary
+    _member_log(tmp_path / "g0-m3", term=2, seqs=3)  # its replica, a little behind
+    assert log_position(tmp_path / "g0-m1") == (1, 9)
+    assert log_position(tmp_path / "g0-m3") == (2, 3)
+    assert best_log(tmp_path) == tmp_path / "g0-m2"
+    assert best_log(tmp_path / "nothing-here") is None
+
+
+def test_a_replica_log_stands_in_for_a_lost_primary_log(tmp_path: Path) -> None:
+    _member_log(tmp_path / "g0-m3", term=2, seqs=3)
+    assert best_log(tmp_path) == tmp_path / "g0-m3"
+    assert _recover_store(tmp_path / "g0-m3").seq == 3
+
+
+def test_prune_keeps_members_and_newer_logs(tmp_path: Path) -> None:
+    _member_log(tmp_path / "g0-m1", term=1, seqs=2)  # former member: removed
+    _member_log(tmp_path / "g0-m2", term=2, seqs=2)  # current primary
+    _member_log(tmp_path / "g0-m3", term=1, seqs=2)  # current replica, not yet re-snapshotted
+    prune_logs(tmp_path, {"g0-m2", "g0-m3"}, term=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g0-m2", "g0-m3"]
