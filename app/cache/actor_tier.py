@@ -15,6 +15,8 @@ from app.cache.invalidation import Cursor, Invalidation, Scope
 from app.cache.tiers import Found, Tier
 from app.kv.slots import NUM_SLOTS, key_slot
 
+CONNECT_TIMEOUT_S = 60.0
+
 
 def shard_name(config: CacheConfig, index: int) -> str:
     return f"{config.name}-shard-{index}"
@@ -66,7 +68,12 @@ class ActorTier(Tier):
         self._cursors: list[Cursor | None] = [None] * config.num_shards
 
     async def connect(self) -> None:
-        self._shards = await asyncio.to_thread(shard_handles, self.config)
+        shards = await asyncio.to_thread(shard_handles, self.config)
+        # Ready only once every shard answers: a shard still starting would time out the first
+        # requests and mark the tier down.
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            await asyncio.gather(*(s.stats.remote() for s in shards))
+        self._shards = shards
 
     def _shard(self, key: str) -> Any:
         return self._shards[shard_index(key, len(self._shards))]

@@ -320,7 +320,7 @@ class Cache:
 
     async def _poll_loop(self, i: int, channel: int) -> None:
         tier, wait = self.tiers[i], self.config.poll_wait_s
-        healthy = True
+        healthy = False  # nothing to flush before the first poll gave us a position
         # The flag, not only cancellation: on Python 3.11 a cancel that lands as a deadline
         # expires surfaces as TimeoutError.
         while not self._closed:

@@ -3,6 +3,7 @@ a deterministic request from the cache tier without touching the model."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -41,7 +42,11 @@ class ResponseCache:
         enabled = default_enabled(card) if policy.enabled is None else policy.enabled
         if not (enabled and response_cache_enabled()):
             return None
-        return cls(card, Cache(CacheConfig.from_env()), policy)
+        cache = cls(card, Cache(CacheConfig.from_env()), policy)
+        # Inside a replica's event loop: connect now, not on the first request.
+        with contextlib.suppress(RuntimeError):  # no running loop: on first use instead
+            cache.cache.start_soon()
+        return cache
 
     async def serve(
         self,
