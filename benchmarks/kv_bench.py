@@ -4,7 +4,9 @@ One run, one machine, same process for every client:
   * single-key synchronous get and put,
   * mget of 100 keys (redis-py: a pipeline of 100 GETs), synchronous and with 8 batches in flight,
   * 1 MiB numpy arrays: put and get (value deserialised by the reader), single and 8 per batch,
-  * failover: from ray.kill of a shard primary to the first acknowledged majority write.
+  * failover: from ray.kill of a shard primary to the first acknowledged majority write,
+  * coordinator restart: from ray.kill of the coordinator (Ray restarts it) to its first answer,
+    the slot map it rebuilt from the members.
 It starts its own local Ray (never joins another) and its own redis-server on a free port, and
 stops both. The KV cluster is 2 shard groups x 3 members (majority writes, strong reads).
 
@@ -330,6 +332,25 @@ def failover_times(kv: KVClient, trials: int) -> list[float]:
     return times
 
 
+def coordinator_restart_times(kv: KVClient, trials: int) -> list[float]:
+    """Seconds from ray.kill of the coordinator (restarted by Ray, no data directory) to the
+    map it rebuilt from the members; each must equal the map before the kill."""
+    coordinator = ray.get_actor(kv.config.name, namespace=kv.config.namespace)
+    times: list[float] = []
+    for _ in range(trials):
+        _wait_fully_replicated(kv)
+        before: Any = ray.get(coordinator.get_map.remote())
+        start = time.perf_counter()
+        ray.kill(coordinator, no_restart=False)
+        # Calls are retried until it is back; the old process may still answer the first.
+        after: Any = before
+        while after.epoch == before.epoch:
+            after = ray.get(coordinator.get_map.remote())
+        times.append(time.perf_counter() - start)
+        assert after.owners == before.owners and after.epoch > before.epoch
+    return times
+
+
 def _wait_fully_replicated(kv: KVClient, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -374,7 +395,11 @@ def _ratio(results: list[Result], name: str, baseline: str) -> float:
 
 
 def report(
-    results: list[Result], failover: list[float], info: dict[str, str], load: tuple[str, str]
+    results: list[Result],
+    failover: list[float],
+    restarts: list[float],
+    info: dict[str, str],
+    load: tuple[str, str],
 ) -> str:
     lines = ["# KV store benchmark (benchmarks/kv_bench.py)", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
@@ -394,6 +419,9 @@ def report(
         "",
         f"Failover (kill → first acknowledged majority write), {len(failover)} trials: "
         + ", ".join(f"{t:.2f} s" for t in failover),
+        "",
+        f"Coordinator restart (kill → rebuilt slot map served), {len(restarts)} trials: "
+        + ", ".join(f"{t:.2f} s" for t in restarts),
         "",
     ]
     lines += goal_table(results, failover)
@@ -439,6 +467,7 @@ def main() -> None:
         "--seconds", type=float, default=1.5, help="Time per system and workload (3 rounds)."
     )
     parser.add_argument("--failovers", type=int, default=3, help="Failover trials.")
+    parser.add_argument("--restarts", type=int, default=2, help="Coordinator restart trials.")
     parser.add_argument("--verbose", action="store_true", help="Show the actors' logs.")
     parser.add_argument("--out", type=Path, default=None, help="Also write the report here.")
     args = parser.parse_args()
@@ -466,7 +495,8 @@ def main() -> None:
         results += batch_ops(kv, bare, port, args.seconds)
         results += large_ops(kv, bare, rds, args.seconds)
         failover = failover_times(kv, args.failovers)
-        text = report(results, failover, machine(), (load_before, _load()))
+        restarts = coordinator_restart_times(kv, args.restarts)
+        text = report(results, failover, restarts, machine(), (load_before, _load()))
     finally:
         redis_proc.terminate()
         redis_proc.wait(10)
