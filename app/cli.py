@@ -17,7 +17,13 @@ from app.fleet.cli import add_fleet_commands
 from app.fleet.router_actor import stop_router
 from app.fleet.spec import FleetSpecError, load_fleet
 from app.kv.cli import add_kv_commands
-from app.runtime import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT, cluster_env, kill_stray_haproxy
+from app.runtime import (
+    DEFAULT_HTTP_HOST,
+    DEFAULT_HTTP_PORT,
+    cluster_env,
+    driver_env,
+    kill_stray_haproxy,
+)
 
 
 def say(message: str) -> None:
@@ -227,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for key, value in driver_env().items():  # before anything imports ray.serve
+        os.environ.setdefault(key, value)
     if args.command == "up" and args.cpu:
         os.environ["APP_FORCE_CPU"] = "1"
     from app.serving.builder import ResourceUnavailableError

@@ -33,6 +33,20 @@ def cluster_env() -> dict[str, str]:
     return env
 
 
+def driver_env() -> dict[str, str]:
+    """Environment a driver that builds applications needs before it imports ray.serve: Serve
+    reads RAY_SERVE_ENABLE_HA_PROXY at import, and only with it will it accept the HTTP ingress
+    router that puts the fleet's RequestRouter on HAProxy's path."""
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1"} if ingress_mode() == "haproxy" else {}
+
+
+def haproxy_ingress_enabled() -> bool:
+    """Whether this process's Serve (as imported) routes HTTP through HAProxy."""
+    from ray.serve._private import constants
+
+    return bool(constants.RAY_SERVE_ENABLE_HA_PROXY)
+
+
 DEFAULT_HAPROXY_DIR = "/tmp/haproxy-serve"
 
 

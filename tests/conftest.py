@@ -9,3 +9,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The test driver builds applications like `app up` does: with HAProxy ingress, Serve must know
+# it at import time to accept the fleet's HTTP ingress router (app.runtime.driver_env).
+os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")

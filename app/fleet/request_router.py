@@ -11,6 +11,7 @@ near itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -28,10 +29,17 @@ from app.fleet.spec import FleetSpec, own_locality
 logger = logging.getLogger(__name__)
 
 EMPTY_SNAPSHOT: dict[str, Any] = {"version": -1, "replicas": {}, "drained_nodes": []}
+FIRST_PULL_WAIT_S = 1.0
 
 
 class FleetRequestRouter(RequestRouter):
     """Geo-, load- and performance-aware ranking of one deployment's replicas."""
+
+    # Serve skips a replica whose queue-length probe misses this deadline (default 0.1 s). A
+    # fleet spans regions: a probe across an ocean alone takes longer than that, and skipping
+    # the client's own region because its replica answered in 120 ms defeats geo routing.
+    queue_len_response_deadline_s = 0.5
+    max_queue_len_response_deadline_s = 2.0
 
     def initialize_state(  # type: ignore[override]
         self, fleet: dict[str, Any], model: str
@@ -44,6 +52,7 @@ class FleetRequestRouter(RequestRouter):
         self._policy = RoutingPolicy(spec.load_balancing, lambda a, b: distances[(a, b)])
         self._snapshot: dict[str, Any] = EMPTY_SNAPSHOT
         self._poller: asyncio.Task[None] | None = None
+        self._first_pull: asyncio.Future[None] | None = None
         self._actor: Any = None
         self._started: dict[str, float] = {}
         # replica id -> [requests, errors, latency EMA ms] since the last snapshot pull
@@ -60,6 +69,11 @@ class FleetRequestRouter(RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         self._ensure_poller()
+        if self._snapshot["version"] < 0 and self._first_pull is not None:
+            # Only a router's very first decisions wait, briefly, for the fleet view, so that a
+            # new router does not send requests to drained or unhealthy replicas.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._first_pull), FIRST_PULL_WAIT_S)
         hints = self._hints(pending_request)
         decision = self.decide(candidate_replicas, hints)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
@@ -124,7 +138,10 @@ class FleetRequestRouter(RequestRouter):
 
     def _ensure_poller(self) -> None:
         if self._poller is None or self._poller.done():
-            self._poller = asyncio.get_running_loop().create_task(self._poll())
+            loop = asyncio.get_running_loop()
+            if self._first_pull is None:
+                self._first_pull = loop.create_future()
+            self._poller = loop.create_task(self._poll())
 
     async def _poll(self) -> None:
         interval = self._spec.load_balancing.snapshot_interval_s
@@ -138,6 +155,8 @@ class FleetRequestRouter(RequestRouter):
             except Exception as exc:  # the actor restarting or gone: keep the last snapshot
                 self._actor = None
                 logger.debug("fleet snapshot pull failed: %s", exc)
+            if self._first_pull is not None and not self._first_pull.done():
+                self._first_pull.set_result(None)
             # Forget start times of requests that never completed (cancelled before sending).
             if len(self._started) > 10_000:
                 cutoff = time.monotonic() - 600

@@ -12,7 +12,7 @@ from ray.serve import Application
 
 from app.catalog.cards import Catalogue, ModelCard, load_catalogue
 from app.fleet.spec import REGION_LABEL, FleetSpec, load_fleet
-from app.runtime import replica_env
+from app.runtime import haproxy_ingress_enabled, replica_env
 
 DEFAULT_CATALOGUE = Path(__file__).resolve().parents[2] / "models"
 GATEWAY_APP = "gateway"
@@ -115,9 +115,28 @@ def model_application(
     fleet = fleet or load_fleet()
     options = replica_options(card, cluster_gpus, force_cpu, fleet)
     device = "cuda" if options["ray_actor_options"]["num_gpus"] > 0 else "cpu"
-    return model_server_deployment.options(**options).bind(
+    app = model_server_deployment.options(**options).bind(
         card.model_dump(mode="json"), str(catalogue_dir), device, fleet.model_dump(mode="json")
     )
+    if not haproxy_ingress_enabled():
+        return app
+    # HAProxy sends HTTP straight to replicas; the fleet's router decides which one through
+    # Serve's ingress-request-router hook (an internal Ray 2.60 API, used by Serve LLM too).
+    return app._with_ingress_request_router(ingress_router_application(card, app, fleet))
+
+
+def ingress_router_application(
+    card: ModelCard, model_app: Application, fleet: FleetSpec
+) -> Application:
+    """The `/internal/route` deployment for one model. Serve places its replicas itself, one on
+    every node that runs an HAProxy, and each HAProxy asks the one on its own node."""
+    from app.fleet.ingress_router import ingress_router_deployment
+
+    return ingress_router_deployment.options(
+        name=f"{card.deployment_name}-router",
+        max_ongoing_requests=1000,
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": replica_env()}},
+    ).bind(model_app, fleet.model_dump(mode="json"))
 
 
 def gateway_application(

@@ -153,6 +153,27 @@ def test_http_client_region_header_and_geoip(fleet: Fleet) -> None:
     assert "least_loaded" in bad.json()["error"]["message"]
 
 
+def test_model_url_is_routed_by_the_fleet_router_through_haproxy(fleet: Fleet) -> None:
+    """HAProxy asks the model's ingress router (POST /internal/route, on HAProxy's own node)
+    for every POST to the model's own URL. Here every node's HAProxy shares one port on one
+    machine, so the ingress region varies; draining two regions must still send every request
+    to the third, which HAProxy's own balancing would not do."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    url = fleet.base.replace("/fleet/v1", f"/models/{MODEL}/v1/chat/completions")
+    drained = [fleet.replica_in(region)["node_id"] for region in ("us-east-1", "eu-west-1")]
+    for node in drained:
+        ray.get(fleet.router.drain_node.remote(node))
+    try:
+        time.sleep(0.6)  # one snapshot pull
+        served = Counter(
+            region_of(httpx.post(url, json=body, timeout=30).json()) for _ in range(20)
+        )
+    finally:
+        for node in drained:
+            ray.get(fleet.router.undrain_node.remote(node))
+    assert served == {"ap-southeast-1": 20}
+
+
 def test_fleet_endpoint_shows_nodes_replicas_health_and_scores(fleet: Fleet) -> None:
     view = httpx.get(f"{fleet.base}/fleet", timeout=30).json()
     assert {n["region"] for n in view["nodes"]} >= set(REGIONS)

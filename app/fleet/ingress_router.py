@@ -1,0 +1,62 @@
+"""The HTTP path's routing decision: Serve's HAProxy ingress asks this deployment, over
+`POST /internal/route`, which replica should take each POST to a model's own URL, and forwards
+the request straight there. The answer comes from the model deployment's FleetRequestRouter
+(through `handle.choose_replica`), so HTTP requests are ranked by the same scorers as handle
+calls.
+
+What HAProxy tells the router is limited (Ray 2.60's Lua hook forwards only the session and
+request-id headers), so the client's location on this path is the ingress node's region:
+HAProxy calls the router replica on its own node, and clients reach the ingress of their region
+(GeoDNS / anycast in front of the fleet). X-Client-Region and GeoIP lookups apply on the
+gateway's base URL, where the whole request is visible.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from ray import serve
+from ray.serve import Deployment
+from ray.serve.exceptions import DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.fleet.hints import route_kwarg
+from app.fleet.spec import FleetSpec, own_locality
+
+
+class IngressRouter:
+    """One per region (ideally per ingress node); stateless apart from its handle's router."""
+
+    def __init__(self, model: DeploymentHandle, fleet: dict[str, Any]) -> None:
+        spec = FleetSpec.model_validate(fleet)
+        region, zone = own_locality()
+        self._route = route_kwarg(region=region or spec.default_region, zone=zone)
+        self._handle = model
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            async with self._handle.choose_replica(route=self._route, _reserve=False) as selection:
+                replica = selection._replica
+                endpoint = replica.backend_http_endpoint
+                if endpoint is None:
+                    return _error(503, f"replica {selection.replica_id} has no HTTP endpoint")
+                body = {
+                    "replica_id": replica.replica_id.to_full_id_str(),
+                    "host": endpoint[0],
+                    "port": endpoint[1],
+                }
+        except (DeploymentUnavailableError, RuntimeError) as exc:
+            # HAProxy answers the client 503 for any non-200 here.
+            return _error(503, str(exc))
+        return Response(orjson.dumps(body), media_type="application/json")
+
+
+def _error(status: int, detail: str) -> Response:
+    return Response(orjson.dumps({"detail": detail}), status, media_type="application/json")
+
+
+# Decorated here rather than with @ so that IngressRouter stays a plain, importable class.
+ingress_router_deployment: Deployment = serve.deployment(IngressRouter)  # type: ignore[assignment]
