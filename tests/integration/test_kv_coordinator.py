@@ -113,6 +113,37 @@ async def test_coordinator_and_a_primary_die_together(kv: KVClient) -> None:
     )
 
 
+async def test_coordinator_killed_mid_migration(ray_cluster: Any) -> None:
+    """The restarted coordinator finds slots still MIGRATING on the source, finishes the
+    migration, and the retried move_slots call returns once it is done."""
+    name = "kv-coordinator-migration"
+    with running_kv(
+        name, migration_batch_keys=16, health_check_interval_s=0.3, request_timeout_s=60
+    ) as client:
+        data = {f"mig:{i}": i for i in range(3000)}
+        client.mset(data)
+        coordinator = ray.get_actor(name, namespace=KV_NAMESPACE)
+        view = ray.get(coordinator.get_map.remote())
+        slots = [slot for slot, gid in enumerate(view.owners) if gid == 0]
+        source = view.groups[0].primary
+        interrupted: list[dict[int, list[int]]] = []
+
+        def kill_mid_migration() -> None:
+            moved = coordinator.move_slots.remote(slots, 1)
+            wait_until(lambda: bool(ray.get(source.migrating_slots.remote())), 30, "migration")
+            ray.kill(coordinator, no_restart=False)
+            interrupted.append(ray.get(source.migrating_slots.remote()))
+            ray.get(moved)  # retried by the restarted coordinator
+
+        workload = await _under_load(client, "mig-w", kill_mid_migration, batched=True)
+        await _assert_nothing_lost(workload)
+        assert interrupted[0]  # the kill landed while slots were still migrating
+        assert ray.get(source.migrating_slots.remote()) == {}
+        assert set(ray.get(coordinator.get_map.remote()).owners) == {1}
+        assert client.mget(list(data)) == list(data.values())
+        assert dict(client.scan_iter("mig:", page_size=1000)) == data  # each key exactly once
+
+
 def test_members_stop_once_the_cluster_is_gone(ray_cluster: Any) -> None:
     """Members are detached (to survive coordinator restarts), so they must not outlive the
     cluster: once the coordinator is gone for good they exit on their own."""
