@@ -363,6 +363,14 @@ class Coordinator(RestartMixin, RebalanceMixin):
                     await asyncio.wait_for(member.handle.close.remote(), 2.0)
                 kill(member.handle)
         self.groups.clear()
+        # Members are named and detached: stop any this process does not know of, and wait
+        # until every name is released, so that a cluster started next under the same name
+        # cannot adopt a member that is still dying.
+        deadline = time.monotonic() + 30
+        while (left := self._named_members()) and time.monotonic() < deadline:
+            for handle in left.values():
+                kill(handle)
+            await asyncio.sleep(0.05)
 
     # Metadata on disk (durable clusters) -------------------------------------------------
     def _meta_path(self) -> Path | None:

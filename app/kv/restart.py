@@ -40,14 +40,19 @@ class RestartMixin:
     def _name_prefix(self) -> str:
         return f"{self.cfg.name}/"
 
-    async def _discover(self) -> dict[str, tuple[Any, MemberReport]]:
-        """Every live member of this cluster (found by name) and what it reports."""
+    def _named_members(self) -> dict[str, Any]:
+        """Handles of every member of this cluster that still holds its name."""
         prefix, namespace = self._name_prefix(), self.cfg.namespace
         handles = {}
         for actor in ray.util.list_named_actors(all_namespaces=True):
             if actor["namespace"] == namespace and actor["name"].startswith(prefix):
                 with contextlib.suppress(ValueError):  # it died meanwhile
                     handles[actor["name"]] = ray.get_actor(actor["name"], namespace=namespace)
+        return handles
+
+    async def _discover(self) -> dict[str, tuple[Any, MemberReport]]:
+        """Every live member of this cluster (found by name) and what it reports."""
+        handles = self._named_members()
         replies = await asyncio.gather(
             *(asyncio.wait_for(h.describe.remote(), _DESCRIBE_TIMEOUT_S) for h in handles.values()),
             return_exceptions=True,
