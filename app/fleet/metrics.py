@@ -18,7 +18,11 @@ class RoutingMetrics:
         self._retries: Any = None
         self._panics: Any = None
         try:
+            import ray
             from ray.util import metrics
+
+            if not ray.is_initialized():  # creating a metric would start a local Ray
+                raise RuntimeError("not connected to Ray")
 
             tags = ("model", "strategy", "region")
             self._decisions = metrics.Counter(

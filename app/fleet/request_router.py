@@ -28,7 +28,12 @@ from app.fleet.spec import FleetSpec, own_locality
 
 logger = logging.getLogger(__name__)
 
-EMPTY_SNAPSHOT: dict[str, Any] = {"version": -1, "replicas": {}, "drained_nodes": []}
+EMPTY_SNAPSHOT: dict[str, Any] = {
+    "version": -1,
+    "replicas": {},
+    "drained_nodes": [],
+    "drained_set": frozenset(),
+}
 FIRST_PULL_WAIT_S = 1.0
 
 
@@ -55,6 +60,8 @@ class FleetRequestRouter(RequestRouter):
         self._first_pull: asyncio.Future[None] | None = None
         self._actor: Any = None
         self._started: dict[str, float] = {}
+        # ReplicaID -> (view, snapshot version, routing stats) it was last refreshed from
+        self._views: dict[Any, tuple[ReplicaView, int, dict[str, Any]]] = {}
         # replica id -> [requests, errors, latency EMA ms] since the last snapshot pull
         self._outcomes: dict[str, list[Any]] = {}
         self._metrics = RoutingMetrics(model)
@@ -103,26 +110,43 @@ class FleetRequestRouter(RequestRouter):
         return given
 
     def _view(self, r: RunningReplica) -> ReplicaView:
-        rid = r.replica_id.unique_id
-        meta = r.replica_metadata or {}
-        stats = r.routing_stats or {}
-        fleet = self._snapshot["replicas"].get(rid, {})
-        node_id = meta.get("node_id") or r.node_id
-        return ReplicaView(
-            replica_id=rid,
-            region=meta.get("region") or self._spec.default_region,
-            zone=meta.get("zone") or r.availability_zone,
-            node_id=node_id,
-            capacity=r.max_ongoing_requests,
-            ongoing=self.replica_queue_len_cache.get(r.replica_id),
-            healthy=fleet.get("healthy", True),
-            drained=fleet.get("drained", False) or node_id in self._snapshot["drained_nodes"],
-            weight=fleet.get("weight", 1.0),
-            latency_ms=fleet.get("latency_ms", stats.get("latency_ms")),
-            success_rate=fleet.get("success_rate", stats.get("success_rate", 1.0)),
-            throughput=fleet.get("throughput", stats.get("throughput", 0.0)),
-            actor_id=r.actor_id.hex(),
-        )
+        """The replica's view, kept between requests: its fixed facts are read once (Serve's
+        replica_metadata property copies a dict on every access), fleet and stats fields again
+        when a new snapshot or new routing stats arrive, the queue length every time."""
+        cached = self._views.get(r.replica_id)
+        stats = r.routing_stats
+        version = self._snapshot["version"]
+        if cached is None:
+            meta = r.replica_metadata or {}
+            view = ReplicaView(
+                replica_id=r.replica_id.unique_id,
+                region=meta.get("region") or self._spec.default_region,
+                zone=meta.get("zone") or r.availability_zone,
+                node_id=meta.get("node_id") or r.node_id,
+                capacity=r.max_ongoing_requests,
+                actor_id=r.actor_id.hex(),
+            )
+        else:
+            view, seen_version, seen_stats = cached
+            if seen_version == version and seen_stats is stats:
+                view.ongoing = self.replica_queue_len_cache.get(r.replica_id)
+                return view
+        fleet = self._snapshot["replicas"].get(view.replica_id) or {}
+        view.capacity = r.max_ongoing_requests
+        view.healthy = fleet.get("healthy", True)
+        view.drained = fleet.get("drained", False) or view.node_id in self._snapshot["drained_set"]
+        view.weight = fleet.get("weight", 1.0)
+        view.latency_ms = fleet.get("latency_ms", stats.get("latency_ms"))
+        view.success_rate = fleet.get("success_rate", stats.get("success_rate", 1.0))
+        view.throughput = fleet.get("throughput", stats.get("throughput", 0.0))
+        view.ongoing = self.replica_queue_len_cache.get(r.replica_id)
+        self._views[r.replica_id] = (view, version, stats)
+        return view
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        live = {r.replica_id for r in replicas}
+        self._views = {k: v for k, v in self._views.items() if k in live}
 
     # ---- outcomes and the snapshot pull ------------------------------------------------------
 
@@ -171,4 +195,8 @@ class FleetRequestRouter(RequestRouter):
             self._actor.snapshot.remote(self._snapshot["version"], outcomes), timeout=5
         )
         if snapshot is not None:
-            self._snapshot = snapshot
+            self.apply_snapshot(snapshot)
+
+    def apply_snapshot(self, snapshot: dict[str, Any]) -> None:
+        """Take a fleet view from the router actor (see FleetRouter.snapshot)."""
+        self._snapshot = snapshot | {"drained_set": frozenset(snapshot.get("drained_nodes") or ())}

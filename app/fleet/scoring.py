@@ -21,9 +21,11 @@ from app.fleet.spec import CompositeWeights, LoadBalancing, PerformanceWeights, 
 DEFAULT_LATENCY_MS = 1.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReplicaView:
-    """What a router knows about one replica when it decides."""
+    """What a router knows about one replica when it decides. Treated as immutable; not frozen
+    only because a frozen dataclass costs several times more to build, once per replica per
+    request."""
 
     replica_id: str
     region: str
@@ -212,6 +214,10 @@ class WeightedRoundRobin:
 # ---- the pipeline ---------------------------------------------------------------------------
 
 
+def _utilization(r: ReplicaView) -> float:
+    return r.utilization
+
+
 @dataclass
 class RoutingPolicy:
     """One router's decision procedure. Holds only the state the pickers need (the round-robin
@@ -232,13 +238,17 @@ class RoutingPolicy:
         tiers = self._tiers(candidates, hints.region) if geo else [candidates]
         ranked: list[ReplicaView] = []
         saturated: list[ReplicaView] = []
+        threshold = self.balancing.spillover_utilization
         for tier in tiers:
-            room = [r for r in tier if r.utilization < self.balancing.spillover_utilization]
-            if not room:
+            if all(r.utilization >= threshold for r in tier):
                 saturated.extend(tier)  # every replica here is busy: try nearer-free regions first
-                continue
-            ranked.extend(self._order(strategy, tier, hints))
-        ranked.extend(self._order(strategy, saturated, hints) if saturated else [])
+            elif not ranked:
+                ranked.extend(self._order(strategy, tier, hints))  # the tier that will serve
+            else:
+                # Farther tiers are only fallbacks: least loaded first is enough, and cheaper
+                # than scoring them (this keeps a decision over a large fleet affordable).
+                ranked.extend(sorted(tier, key=_utilization))
+        ranked.extend(sorted(saturated, key=_utilization))
         spilled = geo and bool(ranked) and ranked[0].region != tiers[0][0].region
         return Decision(ranked, strategy, hints.region, spilled=spilled, panic=panic)
 

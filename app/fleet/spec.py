@@ -212,6 +212,8 @@ def own_locality() -> tuple[str | None, str | None]:
     """(region, zone) of the node this process runs on; (None, None) outside a Ray worker."""
     import ray
 
+    if not ray.is_initialized():  # asking would connect this process to a cluster
+        return None, None
     try:
         return node_locality(dict(ray.get_runtime_context().get_node_labels()))
     except Exception:

@@ -106,22 +106,24 @@ async def test_queue_lengths_from_serves_cache_drive_spill_over(
 
 async def test_snapshot_health_drain_and_excluded_actor(router: FleetRequestRouter) -> None:
     a, b, c = replica("a", "eu-west-1"), replica("b", "eu-west-1"), replica("c", "us-east-1")
-    router._snapshot = {
-        "version": 3,
-        "replicas": {"a": {"healthy": False}, "b": {"healthy": True}},
-        "drained_nodes": [],
-    }
+    router.apply_snapshot(
+        {
+            "version": 3,
+            "replicas": {"a": {"healthy": False}, "b": {"healthy": True}},
+            "drained_nodes": [],
+        }
+    )
     hints = route_kwarg(region="eu-west-1", exclude=[b.actor_id.hex()])
     ranks = await router.choose_replicas([a, b, c], request(hints))
     assert [rank[0].replica_id.unique_id for rank in ranks] == ["c"]
-    router._snapshot = {"version": 4, "replicas": {}, "drained_nodes": ["node-c"]}
+    router.apply_snapshot({"version": 4, "replicas": {}, "drained_nodes": ["node-c"]})
     ranks = await router.choose_replicas([a, b, c], request(route_kwarg(region="us-east-1")))
     assert ranks[0][0].replica_id.unique_id in ("a", "b")
 
 
 async def test_nothing_eligible_falls_back_to_every_replica(router: FleetRequestRouter) -> None:
     a = replica("a", "eu-west-1")
-    router._snapshot = {"version": 1, "replicas": {}, "drained_nodes": ["node-a"]}
+    router.apply_snapshot({"version": 1, "replicas": {}, "drained_nodes": ["node-a"]})
     ranks = await router.choose_replicas([a], request())
     assert ranks == [[a]]
 
