@@ -162,11 +162,18 @@ async def drive(
     return latencies, replies
 
 
+def add_region_nodes(cluster: Any) -> None:
+    from app.fleet.spec import REGION_LABEL, ZONE_LABEL
+
+    for region in REGIONS:
+        cluster.add_node(num_cpus=8, labels={REGION_LABEL: region, ZONE_LABEL: f"{region}a"})
+    cluster.wait_for_nodes()
+
+
 def start_cluster() -> Any:
     import ray
     from ray.cluster_utils import Cluster
 
-    from app.fleet.spec import REGION_LABEL, ZONE_LABEL
     from app.runtime import cluster_env, haproxy_env
     from tests.integration.support import free_port
 
@@ -174,8 +181,6 @@ def start_cluster() -> Any:
     saved = dict(os.environ)
     os.environ.update(env)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 16})
-    for region in REGIONS:
-        cluster.add_node(num_cpus=8, labels={REGION_LABEL: region, ZONE_LABEL: f"{region}a"})
     os.environ.clear()
     os.environ.update(saved)
     ray.init(address=cluster.address, log_to_driver=False)
@@ -221,6 +226,10 @@ def deploy_pair(name: str, replicas: int, spec: Any, placed: bool) -> tuple[Any,
     return tuple(serve.get_app_handle(h) for h in handles)  # type: ignore[return-value]
 
 
+def model_of(handle: Any) -> str:
+    return str(handle.deployment_name).removeprefix("model-")
+
+
 def request(text: str = "the quick brown fox") -> dict[str, Any]:
     return {"model": "x", "messages": [{"role": "user", "content": text}]}
 
@@ -231,7 +240,7 @@ def replicas_of(router: Any, model: str) -> list[dict[str, Any]]:
     return [r for r in ray.get(router.fleet.remote())["replicas"] if r["model"] == model]
 
 
-def cluster_phases(duration: float) -> dict[str, Any]:
+def cluster_phases(duration: float, phases: str) -> dict[str, Any]:
     import ray
     from ray import serve
 
@@ -256,54 +265,68 @@ def cluster_phases(duration: float) -> dict[str, Any]:
     router = ensure_router(spec)
     out: dict[str, Any] = {}
     try:
-        # (b) throughput, 3 replicas each, no injected latency.
-        fleet, p2c = deploy_pair("tput", 3, spec, placed=False)
-        for name, handle in (("power_of_two", p2c), ("fleet", fleet)):
-            req = request()
+        # (b) throughput, 3 replicas each, no injected latency; two interleaved rounds.
+        fleet, p2c = deploy_pair("tput", 3, spec, placed=False) if "b" in phases else (0, 0)
+        for _ in range(2 if "b" in phases else 0):
+            for name, handle in (("power_of_two", p2c), ("fleet", fleet)):
+                req = request()
 
-            def call(i: int, h: Any = handle, r: dict[str, Any] = req) -> Any:
-                return h.chat.remote(r | {"model": h.deployment_name}, route=None)
+                def call(i: int, h: Any = handle, r: dict[str, Any] = req) -> Any:
+                    return h.chat.remote(r | {"model": model_of(h)}, route=None)
 
-            asyncio.run(drive(call, 2, 16))  # warm-up
-            lat, _ = asyncio.run(drive(call, duration, 16))
-            out[f"b:{name}"] = {"rps": len(lat) / duration, "lat": lat}
-        serve.delete("model-tput-fleet")
-        serve.delete("model-tput-p2c")
+                asyncio.run(drive(call, 2, 16))  # warm-up
+                lat, _ = asyncio.run(drive(call, duration, 16))
+                entry = out.setdefault(f"b:{name}", {"rps": 0.0, "lat": []})
+                entry["rps"] += len(lat) / duration / 2
+                entry["lat"] += lat
+        if "b" in phases:
+            serve.delete("model-tput-fleet")
+            serve.delete("model-tput-p2c")
 
         # (c) heterogeneous: 4 replicas, 10 ms each, one 50 ms.
-        fleet, p2c = deploy_pair("hetero", 4, spec, placed=False)
-        time.sleep(2)
-        for model in ("hetero-fleet", "hetero-p2c"):
-            replicas = replicas_of(router, model)
-            for i, r in enumerate(replicas):
-                ray.get(router.inject_fault.remote(r["replica_id"], 50 if i == 0 else 10))
-        time.sleep(2)
-        for name, handle, route in (
-            ("power_of_two", p2c, None),
-            ("fleet composite", fleet, None),
-            ("fleet performance", fleet, route_kwarg(strategy="performance")),
+        if "c" in phases:
+            fleet, p2c = deploy_pair("hetero", 4, spec, placed=False)
+            time.sleep(2)
+            slow: set[str] = set()
+            for model in ("hetero-fleet", "hetero-p2c"):
+                replicas = replicas_of(router, model)
+                for i, r in enumerate(replicas):
+                    ray.get(router.inject_fault.remote(r["replica_id"], 50 if i == 0 else 10))
+                slow.add(replicas[0]["replica_id"])
+            time.sleep(2)
+            for name, handle, route in (
+                ("power_of_two", p2c, None),
+                ("fleet composite", fleet, None),
+                ("fleet performance", fleet, route_kwarg(strategy="performance")),
+            ):
+
+                def call(i: int, h: Any = handle, rt: Any = route) -> Any:
+                    return h.chat.remote(request() | {"model": model_of(h)}, route=rt)
+
+                asyncio.run(drive(call, 3, 8))  # warm-up: let the routers learn
+                lat, replies = asyncio.run(drive(call, duration, 8))
+                to_slow = sum(r["system_fingerprint"].split("/")[-1] in slow for r in replies)
+                out[f"c:{name}"] = {"lat": lat, "slow_share": to_slow / len(replies)}
+            serve.delete("model-hetero-fleet")
+            serve.delete("model-hetero-p2c")
+
+        # (d) three regions, one replica each, clients spread evenly over the regions. Four in
+        # flight: enough to load every replica, not so many that this 2-core machine's own
+        # queueing hides the network time being measured.
+        if "d" in phases:
+            add_region_nodes(cluster)
+            fleet, p2c = deploy_pair("geo", 3, spec, placed=True)
+        for name, handle, geo in (
+            (("region-blind", p2c, False), ("fleet geo", fleet, True)) if "d" in phases else ()
         ):
-
-            def call(i: int, h: Any = handle, rt: Any = route) -> Any:
-                return h.chat.remote(request() | {"model": h.deployment_name}, route=rt)
-
-            asyncio.run(drive(call, 3, 8))  # warm-up: let the routers learn
-            lat, _ = asyncio.run(drive(call, duration, 8))
-            out[f"c:{name}"] = {"lat": lat}
-        serve.delete("model-hetero-fleet")
-        serve.delete("model-hetero-p2c")
-
-        # (d) three regions, one replica each, clients spread evenly over the regions.
-        fleet, p2c = deploy_pair("geo", 3, spec, placed=True)
-        for name, handle, geo in (("region-blind", p2c, False), ("fleet geo", fleet, True)):
 
             def call(i: int, h: Any = handle, g: bool = geo) -> Any:
                 client = REGIONS[i % 3]
                 rt = route_kwarg(region=client) if g else None
-                return h.chat.remote(request(client) | {"model": h.deployment_name}, route=rt)
+                return h.chat.remote(request(client) | {"model": model_of(h)}, route=rt)
 
-            asyncio.run(drive(call, 2, 12))
-            lat, replies = asyncio.run(drive(call, duration, 12))
+            asyncio.run(drive(call, 2, 4))
+            lat, replies = asyncio.run(drive(call, duration, 4))
             seen = []
             for ms, reply in zip(lat, replies, strict=True):
                 client = reply["choices"][0]["message"]["content"]
@@ -327,6 +350,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--skip-cluster", action="store_true")
+    parser.add_argument("--phases", default="bcd", help="cluster phases to run (b, c, d)")
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
 
@@ -341,27 +365,30 @@ def main() -> None:
             )
     if args.skip_cluster:
         return
-    res = cluster_phases(args.duration)
+    res = cluster_phases(args.duration, args.phases)
 
-    print("\n(b) end-to-end echo chat over handles, 16 in flight, 3 replicas")
-    base = res["b:power_of_two"]["rps"]
-    for name in ("power_of_two", "fleet"):
-        r = res[f"b:{name}"]
-        print(
-            f"  {name:<18} {r['rps']:8.0f} req/s  {summary(r['lat'])}  "
-            f"(x{r['rps'] / base:.3f} of power_of_two)"
-        )
-
-    print("\n(c) heterogeneous fleet: 4 replicas, 10 ms each, one 50 ms; 8 in flight")
-    base_p99 = pct(res["c:power_of_two"]["lat"], 99)
-    for name in ("power_of_two", "fleet composite", "fleet performance"):
-        lat = res[f"c:{name}"]["lat"]
-        print(
-            f"  {name:<18} {summary(lat)}  mean {statistics.mean(lat):6.2f} ms  "
-            f"(p99 x{pct(lat, 99) / base_p99:.2f} of power_of_two)"
-        )
-
-    print("\n(d) three regions, clients spread evenly, simulated inter-region RTT added")
+    if "b" in args.phases:
+        print("\n(b) end-to-end echo chat over handles, 16 in flight, 3 replicas, 2 rounds each")
+        base = res["b:power_of_two"]["rps"]
+        for name in ("power_of_two", "fleet"):
+            r = res[f"b:{name}"]
+            print(
+                f"  {name:<18} {r['rps']:8.0f} req/s  {summary(r['lat'])}  "
+                f"(x{r['rps'] / base:.3f} of power_of_two)"
+            )
+    if "c" in args.phases:
+        print("\n(c) heterogeneous fleet: 4 replicas, 10 ms each, one 50 ms; 8 in flight")
+        base_p99 = pct(res["c:power_of_two"]["lat"], 99)
+        for name in ("power_of_two", "fleet composite", "fleet performance"):
+            lat = res[f"c:{name}"]["lat"]
+            print(
+                f"  {name:<18} {summary(lat)}  mean {statistics.mean(lat):6.2f} ms  "
+                f"to the slow one {res[f'c:{name}']['slow_share']:6.1%}  "
+                f"(p99 x{pct(lat, 99) / base_p99:.2f} of power_of_two)"
+            )
+    if "d" not in args.phases:
+        return
+    print("\n(d) three regions, clients spread evenly, 4 in flight, simulated RTT added")
     base_mean = statistics.mean(res["d:region-blind"]["lat"])
     for name in ("region-blind", "fleet geo"):
         r = res[f"d:{name}"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from app.fleet.spec import CompositeWeights, LoadBalancing, PerformanceWeights, Strategy
 
 DEFAULT_LATENCY_MS = 1.0
+SAME_AS_BEST = 1.25  # within 25% of the best replica's figure counts as the best
 
 
 @dataclass(slots=True)
@@ -114,12 +115,15 @@ def locality_score(r: ReplicaView, zone: str | None) -> float:
 def performance_scores(
     replicas: Sequence[ReplicaView], weights: PerformanceWeights
 ) -> dict[str, float]:
-    """Weighted score of latency, success rate and throughput.
+    """Weighted score of latency, success rate and throughput, each relative to the best
+    replica in the set.
 
-    The latency term compares expected completion times, the moving-average latency times the
-    queue the request would join (Finagle's and Linkerd's peak-EWMA idea), against the best in
-    the set; the throughput term is relative to the busiest replica. A replica with no latency
-    sample yet counts as the median, so new replicas get traffic.
+    The latency term compares expected latencies: the moving average stretched by how full the
+    replica is (ongoing / capacity; a batching replica serves its capacity concurrently, so a
+    few queued requests barely slow it). Figures within SAME_AS_BEST of the best count as the
+    best, so near-equal replicas tie and share the work by load instead of one of them taking
+    everything on a small difference. A replica with no latency sample yet counts as the
+    median, so new replicas get traffic.
     """
     if not replicas:
         return {}
@@ -127,15 +131,16 @@ def performance_scores(
     neutral = statistics.median(known) if known else DEFAULT_LATENCY_MS
     expected = {
         r.replica_id: (r.latency_ms if r.latency_ms and r.latency_ms > 0 else neutral)
-        * (1 + r.load)
+        * (1 + r.utilization)
         for r in replicas
     }
     best = min(expected.values())
     top_throughput = max(r.throughput for r in replicas)
     return {
-        r.replica_id: weights.latency * (best / expected[r.replica_id])
+        r.replica_id: weights.latency * min(1.0, SAME_AS_BEST * best / expected[r.replica_id])
         + weights.success_rate * max(0.0, min(1.0, r.success_rate))
-        + weights.throughput * (r.throughput / top_throughput if top_throughput > 0 else 1.0)
+        + weights.throughput
+        * (min(1.0, SAME_AS_BEST * r.throughput / top_throughput) if top_throughput > 0 else 1.0)
         for r in replicas
     }
 
@@ -169,7 +174,17 @@ def by_load(replicas: Iterable[ReplicaView], rng: random.Random) -> list[Replica
 def by_score(
     replicas: Iterable[ReplicaView], scores: dict[str, float], rng: random.Random
 ) -> list[ReplicaView]:
-    return sorted(replicas, key=lambda r: (-scores[r.replica_id], r.load, rng.random()))
+    """Replicas with room first, then by score (rounded, so near-equal replicas tie), then
+    least utilised."""
+    return sorted(
+        replicas,
+        key=lambda r: (
+            not r.has_room,
+            -round(scores[r.replica_id], 2),
+            r.utilization,
+            rng.random(),
+        ),
+    )
 
 
 def power_of_two(replicas: Sequence[ReplicaView], rng: random.Random) -> list[ReplicaView]:

@@ -170,20 +170,26 @@ def test_performance_score_weights_latency_success_and_throughput() -> None:
     fast = view("fast", "x", latency_ms=10.0, success_rate=1.0, throughput=100.0)
     slow = view("slow", "x", latency_ms=50.0, success_rate=1.0, throughput=20.0)
     flaky = view("flaky", "x", latency_ms=10.0, success_rate=0.5, throughput=100.0)
-    scores = performance_scores([fast, slow, flaky], weights)
+    near = view("near", "x", latency_ms=12.0, success_rate=1.0, throughput=85.0)
+    scores = performance_scores([fast, slow, flaky, near], weights)
     assert scores["fast"] == pytest.approx(1.0)
-    assert scores["slow"] == pytest.approx(0.4 * 0.2 + 0.4 + 0.2 * 0.2)
+    assert scores["slow"] == pytest.approx(0.4 * 0.25 + 0.4 + 0.2 * 0.25)
     assert scores["flaky"] == pytest.approx(0.4 + 0.4 * 0.5 + 0.2)
+    assert scores["near"] == pytest.approx(1.0)  # within 25% of the best: a tie
 
 
-def test_performance_strategy_avoids_a_slow_replica_until_the_fast_ones_queue() -> None:
+def test_performance_strategy_avoids_a_slow_replica_until_the_fast_ones_are_full() -> None:
     slow = view("slow", "x", latency_ms=50.0, throughput=10.0)
-    fast = [view(f"f{i}", "x", latency_ms=10.0, throughput=30.0, ongoing=2) for i in range(3)]
+    fast = [view(f"f{i}", "x", latency_ms=10.0, throughput=30.0, ongoing=8) for i in range(3)]
     decision = policy(Strategy.PERFORMANCE).rank([slow, *fast], RouteHints())
     assert decision.ranked[-1].replica_id == "slow"
-    # Queued deep enough, the fast replicas' expected completion passes the slow one's.
-    busy = [view(f"f{i}", "x", latency_ms=10.0, throughput=30.0, ongoing=9) for i in range(3)]
-    decision = policy(Strategy.PERFORMANCE).rank([slow, *busy], RouteHints())
+    # Equal fast replicas share the work: the least utilised goes first.
+    fast[1] = view("f1", "x", latency_ms=10.0, throughput=30.0, ongoing=2)
+    decision = policy(Strategy.PERFORMANCE).rank([slow, *fast], RouteHints())
+    assert decision.chosen is not None and decision.chosen.replica_id == "f1"
+    # Full replicas go last whatever their score.
+    full = [view(f"f{i}", "x", latency_ms=10.0, throughput=30.0, ongoing=10) for i in range(3)]
+    decision = policy(Strategy.PERFORMANCE).rank([slow, *full], RouteHints())
     assert decision.chosen is not None and decision.chosen.replica_id == "slow"
 
 

@@ -226,3 +226,17 @@ def test_percentile_nearest_rank() -> None:
     assert percentile([], 50) is None
     assert percentile([1.0, 2.0, 3.0, 4.0], 75) == 3.0
     assert percentile(list(map(float, range(1, 101))), 99) == 99.0
+
+
+def test_cluster_yaml_is_a_valid_launcher_config_with_fleet_labels() -> None:
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
+    validate_config(config)  # Ray's own JSON schema for `ray up`
+    fleet = load_fleet(ROOT / "deployments" / "fleet.yaml")
+    for name, node_type in config["available_node_types"].items():
+        region = node_type["labels"]["ray.io/availability-region"]
+        zone = node_type["labels"]["ray.io/availability-zone"]
+        assert region in fleet.regions, name
+        assert zone in fleet.regions[region].zones, name
