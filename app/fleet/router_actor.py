@@ -288,6 +288,8 @@ class FleetRouter:
         """One health check of a replica: it sent a heartbeat lately, says it is healthy, its node
         is alive, and the routers' requests to it since the last check mostly succeeded."""
         node = self.nodes.get(r.node_id or "")
+        if r.routed == 0 and not (r.perf.get("completed") or 0):
+            r.router_latency_ms = None  # nothing measured lately: the old figure is stale
         ok = (
             now - r.last_heartbeat <= 2.5 * interval
             and r.self_healthy

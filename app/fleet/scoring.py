@@ -118,30 +118,35 @@ def performance_scores(
     """Weighted score of latency, success rate and throughput, each relative to the best
     replica in the set.
 
-    The latency term compares expected latencies: the moving average stretched by how full the
-    replica is (ongoing / capacity; a batching replica serves its capacity concurrently, so a
-    few queued requests barely slow it). Figures within SAME_AS_BEST of the best count as the
-    best, so near-equal replicas tie and share the work by load instead of one of them taking
-    everything on a small difference. A replica with no latency sample yet counts as the
-    median, so new replicas get traffic.
+    - Latency compares expected latencies: the moving average stretched by how full the
+      replica is (ongoing / capacity; a batching replica serves its capacity concurrently, so a
+      few queued requests barely slow it).
+    - Throughput is what the replica can sustain, capacity / latency (Little's law), not the
+      traffic it happened to get: scoring received traffic would feed on itself, the busiest
+      replica scoring best and getting busier while the others starve.
+    - Figures within SAME_AS_BEST of the best count as the best, so near-equal replicas tie and
+      share the work by load instead of one taking everything on a small difference.
+    - A replica with no recent latency sample counts as the median, so new (or long-idle)
+      replicas get traffic and are measured again.
     """
     if not replicas:
         return {}
     known = [r.latency_ms for r in replicas if r.latency_ms is not None and r.latency_ms > 0]
     neutral = statistics.median(known) if known else DEFAULT_LATENCY_MS
-    expected = {
-        r.replica_id: (r.latency_ms if r.latency_ms and r.latency_ms > 0 else neutral)
-        * (1 + r.utilization)
+    latency = {
+        r.replica_id: r.latency_ms if r.latency_ms and r.latency_ms > 0 else neutral
         for r in replicas
     }
-    best = min(expected.values())
-    top_throughput = max(r.throughput for r in replicas)
+    expected = {r.replica_id: latency[r.replica_id] * (1 + r.utilization) for r in replicas}
+    sustainable = {r.replica_id: max(1, r.capacity) / latency[r.replica_id] for r in replicas}
+    best_expected = min(expected.values())
+    best_rate = max(sustainable.values())
     return {
-        r.replica_id: weights.latency * min(1.0, SAME_AS_BEST * best / expected[r.replica_id])
+        rid: weights.latency * min(1.0, SAME_AS_BEST * best_expected / expected[rid])
         + weights.success_rate * max(0.0, min(1.0, r.success_rate))
-        + weights.throughput
-        * (min(1.0, SAME_AS_BEST * r.throughput / top_throughput) if top_throughput > 0 else 1.0)
+        + weights.throughput * min(1.0, SAME_AS_BEST * sustainable[rid] / best_rate)
         for r in replicas
+        for rid in (r.replica_id,)
     }
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class PerfSnapshot:
-    latency_ms: float | None  # exponential moving average
+    latency_ms: float | None  # exponential moving average; None with no recent success
     p50_ms: float | None
     p99_ms: float | None
     success_rate: float
@@ -77,7 +77,9 @@ class PerfTracker:
         failed = sum(1 for *_, ok in samples if not ok)
         span = max(1.0, min(self._window_s, now - samples[0][0])) if samples else self._window_s
         return PerfSnapshot(
-            latency_ms=ema,
+            # No success in the window: the average is stale, so say unknown and let routers
+            # treat the replica as average until it has been measured again.
+            latency_ms=ema if latencies else None,
             p50_ms=percentile(latencies, 50),
             p99_ms=percentile(latencies, 99),
             success_rate=(len(samples) - failed) / len(samples) if samples else 1.0,

@@ -171,11 +171,16 @@ def test_performance_score_weights_latency_success_and_throughput() -> None:
     slow = view("slow", "x", latency_ms=50.0, success_rate=1.0, throughput=20.0)
     flaky = view("flaky", "x", latency_ms=10.0, success_rate=0.5, throughput=100.0)
     near = view("near", "x", latency_ms=12.0, success_rate=1.0, throughput=85.0)
-    scores = performance_scores([fast, slow, flaky, near], weights)
+    # Throughput is what a replica can sustain (capacity / latency), not what it received.
+    idle_fast = view("idle", "x", latency_ms=10.0, success_rate=1.0, throughput=0.0)
+    scores = performance_scores([fast, slow, flaky, near, idle_fast], weights)
     assert scores["fast"] == pytest.approx(1.0)
     assert scores["slow"] == pytest.approx(0.4 * 0.25 + 0.4 + 0.2 * 0.25)
     assert scores["flaky"] == pytest.approx(0.4 + 0.4 * 0.5 + 0.2)
     assert scores["near"] == pytest.approx(1.0)  # within 25% of the best: a tie
+    assert scores["idle"] == pytest.approx(1.0)
+    big = view("big", "x", latency_ms=10.0, capacity=40)
+    assert performance_scores([fast, big], weights)["fast"] == pytest.approx(0.8 + 0.2 * 0.3125)
 
 
 def test_performance_strategy_avoids_a_slow_replica_until_the_fast_ones_are_full() -> None:

@@ -220,6 +220,7 @@ def test_perf_tracker_window_percentiles_and_success_rate() -> None:
     now[0] += 20  # everything falls out of the window
     empty = tracker.snapshot()
     assert empty.completed == 0 and empty.success_rate == 1.0 and empty.p99_ms is None
+    assert empty.latency_ms is None  # a stale average is not reported
 
 
 def test_percentile_nearest_rank() -> None:
