@@ -114,6 +114,18 @@ class ReplicaAgent:
         self.inject_latency_ms = float(directives.get("inject_latency_ms") or 0.0)
         self.drained = bool(directives.get("drained"))
 
+    def deregister(self) -> None:
+        """Tell the router actor this replica is going away (best effort, not awaited)."""
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
+        if not ray.is_initialized():  # process exiting: asking Ray would connect it again
+            return
+        try:
+            actor = self._actor or ray.get_actor(self.router_name, namespace=ROUTER_NAMESPACE)
+            actor.deregister.remote(self.replica_id)
+        except Exception as exc:  # the actor gone too: it forgets silent replicas by itself
+            logger.debug("fleet deregister failed: %s", exc)
+
     async def _heartbeat_loop(self) -> None:
         while True:
             try:

@@ -312,25 +312,22 @@ class FleetRouter:
         self._refresh_nodes()
         now = time.monotonic()
         lb = self.spec.load_balancing
-        changed = False
         for rid, r in list(self.replicas.items()):
             if self._check(r, now, interval):
                 r.failed_checks, r.passed_checks = 0, r.passed_checks + 1
                 if not r.healthy and r.passed_checks >= lb.recovery_threshold:
-                    r.healthy, changed = True, True
+                    r.healthy = True
                     self._event("replica_healthy", replica=rid)
             else:
                 r.passed_checks, r.failed_checks = 0, r.failed_checks + 1
                 if r.healthy and r.failed_checks >= lb.failover_threshold:
-                    r.healthy, changed = False, True
+                    r.healthy = False
                     self._event("replica_unhealthy", replica=rid, region=r.region)
             # A replica silent for a long time is gone (Serve replaced it): forget it.
             if now - r.last_heartbeat > max(60.0, 20 * interval):
                 del self.replicas[rid]
-                changed = True
-        # Performance figures move continuously; publish them every round.
+        # Health and performance figures move every round: publish a new version each time.
         self._publish()
-        del changed
 
     def _publish(self) -> int:
         self.version += 1

@@ -73,6 +73,13 @@ class ModelServer:
     async def check_health(self) -> None:
         self.fleet.ensure_heartbeats()
 
+    def __del__(self) -> None:
+        """Serve calls this when it stops the replica: leave the fleet at once, rather than
+        after the router actor notices missing heartbeats."""
+        fleet = getattr(self, "fleet", None)
+        if fleet is not None:
+            fleet.deregister()
+
     def _stamp(self, response: dict[str, Any]) -> dict[str, Any]:
         """OpenAI's system_fingerprint names the backend that answered: region/zone/replica."""
         response["system_fingerprint"] = self.fleet.fingerprint
