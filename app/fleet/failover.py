@@ -39,13 +39,14 @@ def failed_replica(exc: BaseException) -> str | None:
     return str(actor_id) if actor_id else None
 
 
-def _retrying(balancing: LoadBalancing) -> AsyncRetrying:
-    return AsyncRetrying(
-        stop=stop_after_attempt(balancing.max_attempts),
-        wait=wait_exponential(multiplier=balancing.backoff_s, max=max(1.0, balancing.backoff_s)),
-        retry=retry_if_exception(retryable),
-        reraise=True,
-    )
+def _retry_policy(balancing: LoadBalancing) -> dict[str, Any]:
+    """One policy for the blocking and the asyncio retry loops."""
+    return {
+        "stop": stop_after_attempt(balancing.max_attempts),
+        "wait": wait_exponential(multiplier=balancing.backoff_s, max=max(1.0, balancing.backoff_s)),
+        "retry": retry_if_exception(retryable),
+        "reraise": True,
+    }
 
 
 def _next_route(route: dict[str, Any], exc: BaseException | None) -> dict[str, Any]:
@@ -62,7 +63,7 @@ async def call_with_failover(
 ) -> T:
     """`await call(route)`, retried on retryable errors with the failed replica excluded."""
     last: BaseException | None = None
-    async for attempt in _retrying(balancing):
+    async for attempt in AsyncRetrying(**_retry_policy(balancing)):
         with attempt:
             route = _next_route(route, last)
             try:
@@ -83,7 +84,7 @@ async def stream_with_failover(
     last: BaseException | None = None
     first: T | None = None
     stream: AsyncIterator[T] | None = None
-    async for attempt in _retrying(balancing):
+    async for attempt in AsyncRetrying(**_retry_policy(balancing)):
         with attempt:
             route = _next_route(route, last)
             try:
@@ -100,21 +101,12 @@ async def stream_with_failover(
         yield item
 
 
-def _retrying_sync(balancing: LoadBalancing) -> Retrying:
-    return Retrying(
-        stop=stop_after_attempt(balancing.max_attempts),
-        wait=wait_exponential(multiplier=balancing.backoff_s, max=max(1.0, balancing.backoff_s)),
-        retry=retry_if_exception(retryable),
-        reraise=True,
-    )
-
-
 def call_with_failover_sync(
     call: Callable[[dict[str, Any]], T], route: dict[str, Any], balancing: LoadBalancing
 ) -> T:
     """The blocking form of call_with_failover (for drivers outside an event loop)."""
     last: BaseException | None = None
-    for attempt in _retrying_sync(balancing):
+    for attempt in Retrying(**_retry_policy(balancing)):
         with attempt:
             route = _next_route(route, last)
             try:
@@ -134,7 +126,7 @@ def iterate_with_failover(
     last: BaseException | None = None
     first: T | None = None
     stream: Iterator[T] | None = None
-    for attempt in _retrying_sync(balancing):
+    for attempt in Retrying(**_retry_policy(balancing)):
         with attempt:
             route = _next_route(route, last)
             try:
