@@ -15,9 +15,10 @@ import ray
 
 from app.kv import protocol
 from app.kv.config import KVConfig, ReadConcern, WriteConcern, read_code, write_code
+from app.kv.direct import DirectClient
 from app.kv.errors import ClusterNotFoundError, InvalidArgumentError
 from app.kv.pipeline import ReadMany, ReadPipeline
-from app.kv.protocol import MapView
+from app.kv.protocol import Call, MapView
 from app.kv.routing import Backoff, Op, Router
 from app.kv.slots import key_slot
 
@@ -55,6 +56,14 @@ class KVClient:
         self._write = write_code(config.write_concern)
         self._rid_prefix = uuid.uuid4().hex[:16] + ":"
         self._rids = itertools.count()
+        # The synchronous methods' calls to shard members go over the direct transport when
+        # the cluster offers it (app.kv.direct); the asyncio ones stay on Ray actor calls,
+        # whose awaitables already overlap and which the auto-pipeline merges.
+        self._direct = (
+            DirectClient(config.write_timeout_s + config.health_check_timeout_s)
+            if config.direct_transport
+            else None
+        )
         # One auto-pipelining state per event loop (its futures belong to that loop).
         self._pipelines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ReadPipeline] = (
             weakref.WeakKeyDictionary()
@@ -80,16 +89,27 @@ class KVClient:
     # No per-call timeout: it costs ~10% of a call in Ray, and a member that stops answering
     # is the coordinator's to detect (health checks), after which the call fails and retries.
     def _run(self, op: Op) -> Any:
+        direct = self._direct
         try:
             request = next(op)
             while True:
                 try:
-                    if type(request) is Backoff:
+                    if type(request) is Call:
+                        result = (
+                            ray.get(request.submit()) if direct is None else direct.call(request)
+                        )
+                    elif type(request) is Backoff:
                         time.sleep(request.seconds)
                         result = None
                     elif type(request) is list:
-                        result = ray.get(
-                            [r.submit() if type(r) is ReadMany else r for r in request]
+                        calls: list[Any] = [
+                            Call(r.primary, "mget", (r.keys,)) if type(r) is ReadMany else r
+                            for r in request
+                        ]
+                        result = (
+                            ray.get([c.submit() if type(c) is Call else c for c in calls])
+                            if direct is None
+                            else direct.call_many(calls)
                         )
                     else:
                         result = ray.get(request)
@@ -111,8 +131,17 @@ class KVClient:
                     elif type(request) is list:
                         pipeline = self._pipeline()
                         result = await asyncio.gather(
-                            *(pipeline.read(r) if type(r) is ReadMany else r for r in request)
+                            *(
+                                pipeline.read(r)
+                                if type(r) is ReadMany
+                                else r.submit()
+                                if type(r) is Call
+                                else r
+                                for r in request
+                            )
                         )
+                    elif type(request) is Call:
+                        result = await request.submit()
                     else:
                         result = await request
                 except Exception as exc:
@@ -375,6 +404,19 @@ class KVClient:
     ) -> ScanPage:
         items, nxt = await self._arun(self._scan(prefix, page_size, cursor))
         return ScanPage(items, nxt)
+
+    # Connections ------------------------------------------------------------------------
+    def transport_stats(self) -> dict[str, int]:
+        """Calls this client sent over the direct transport, and connection failures after
+        which a call went through Ray instead."""
+        if self._direct is None:
+            return {"direct_calls": 0, "fallbacks": 0}
+        return {"direct_calls": self._direct.calls, "fallbacks": self._direct.fallbacks}
+
+    def close(self) -> None:
+        """Close the direct connections now (they also close when the client is collected)."""
+        if self._direct is not None:
+            self._direct.close()
 
     # Administration (through the coordinator, never on the data path) ---------------------
     def refresh(self) -> None:

@@ -156,6 +156,17 @@ class KVConfig(BaseModel):
         default=10_000, ge=1, description="Take a snapshot after this many WAL records."
     )
     detached: bool = Field(default=False, description="Outlive the job that started the cluster.")
+    direct_transport: bool = Field(
+        default=True,
+        description="Serve synchronous clients and replication over a socket per member "
+        "besides Ray actor calls (app.kv.direct); off: Ray actor calls only.",
+    )
+    direct_max_reply_bytes: int = Field(
+        default=3 << 19,
+        ge=0,
+        description="Large values a direct-transport reply may carry by value (bytes); a "
+        "read of more goes as a Ray call that hands over object-store refs.",
+    )
     shard_num_cpus: float = Field(
         default=0.0, ge=0, description="Logical CPUs reserved per shard actor."
     )

@@ -53,6 +53,40 @@ class TryAgain:
 REDIRECTS = (Moved, Ask, NotPrimary, Stale, TryAgain)
 
 
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A large value sent by value: what the direct transport answers instead of a ref
+    (an ObjectRef cannot leave Ray's own serialisation)."""
+
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class UseRay:
+    """A direct-transport reply meaning: make this call through Ray (its large values are
+    cheaper to hand over as refs than to copy through the socket)."""
+
+
+USE_RAY = UseRay()
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A data-path call the routing engine asks its driver to make: `handle.method(*args)`.
+
+    The synchronous driver sends it over the direct transport when `direct` is set (its
+    arguments hold no ObjectRef) and the member has an endpoint; otherwise, and always in the
+    asyncio driver, it goes as a Ray actor call (`submit`)."""
+
+    handle: Any
+    method: str
+    args: tuple[Any, ...]
+    direct: bool = True
+
+    def submit(self) -> Any:
+        return getattr(self.handle, self.method).remote(*self.args)
+
+
 @dataclass(frozen=True)
 class GroupView:
     """One shard group as clients see it: handles of its primary and replicas."""

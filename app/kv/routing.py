@@ -1,9 +1,9 @@
 """The client's protocol engine: slot-map cache, redirects, failover retries, batching per shard.
 
-Each operation is a generator that yields what it needs done (an ObjectRef or a list of them to
-wait for, where a list may also hold ReadMany requests for the driver to submit, or a Backoff to
-sleep) and receives the result, so the synchronous and the asyncio
-client drive the very same logic. The common case is one yield: one actor call to a primary.
+Each operation is a generator that yields what it needs done (a Call to a shard member, an
+ObjectRef to wait for, a list of those, where a list may also hold ReadMany requests, or a
+Backoff to sleep) and receives the result, so the synchronous and the asyncio client drive the
+very same logic. The common case is one yield: one call to a primary.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from app.kv.codec import decode_inline, encode
 from app.kv.config import KVConfig
 from app.kv.errors import InvalidArgumentError, KVUnavailableError
 from app.kv.pipeline import ReadMany
-from app.kv.protocol import REDIRECTS, Ask, MapView, Moved, TryAgain
+from app.kv.protocol import REDIRECTS, Ask, Call, Fetched, MapView, Moved, TryAgain
 from app.kv.slots import NUM_SLOTS, key_slot
 
 Op = Generator[Any, Any, Any]
@@ -116,7 +116,7 @@ class Router:
             members = group.members
             member = members[random.randrange(len(members))]
             try:
-                reply = yield member.read.remote(key, slot, max_lag_ms)
+                reply = yield Call(member, "read", (key, slot, max_lag_ms))
             except RETRYABLE:
                 reply = TryAgain("member unreachable")
             if type(reply) not in _REDIRECT_TYPES:
@@ -135,6 +135,8 @@ class Router:
             return default
         if type(payload) is bytes:
             return decode_inline(payload)
+        if type(payload) is Fetched:
+            return payload.value
         values = yield from self.resolve([key], [payload], default)
         return values[0]
 
@@ -143,7 +145,7 @@ class Router:
         for own in (False, True, True):
             reply = yield from self.single(
                 slot,
-                lambda h, a: h.get_entry.remote(key, slot, a, own),  # noqa: B023
+                lambda h, a: Call(h, "get_entry", (key, slot, a, own)),  # noqa: B023
             )
             if reply is None:
                 return None
@@ -162,7 +164,9 @@ class Router:
 
     def delete(self, key: str, code: int, rid: str) -> Op:
         slot = key_slot(key, self.max_key)
-        return (yield from self.single(slot, lambda h, a: h.delete.remote(key, slot, rid, code, a)))
+        return (
+            yield from self.single(slot, lambda h, a: Call(h, "delete", (key, slot, rid, code, a)))
+        )
 
     def cas(
         self, key: str, expected: int | None, value: Any, ttl: float | None, code: int, rid: str
@@ -170,7 +174,10 @@ class Router:
         slot = key_slot(key, self.max_key)
         payload = encode(value, self.cfg.large_value_bytes, self.cfg.max_value_bytes)
         reply = yield from self.single(
-            slot, lambda h, a: h.cas.remote(key, slot, expected, payload, ttl, rid, code, a)
+            slot,
+            lambda h, a: Call(
+                h, "cas", (key, slot, expected, payload, ttl, rid, code, a), _inline(payload)
+            ),
         )
         return tuple(reply)
 
@@ -204,17 +211,18 @@ class Router:
         payloads: list[Any] = [None] * len(keys)
         batches = self._by_group(slots, range(len(keys)))
         later = batches.pop(-1, [])
-        calls, refs = [], []
+        calls: list[list[int]] = []
+        refs: list[Call | ReadMany] = []
         for gid, idx in batches.items():
             group = self.groups[gid]
             batch = [keys[i] for i in idx]
             if own:
-                refs.append(group.primary.mget.remote(batch, True))
+                refs.append(Call(group.primary, "mget", (batch, True)))
             elif read == protocol.READ_STRONG:
                 refs.append(ReadMany(group.primary, batch))
             else:
                 member = random.choice(group.members)
-                refs.append(member.read_many.remote(batch, max_lag_ms))
+                refs.append(Call(member, "read_many", (batch, max_lag_ms)))
             calls.append(idx)
         try:
             replies = yield refs
@@ -242,6 +250,8 @@ class Router:
                 continue
             if type(payload) is bytes:
                 out[i] = decode_inline(payload)
+            elif type(payload) is Fetched:
+                out[i] = payload.value
             else:
                 where.append(i)
                 refs.append(payload[0])
@@ -261,7 +271,8 @@ class Router:
         calls, refs = [], []
         for gid, idx in batches.items():
             batch = [(items[i][0], items[i][2]) for i in idx]
-            refs.append(self.groups[gid].primary.mset.remote(batch, ttl, rid, code))
+            direct = all(_inline(payload) for _, payload in batch)
+            refs.append(Call(self.groups[gid].primary, "mset", (batch, ttl, rid, code), direct))
             calls.append(idx)
         try:
             replies = yield refs
@@ -324,16 +335,22 @@ class Router:
         return end
 
 
-def _get_call(key: str, slot: int, own: bool = False) -> Callable[[Any, bool], Any]:
+def _inline(payload: Any) -> bool:
+    """A payload without an ObjectRef in it (so a call carrying it may go direct)."""
+    return type(payload) is bytes
+
+
+def _get_call(key: str, slot: int, own: bool = False) -> Callable[[Any, bool], Call]:
     if own:
-        return lambda handle, asking: handle.get.remote(key, slot, asking, True)
-    return lambda handle, asking: handle.get.remote(key, slot, asking)
+        return lambda handle, asking: Call(handle, "get", (key, slot, asking, True))
+    return lambda handle, asking: Call(handle, "get", (key, slot, asking))
 
 
 def _put_call(
     key: str, slot: int, payload: Any, ttl: float | None, rid: str, code: int
-) -> Callable[[Any, bool], Any]:
-    return lambda handle, asking: handle.put.remote(key, slot, payload, ttl, rid, code, asking)
+) -> Callable[[Any, bool], Call]:
+    args = (key, slot, payload, ttl, rid, code)
+    return lambda handle, asking: Call(handle, "put", (*args, asking), _inline(payload))
 
 
 def _cursor(slot: int, after: str | None) -> str:

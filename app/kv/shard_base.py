@@ -23,7 +23,9 @@ import ray
 
 from app.kv import protocol
 from app.kv.config import KVConfig
-from app.kv.protocol import Ask, Moved, NotPrimary, TryAgain
+from app.kv.direct import DirectClient, DirectServer, Endpoint
+from app.kv.errors import InvalidArgumentError
+from app.kv.protocol import USE_RAY, Ask, Fetched, Moved, NotPrimary, TryAgain
 from app.kv.recovery import MemberReport
 from app.kv.replication import CommitTracker, ReplicaStream
 from app.kv.store import (
@@ -46,6 +48,16 @@ CONCURRENCY_GROUPS = {"control": 2, "replication": 2}
 # `_route` answers this when a write must wait for an in-flight migration batch to finish.
 WAIT = object()
 UNCONFIRMED = TryAgain("waiting for replicas to confirm the latest write")
+
+# Calls the direct transport may carry (see app.kv.direct): the data path and the replication
+# stream. Each is safe to repeat through Ray when a connection breaks mid-call: reads are
+# reads, writes carry request ids, apply_ops skips what it has applied.
+DIRECT_METHODS = frozenset(
+    {"get", "get_entry", "mget", "read", "read_many", "put", "delete", "cas", "mset", "apply_ops"}
+)
+# Set on the direct transport's threads: `wire` leaves large values whole there, for
+# `by_value` to send them by value.
+_DIRECT = threading.local()
 
 
 class ShardBase:
@@ -74,6 +86,8 @@ class ShardBase:
         self.moving: set[str] = set()  # keys of the migration batch in flight
         self.caught_up_at = 0.0  # primary's clock when this replica last matched its head
         self.wal: WriteAheadLog | None = None
+        self._direct: DirectServer | None = None
+        self._peer_client: DirectClient | None = None  # replication streams' (a primary's)
         self._closed = False
         threading.Thread(target=self._sweep, name="kv-expiry", daemon=True).start()
         if coordinator is not None:
@@ -88,6 +102,26 @@ class ShardBase:
     @ray.method(concurrency_group="control")
     def ping(self) -> int:
         return self.term
+
+    @ray.method(concurrency_group="control")
+    def endpoint(self) -> Endpoint | None:
+        """Where this member takes direct-transport calls (opened on first request), or None
+        when the cluster runs without it."""
+        if not self.cfg.direct_transport:
+            return None
+        with self.lock:
+            if self._closed:
+                return None
+            if self._direct is None:
+                host = ray.util.get_node_ip_address()
+                self._direct = DirectServer(self._direct_call, host)
+            return self._direct.endpoint
+
+    def _direct_call(self, method: str, args: tuple[Any, ...]) -> Any:
+        if method not in DIRECT_METHODS:
+            raise InvalidArgumentError(f"{method!r} is not a direct-transport call")
+        _DIRECT.active = True
+        return by_value(getattr(self, method)(*args), self.cfg.direct_max_reply_bytes)
 
     def _sweep(self) -> None:
         while not self._closed:
@@ -324,6 +358,10 @@ class ShardBase:
                 stream.close()
             if self.wal is not None:
                 self.wal.close()
+            if self._direct is not None:
+                self._direct.close()
+            if self._peer_client is not None:
+                self._peer_client.close()
 
 
 def large_value_op(op: Op) -> bool:
@@ -331,5 +369,32 @@ def large_value_op(op: Op) -> bool:
 
 
 def wire(payload: Any) -> Any:
-    """A stored payload as readers get it: a held large value without its local value."""
-    return payload[:2] if type(payload) is list else payload
+    """A stored payload as readers get it: a held large value without its local value, except
+    on the direct transport, which sends the local value itself (see `_by_value`)."""
+    if type(payload) is not list or getattr(_DIRECT, "active", False):
+        return payload
+    return payload[:2]
+
+
+def _is_large(value: Any) -> bool:
+    """A large-value payload: `[ObjectRef, size]` or `[ObjectRef, size, local value]`."""
+    return type(value) is list and 2 <= len(value) <= 3 and isinstance(value[0], ray.ObjectRef)
+
+
+def _fetched(payload: list[Any]) -> Fetched:
+    return Fetched(payload[2] if len(payload) == 3 else ray.get(payload[0]))
+
+
+def by_value(reply: Any, budget: int) -> Any:
+    """A direct-transport reply with its large values sent by value (called outside the lock),
+    or USE_RAY when they add up to more than `budget` bytes: past about 1.5 MiB two socket
+    copies cost more than one Ray call that hands over refs the reader maps without a copy."""
+    if _is_large(reply):
+        return USE_RAY if reply[1] > budget else _fetched(reply)
+    if type(reply) is tuple and reply and _is_large(reply[0]):
+        return USE_RAY if reply[0][1] > budget else (_fetched(reply[0]), *reply[1:])
+    if type(reply) is list and any(_is_large(item) for item in reply):
+        if sum(item[1] for item in reply if _is_large(item)) > budget:
+            return USE_RAY
+        return [_fetched(item) if _is_large(item) else item for item in reply]
+    return reply

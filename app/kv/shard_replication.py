@@ -9,6 +9,8 @@ from typing import Any
 
 import ray
 
+from app.kv.direct import DirectClient
+from app.kv.protocol import Call
 from app.kv.replication import CommitTracker, ReplicaStream
 from app.kv.shard_base import ShardBase, large_value_op, wire
 from app.kv.store import Op, StoreSnapshot
@@ -125,9 +127,19 @@ class ReplicationMixin(ShardBase):
 
     def _attach(self, member: str, handle: Any) -> None:
         term, timeout = self.term, self.cfg.health_check_timeout_s
+        peers = self._peers()
 
         def send_ops(ops: list[Op], head: int, sent_at: float) -> int:
-            return int(ray.get(handle.apply_ops.remote(term, ops, head, sent_at), timeout=timeout))
+            # Batches that carry refs (large values) go through Ray, the rest go direct.
+            call = Call(
+                handle,
+                "apply_ops",
+                (term, ops, head, sent_at),
+                peers is not None and not any(large_value_op(op) for op in ops),
+            )
+            if peers is None:
+                return int(ray.get(call.submit(), timeout=timeout))
+            return int(peers.call(call, timeout))
 
         def send_snapshot(snap: StoreSnapshot, sent_at: float) -> int:
             ref = handle.install_snapshot.remote(term, snap, sent_at)
@@ -146,6 +158,14 @@ class ReplicationMixin(ShardBase):
         )
         self.streams[member] = stream
         stream.start(self.store.snapshot(wire))
+
+    def _peers(self) -> DirectClient | None:
+        """The direct-transport client this primary's replication streams share."""
+        if not self.cfg.direct_transport:
+            return None
+        if self._peer_client is None:
+            self._peer_client = DirectClient(self.cfg.health_check_timeout_s)
+        return self._peer_client
 
     def _stream_failed(self, member: str, exc: BaseException) -> None:
         log.warning("kv group %s: replica %s failed: %r", self.gid, member, exc)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -43,3 +45,27 @@ def running_kv(name: str, **overrides: Any) -> Iterator[KVClient]:
         yield client
     finally:
         shutdown_kv(name, KV_NAMESPACE)
+
+
+class SyncClientAsAsync:
+    """The synchronous client's methods (the direct transport's callers) as awaitables run on
+    worker threads, so the asyncio history workloads can drive them concurrently."""
+
+    def __init__(self, client: KVClient, threads: int = 8) -> None:
+        self.client = client
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="kv-sync")
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def aput(self, key: str, value: Any) -> int:
+        return int(await self._run(self.client.put, key, value))
+
+    async def aget(self, key: str) -> Any:
+        return await self._run(self.client.get, key)
+
+    async def amset(self, mapping: dict[str, Any]) -> None:
+        await self._run(self.client.mset, mapping)
+
+    async def amget(self, keys: list[str]) -> list[Any]:
+        return list(await self._run(self.client.mget, keys))

@@ -17,7 +17,7 @@ import ray
 
 from app.kv import KVClient, key_slot
 from app.kv.history import RegisterWorkload
-from tests.integration.support import running_kv, wait_until
+from tests.integration.support import SyncClientAsAsync, running_kv, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -142,3 +142,35 @@ def test_large_values_survive_their_primarys_death(cluster: tuple[Any, Any, KVCl
     assert np.array_equal(client.get(key), array)  # served by the promoted replica's own copy
     client.put(key + "-after", array * 2)
     assert np.array_equal(client.get(key + "-after"), array * 2)
+
+
+async def test_sync_clients_on_the_direct_transport_lose_nothing_when_a_primary_dies(
+    cluster: tuple[Any, Any, KVClient],
+) -> None:
+    """The same history check, driven by synchronous clients on worker threads: their calls
+    go over the direct transport, which must fall back to Ray and fail over like actor calls."""
+    _, _, client = cluster
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(
+        None, wait_until, lambda: _fully_replicated(client), 60, "replicas to be restored"
+    )
+    client.refresh()
+    sync = KVClient.connect(NAME, NAMESPACE)
+    coordinator = ray.get_actor(NAME, namespace=NAMESPACE)
+    victim = ray.get(coordinator.get_map.remote()).groups[0].primary
+    keys = [f"direct:{i}" for i in range(12)]
+    workload = RegisterWorkload(SyncClientAsAsync(sync), keys, writers=3, readers=2, batched=True)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(workload.run(stop))
+    try:
+        await _until(lambda: workload.acked >= 100, 30)
+        await loop.run_in_executor(None, lambda: ray.kill(victim, no_restart=True))
+        after = workload.acked
+        await _until(lambda: workload.acked >= after + 150, 60)
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 90)
+    _assert_history(workload, await workload.final_values())
+    stats = sync.transport_stats()
+    assert stats["direct_calls"] > 200, stats
+    sync.close()

@@ -217,3 +217,33 @@ def test_async_client_inside_an_actor(kv: KVClient) -> None:
     assert result[2][0] is False and result[3] is True
     assert result[4] == ["ops:actor", "ops:actor2", "ops:actor3"]
     assert kv.get("ops:actor3") is None
+
+
+def test_direct_transport_and_ray_calls_answer_alike(kv: KVClient) -> None:
+    """The synchronous client's calls go over the direct transport; a client configured
+    without it makes Ray actor calls. Both see the same data, small and large, and the same
+    redirects and errors."""
+    ray_only = KVClient(
+        kv._coordinator,
+        kv.config.model_copy(update={"direct_transport": False}),
+        ray.get(kv._coordinator.get_map.remote()),
+    )
+    before = kv.transport_stats()["direct_calls"]
+    array = np.arange(150_000, dtype=np.int64)  # large: stored as a ref, read back by value
+    small = {f"parity:{i}": {"i": i} for i in range(40)}
+    kv.mset(small | {"parity:big": array})
+    version = kv.put("parity:one", "x")
+    for client in (kv, ray_only):
+        values = client.mget([*small, "parity:big", "parity:none"], default="-")
+        assert values[:40] == list(small.values()) and values[-1] == "-"
+        assert np.array_equal(values[40], array)
+        assert np.array_equal(client.get("parity:big"), array)
+        assert client.get_versioned("parity:one") == ("x", version)
+        assert client.get("parity:3", read="eventual") in ({"i": 3}, None)
+        with pytest.raises(InvalidArgumentError):
+            client.put("parity:one", 1, ttl=0)
+    ok, new = kv.cas("parity:one", version, "y")
+    assert ok and ray_only.cas("parity:one", version, "z") == (False, new)
+    assert ray_only.transport_stats()["direct_calls"] == 0
+    assert kv.transport_stats()["direct_calls"] - before >= 8
+    assert kv.transport_stats()["fallbacks"] == 0

@@ -18,6 +18,7 @@ from app.kv.config import KVConfig
 from app.kv.errors import KVUnavailableError
 from app.kv.pipeline import ReadMany
 from app.kv.protocol import Ask, GroupView, MapView, Moved, NotPrimary, TryAgain
+from app.kv.protocol import Call as KVCall
 from app.kv.routing import Backoff, Router
 from app.kv.slots import NUM_SLOTS, key_slot
 
@@ -79,7 +80,9 @@ def drive(op: Generator[Any, Any, Any], answer: Any) -> tuple[Any, list[Any]]:
         request = next(op)
         while True:
             if isinstance(request, list):  # submitted as the synchronous client does
-                request = [r.submit() if isinstance(r, ReadMany) else r for r in request]
+                request = [r.submit() if isinstance(r, ReadMany | KVCall) else r for r in request]
+            elif isinstance(request, KVCall):
+                request = request.submit()
             requests.append(request)
             if isinstance(request, Backoff):
                 reply = None

@@ -1,0 +1,198 @@
+"""The direct transport on real sockets, without Ray: frames, the token, replies, failures."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+import ray
+
+from app.kv.direct import (
+    MAGIC,
+    DirectClient,
+    DirectServer,
+    Endpoint,
+    TransportError,
+    recv_frame,
+    send_frame,
+)
+from app.kv.errors import InvalidArgumentError
+from app.kv.protocol import USE_RAY, Fetched, Moved
+from app.kv.shard_base import by_value
+
+
+class Member:
+    """A handler standing in for a shard: a dict, plus calls that fail on purpose."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        self.calls = 0
+        self.gate = threading.Event()
+        self.crash: Any = None  # set to the server's close: a member going away mid-call
+
+    def __call__(self, method: str, args: tuple[Any, ...]) -> Any:
+        self.calls += 1
+        if method == "put":
+            self.data[args[0]] = args[1]
+            return len(self.data)
+        if method == "get":
+            return self.data.get(args[0])
+        if method == "moved":
+            return Moved(3, 7)
+        if method == "block":
+            self.gate.wait(5)
+            return "late"
+        if method == "die":
+            self.crash()
+            return "never sent"
+        raise InvalidArgumentError(f"{method!r} is not a direct-transport call")
+
+
+@pytest.fixture
+def server() -> Any:
+    member = Member()
+    srv = DirectServer(member, "127.0.0.1")
+    member.crash = srv.close
+    yield srv, member
+    member.gate.set()
+    srv.close()
+
+
+def closed_without_reply(raw: socket.socket) -> bool:
+    try:
+        return raw.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def client_for(endpoint: Endpoint | None, timeout: float = 5.0) -> DirectClient:
+    return DirectClient(timeout, fetch_endpoint=lambda handle: endpoint, retry_after_s=60)
+
+
+def test_frames_round_trip_arrays_out_of_band() -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        array = np.arange(300_000, dtype=np.float32).reshape(600, 500)
+        value = {"a": array, "b": b"x" * 10, "fetched": Fetched(array[::2])}
+        sender = threading.Thread(target=send_frame, args=(left, value))
+        sender.start()
+        got = recv_frame(right)
+        sender.join()
+    np.testing.assert_array_equal(got["a"], array)
+    np.testing.assert_array_equal(got["fetched"].value, array[::2])
+    assert got["b"] == b"x" * 10
+    assert got["a"].flags.writeable  # received into a bytearray, not a read-only bytes
+
+
+def test_calls_replies_and_pooled_connection(server: Any) -> None:
+    srv, member = server
+    client = client_for(srv.endpoint)
+    for i in range(20):
+        pending = client.send("h", "put", (f"k{i}", i))
+        assert pending is not None
+        assert client.receive(pending) == i + 1
+    pending = client.send("h", "get", ("k7",))
+    assert pending is not None and client.receive(pending) == 7
+    pending = client.send("h", "moved", ())
+    assert pending is not None and client.receive(pending) == Moved(3, 7)
+    assert client.calls == member.calls == 22 and client.fallbacks == 0
+    assert len(srv._conns) == 1  # sequential calls reuse one connection
+    client.close()
+
+
+def test_server_errors_are_raised_as_themselves(server: Any) -> None:
+    srv, _ = server
+    client = client_for(srv.endpoint)
+    pending = client.send("h", "nope", ())
+    assert pending is not None
+    with pytest.raises(InvalidArgumentError, match="not a direct-transport call"):
+        client.receive(pending)
+    pending = client.send("h", "get", ("missing",))  # the connection survives the error
+    assert pending is not None and client.receive(pending) is None
+
+
+def test_concurrent_calls_use_separate_connections(server: Any) -> None:
+    srv, member = server
+    client = client_for(srv.endpoint)
+    blocked = client.send("h", "block", ())
+    assert blocked is not None
+    quick = client.send("h", "put", ("k", 1))
+    assert quick is not None and client.receive(quick) == 1
+    member.gate.set()
+    assert client.receive(blocked) == "late"
+    assert len(srv._conns) == 2
+
+
+def test_a_wrong_token_is_refused_before_anything_is_read(server: Any) -> None:
+    srv, member = server
+    forged = Endpoint(srv.endpoint.host, srv.endpoint.port, b"\x00" * 32)
+    client = client_for(forged)
+    assert client.send("h", "put", ("k", 1)) is None  # the handshake fails: use Ray
+    assert client.fallbacks == 1 and member.calls == 0
+    with socket.create_connection((srv.endpoint.host, srv.endpoint.port)) as raw:
+        raw.sendall(b"GET / HTTP/1.1\r\n\r\n" + b"x" * 64)
+        assert closed_without_reply(raw)
+    assert member.calls == 0
+
+
+def test_no_endpoint_or_dead_endpoint_means_ray(server: Any) -> None:
+    srv, _ = server
+    assert client_for(None).send("h", "get", ("k",)) is None
+    dead = socket.create_server(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
+    dead.close()
+    client = client_for(Endpoint("127.0.0.1", port, srv.token))
+    assert client.send("h", "get", ("k",)) is None
+    assert client.fallbacks == 1
+
+
+def test_a_connection_that_breaks_mid_call_raises_transport_error(server: Any) -> None:
+    srv, _ = server
+    client = client_for(srv.endpoint)
+    pending = client.send("h", "die", ())
+    assert pending is not None
+    with pytest.raises(TransportError):
+        client.receive(pending)
+    # The member is left to Ray for retry_after_s; its pooled connections are dropped.
+    assert client.send("h", "get", ("k",)) is None
+    assert client.fallbacks == 1
+
+
+def test_reply_timeout_is_a_transport_error(server: Any) -> None:
+    srv, member = server
+    client = client_for(srv.endpoint, timeout=0.2)
+    pending = client.send("h", "block", ())
+    assert pending is not None
+    with pytest.raises(TransportError):
+        client.receive(pending)
+    member.gate.set()
+
+
+def test_magic_is_checked(server: Any) -> None:
+    srv, member = server
+    with socket.create_connection((srv.endpoint.host, srv.endpoint.port)) as raw:
+        raw.sendall(b"X" * len(MAGIC) + srv.token)
+        assert closed_without_reply(raw)
+    assert member.calls == 0
+
+
+def test_large_values_go_by_value_within_the_reply_budget() -> None:
+    ref = ray.ObjectRef.nil()  # a held value is sent from its local copy: no ray.get here
+    held = [ref, 1000, "value"]
+    assert by_value(held, 4000) == Fetched("value")
+    assert by_value((held, 7), 4000) == (Fetched("value"), 7)  # get_entry's (payload, version)
+    assert by_value([b"small", None, held, Moved(1, 2)], 4000) == [
+        b"small",
+        None,
+        Fetched("value"),
+        Moved(1, 2),
+    ]
+    # Past the budget the whole call goes through Ray, which hands over refs instead.
+    assert by_value([held, held, held, held, held], 4000) is USE_RAY
+    assert by_value(held, 999) is USE_RAY
+    # Replies without large values pass unchanged (a 3-item mget reply is not a payload).
+    assert by_value([b"a", b"b", None], 0) == [b"a", b"b", None]
+    assert by_value((True, 3), 0) == (True, 3)
