@@ -200,7 +200,9 @@ def redis_get_array(client: redis.Redis, key: str) -> Any:
 
 
 # Workloads -----------------------------------------------------------------------------------
-def small_ops(kv: KVClient, bare: Any, rds: redis.Redis, seconds: float) -> list[Result]:
+def small_ops(
+    kv: KVClient, kv_ray: KVClient, bare: Any, rds: redis.Redis, seconds: float
+) -> list[Result]:
     small = b"x" * 64
     rds.mset({k: small for k in KEYS})
     ray.get(bare.mset.remote({k: small for k in KEYS}))
@@ -209,28 +211,32 @@ def small_ops(kv: KVClient, bare: Any, rds: redis.Redis, seconds: float) -> list
         "bare actor": lambda: ray.get(bare.get.remote("bench:1")),
         "redis-py": lambda: rds.get("bench:1"),
         "app.kv": lambda: kv.get("bench:1"),
+        "app.kv, Ray calls": lambda: kv_ray.get("bench:1"),
     }
     puts = {
         "bare actor": lambda: ray.get(bare.put.remote("bench:1", small)),
         "redis-py": lambda: rds.set("bench:1", small),
         "app.kv": lambda: kv.put("bench:1", small),
+        "app.kv, Ray calls": lambda: kv_ray.put("bench:1", small),
     }
     return compare("get (sync)", "op", 1, gets, seconds) + compare(
         "put (sync)", "op", 1, puts, seconds
     )
 
 
-def batch_ops(kv: KVClient, bare: Any, port: int, seconds: float) -> list[Result]:
+def batch_ops(kv: KVClient, kv_ray: KVClient, bare: Any, port: int, seconds: float) -> list[Result]:
     rds = redis.Redis(port=port)
     sync = {
         "bare actor": lambda: ray.get(bare.mget.remote(KEYS)),
         "redis-py": lambda: redis_pipeline_get(rds, KEYS),
         "app.kv": lambda: kv.mget(KEYS),
+        "app.kv, Ray calls": lambda: kv_ray.mget(KEYS),
     }
     out = compare("mget 100 (sync)", "key", 100, sync, seconds)
     inflight = {
         "bare actor": lambda: bare.mget.remote(KEYS),
         "app.kv": lambda: kv.amget(KEYS),
+        "app.kv, Ray calls": lambda: kv_ray.amget(KEYS),
     }
     name = f"mget 100 ({INFLIGHT} in flight)"
     out += compare(name, "key", 100, inflight, seconds, inflight_mode=True)
@@ -326,10 +332,25 @@ def failover_times(kv: KVClient, trials: int) -> list[float]:
         victim = view.groups[gid].primary
         start = time.perf_counter()
         ray.kill(victim, no_restart=True)
+        # ray.kill returns before the process is gone, and a direct-transport write could
+        # still be acknowledged by the old primary (and its replicas) meanwhile: wait for the
+        # death, so the write below measures a failover.
+        while not _dead(victim):
+            pass
         kv.put(probe, trial)  # the client retries through the failover on its own
         times.append(time.perf_counter() - start)
         assert kv.get(probe) == trial and key_slot(probe) >= 0
     return times
+
+
+def _dead(handle: Any) -> bool:
+    try:
+        ray.get(handle.__ray_ready__.remote(), timeout=1)
+    except ray.exceptions.RayActorError:
+        return True
+    except ray.exceptions.GetTimeoutError:
+        pass
+    return False
 
 
 def coordinator_restart_times(kv: KVClient, trials: int) -> list[float]:
@@ -491,8 +512,10 @@ def main() -> None:
         )
         bare = BareDict.remote()  # type: ignore[attr-defined]
         rds = redis.Redis(port=port)
-        results = small_ops(kv, bare, rds, args.seconds)
-        results += batch_ops(kv, bare, port, args.seconds)
+        # The same store through Ray actor calls only (no direct transport), for comparison.
+        kv_ray = KVClient.connect("kv-bench", "kv-bench", direct=False)
+        results = small_ops(kv, kv_ray, bare, rds, args.seconds)
+        results += batch_ops(kv, kv_ray, bare, port, args.seconds)
         results += large_ops(kv, bare, rds, args.seconds)
         failover = failover_times(kv, args.failovers)
         restarts = coordinator_restart_times(kv, args.restarts)

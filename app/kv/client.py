@@ -15,7 +15,7 @@ import ray
 
 from app.kv import protocol
 from app.kv.config import KVConfig, ReadConcern, WriteConcern, read_code, write_code
-from app.kv.direct import DirectClient
+from app.kv.direct import AsyncDirectClient, DirectClient
 from app.kv.errors import ClusterNotFoundError, InvalidArgumentError
 from app.kv.pipeline import ReadMany, ReadPipeline
 from app.kv.protocol import Call, MapView
@@ -41,6 +41,12 @@ def coordinator_handle(name: str, namespace: str) -> Any:
         ) from None
 
 
+def _with_direct(config: KVConfig, direct: bool | None) -> KVConfig:
+    if direct is None or direct == config.direct_transport:
+        return config
+    return config.model_copy(update={"direct_transport": bool(direct and config.direct_transport)})
+
+
 class KVClient:
     """Talks to shard primaries directly, using the slot map it caches from the coordinator.
 
@@ -56,13 +62,13 @@ class KVClient:
         self._write = write_code(config.write_concern)
         self._rid_prefix = uuid.uuid4().hex[:16] + ":"
         self._rids = itertools.count()
-        # The synchronous methods' calls to shard members go over the direct transport when
-        # the cluster offers it (app.kv.direct); the asyncio ones stay on Ray actor calls,
-        # whose awaitables already overlap and which the auto-pipeline merges.
-        self._direct = (
-            DirectClient(config.write_timeout_s + config.health_check_timeout_s)
-            if config.direct_transport
-            else None
+        # Calls to shard members go over the direct transport when the cluster offers it
+        # (app.kv.direct): one blocking client for the synchronous methods, one per event
+        # loop for the asyncio ones (their connections belong to that loop).
+        self._call_timeout = config.write_timeout_s + config.health_check_timeout_s
+        self._direct = DirectClient(self._call_timeout) if config.direct_transport else None
+        self._adirect: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncDirectClient] = (
+            weakref.WeakKeyDictionary()
         )
         # One auto-pipelining state per event loop (its futures belong to that loop).
         self._pipelines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ReadPipeline] = (
@@ -71,16 +77,23 @@ class KVClient:
 
     # Connecting --------------------------------------------------------------------------
     @classmethod
-    def connect(cls, name: str = "kv", namespace: str = "app-kv") -> KVClient:
+    def connect(
+        cls, name: str = "kv", namespace: str = "app-kv", *, direct: bool | None = None
+    ) -> KVClient:
+        """A client of the named cluster. `direct=False` keeps this client on Ray actor calls
+        even where the cluster offers the direct transport (None: the cluster's setting)."""
         coordinator = coordinator_handle(name, namespace)
         config, view = ray.get([coordinator.config.remote(), coordinator.get_map.remote()])
-        return cls(coordinator, config, view)
+        return cls(coordinator, _with_direct(config, direct), view)
 
     @classmethod
-    async def aconnect(cls, name: str = "kv", namespace: str = "app-kv") -> KVClient:
+    async def aconnect(
+        cls, name: str = "kv", namespace: str = "app-kv", *, direct: bool | None = None
+    ) -> KVClient:
         coordinator = coordinator_handle(name, namespace)
         config = await coordinator.config.remote()
-        return cls(coordinator, config, await coordinator.get_map.remote())
+        view = await coordinator.get_map.remote()
+        return cls(coordinator, _with_direct(config, direct), view)
 
     def __reduce__(self) -> tuple[Any, tuple[str, str]]:
         return (KVClient.connect, (self.config.name, self.config.namespace))
@@ -134,14 +147,14 @@ class KVClient:
                             *(
                                 pipeline.read(r)
                                 if type(r) is ReadMany
-                                else r.submit()
+                                else self._acall(r)
                                 if type(r) is Call
                                 else r
                                 for r in request
                             )
                         )
                     elif type(request) is Call:
-                        result = await request.submit()
+                        result = await self._acall(request)
                     else:
                         result = await request
                 except Exception as exc:
@@ -151,11 +164,25 @@ class KVClient:
         except StopIteration as stop:
             return stop.value
 
+    def _acall(self, call: Call) -> Any:
+        """The awaitable reply to `call` in the running loop."""
+        if not (call.direct and self.config.direct_transport):
+            return call.submit()
+        loop = asyncio.get_running_loop()
+        direct = self._adirect.get(loop)
+        if direct is None:
+            direct = self._adirect[loop] = AsyncDirectClient(self._call_timeout)
+        return direct.call(call)
+
+    async def _amget(self, primary: Any, keys: list[str]) -> list[Any]:
+        reply: list[Any] = await self._acall(Call(primary, "mget", (keys,)))
+        return reply
+
     def _pipeline(self) -> ReadPipeline:
         loop = asyncio.get_running_loop()
         pipeline = self._pipelines.get(loop)
         if pipeline is None:
-            pipeline = self._pipelines[loop] = ReadPipeline()
+            pipeline = self._pipelines[loop] = ReadPipeline(mget=self._amget)
         return pipeline
 
     # Argument checks ---------------------------------------------------------------------
@@ -409,14 +436,19 @@ class KVClient:
     def transport_stats(self) -> dict[str, int]:
         """Calls this client sent over the direct transport, and connection failures after
         which a call went through Ray instead."""
-        if self._direct is None:
-            return {"direct_calls": 0, "fallbacks": 0}
-        return {"direct_calls": self._direct.calls, "fallbacks": self._direct.fallbacks}
+        books = [*([self._direct] if self._direct is not None else []), *self._adirect.values()]
+        return {
+            "direct_calls": sum(book.calls for book in books),
+            "fallbacks": sum(book.fallbacks for book in books),
+        }
 
     def close(self) -> None:
-        """Close the direct connections now (they also close when the client is collected)."""
+        """Close the direct connections now (they also close when the client is collected).
+        Call it from the event loop thread when asyncio methods were used."""
         if self._direct is not None:
             self._direct.close()
+        for direct in list(self._adirect.values()):
+            direct.close()
 
     # Administration (through the coordinator, never on the data path) ---------------------
     def refresh(self) -> None:

@@ -26,6 +26,7 @@ either side.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -41,7 +42,7 @@ from typing import Any
 
 import ray
 
-from app.kv.protocol import Call, UseRay
+from app.kv.protocol import USE_RAY, Call, UseRay
 
 log = logging.getLogger(__name__)
 
@@ -188,19 +189,54 @@ class Pending:
     handle: Any
 
 
+MAX_HOLD_S = 300.0
+
+
+class EndpointBook:
+    """Which members take direct calls, and where: each endpoint is asked of its member once
+    (a Ray call). A member without one, or whose connection just failed, is left to Ray calls
+    for a while before it is tried again (it may have been replaced at a new port): 2 s after a
+    first failure, doubling with each failure in a row up to 5 min, so a member the network
+    does not let us reach (a firewall) costs a stalled connect rarely, not every 2 s."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        self._retry_after = retry_after_s
+        self._endpoints: dict[Any, tuple[Endpoint | None, float]] = {}
+        self._strikes: dict[Any, int] = {}
+        self.calls = 0
+        self.fallbacks = 0
+
+    def known(self, handle: Any) -> tuple[bool, Endpoint | None]:
+        """(True, endpoint or None) when the book has an answer, (False, None) to ask."""
+        cached = self._endpoints.get(handle)
+        if cached is not None and (cached[0] is not None or time.monotonic() < cached[1]):
+            return True, cached[0]
+        return False, None
+
+    def learned(self, handle: Any, endpoint: Endpoint | None) -> None:
+        self._endpoints[handle] = (endpoint, time.monotonic() + self._retry_after)
+
+    def failed(self, handle: Any) -> None:
+        self.fallbacks += 1
+        strikes = self._strikes.get(handle, 0) + 1
+        self._strikes[handle] = strikes
+        hold = min(self._retry_after * 2 ** (strikes - 1), MAX_HOLD_S)
+        self._endpoints[handle] = (None, time.monotonic() + hold)
+
+    def answered(self, handle: Any) -> None:
+        if self._strikes:
+            self._strikes.pop(handle, None)
+
+
 def fetch_endpoint(handle: Any) -> Endpoint | None:
     """A member's direct endpoint, asked through Ray (None: the member has none)."""
     endpoint: Endpoint | None = ray.get(handle.endpoint.remote(), timeout=HELLO_TIMEOUT_S)
     return endpoint
 
 
-class DirectClient:
-    """Pooled connections to members' endpoints, keyed by actor handle; thread-safe.
-
-    `fetch_endpoint(handle)` asks the member for its endpoint (a Ray call, once per member);
-    a member without one, or whose connection failed, is left to Ray calls for `retry_after_s`
-    before it is tried again (it may have been replaced at a new port meanwhile).
-    """
+class DirectClient(EndpointBook):
+    """Pooled blocking connections to members' endpoints, keyed by actor handle; thread-safe.
+    `fetch_endpoint(handle)` asks a member for its endpoint (see EndpointBook)."""
 
     def __init__(
         self,
@@ -209,25 +245,22 @@ class DirectClient:
         connect_timeout_s: float = 1.0,
         retry_after_s: float = 2.0,
     ) -> None:
+        super().__init__(retry_after_s)
         self._fetch = fetch_endpoint
         self._call_timeout = call_timeout_s
         self._connect_timeout = connect_timeout_s
-        self._retry_after = retry_after_s
         self._lock = threading.Lock()
-        self._endpoints: dict[Any, tuple[Endpoint | None, float]] = {}
         self._idle: dict[Endpoint, list[socket.socket]] = {}
-        self.calls = 0
-        self.fallbacks = 0
 
     def _endpoint(self, handle: Any) -> Endpoint | None:
-        cached = self._endpoints.get(handle)
-        if cached is not None and (cached[0] is not None or time.monotonic() < cached[1]):
-            return cached[0]
+        found, endpoint = self.known(handle)
+        if found:
+            return endpoint
         try:
             endpoint = self._fetch(handle)
         except Exception:
             endpoint = None
-        self._endpoints[handle] = (endpoint, time.monotonic() + self._retry_after)
+        self.learned(handle, endpoint)
         return endpoint
 
     def _connect(self, endpoint: Endpoint) -> socket.socket:
@@ -247,9 +280,8 @@ class DirectClient:
             raise
         return sock
 
-    def _failed(self, handle: Any, endpoint: Endpoint) -> None:
-        self.fallbacks += 1
-        self._endpoints[handle] = (None, time.monotonic() + self._retry_after)
+    def _drop(self, handle: Any, endpoint: Endpoint) -> None:
+        self.failed(handle)
         with self._lock:
             idle = self._idle.pop(endpoint, [])
         for sock in idle:
@@ -263,13 +295,13 @@ class DirectClient:
         try:
             sock = self._connect(endpoint)
         except OSError:
-            self._failed(handle, endpoint)
+            self._drop(handle, endpoint)
             return None
         try:
             send_frame(sock, (method, args))
         except OSError:
             sock.close()
-            self._failed(handle, endpoint)
+            self._drop(handle, endpoint)
             return None
         self.calls += 1
         return Pending(endpoint, sock, handle)
@@ -281,14 +313,15 @@ class DirectClient:
             ok, value = recv_frame(pending.conn)
         except (OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
             pending.conn.close()
-            self._failed(pending.handle, pending.endpoint)
+            self._drop(pending.handle, pending.endpoint)
             raise TransportError(str(exc)) from exc
+        self.answered(pending.handle)
         with self._lock:
             idle = self._idle.setdefault(pending.endpoint, [])
-            if len(idle) < MAX_IDLE_PER_ENDPOINT:
+            pooled = len(idle) < MAX_IDLE_PER_ENDPOINT
+            if pooled:
                 idle.append(pending.conn)
-                pending = None  # type: ignore[assignment]
-        if pending is not None:
+        if not pooled:
             pending.conn.close()
         if ok:
             return value
@@ -318,24 +351,28 @@ class DirectClient:
                 continue
             pending = self.send(call.handle, call.method, call.args) if call.direct else None
             sent.append(call.submit() if pending is None else pending)
-        # Every reply is read even after one fails, so no connection is left mid-reply.
-        out: list[Any] = []
+        # Every direct reply is read even after one fails, so no connection is left
+        # mid-reply; calls that must go through Ray after all are submitted together.
+        out: list[Any] = [None] * len(calls)
         error: BaseException | None = None
-        for call, request in zip(calls, sent, strict=True):
+        for i, request in enumerate(sent):
+            if type(request) is not Pending:
+                continue
             try:
-                if type(request) is Pending:
-                    try:
-                        reply = self.receive(request)
-                        if type(reply) is not UseRay:
-                            out.append(reply)
-                            continue
-                    except TransportError:
-                        pass
-                    request = call.submit()
-                out.append(ray.get(request))
+                reply = self.receive(request)
+            except TransportError:
+                reply = USE_RAY
             except Exception as exc:
                 error = error or exc
-                out.append(None)
+                reply = None
+            sent[i] = calls[i].submit() if type(reply) is UseRay else None
+            out[i] = reply
+        for i, request in enumerate(sent):
+            if request is not None:
+                try:
+                    out[i] = ray.get(request)
+                except Exception as exc:
+                    error = error or exc
         if error is not None:
             raise error
         return out
@@ -346,3 +383,117 @@ class DirectClient:
         for socks in idle.values():
             for sock in socks:
                 sock.close()
+
+
+# asyncio ---------------------------------------------------------------------------------
+def _write_frame(writer: asyncio.StreamWriter, obj: Any) -> None:
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    raws = [buf.raw() for buf in buffers]
+    lengths = b"".join(_LEN.pack(raw.nbytes) for raw in raws)
+    writer.write(_HEAD.pack(len(data), len(raws)) + lengths + data)
+    for raw in raws:
+        writer.write(raw)
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> Any:
+    size, count = _HEAD.unpack(await reader.readexactly(_HEAD.size))
+    lengths = [n for (n,) in _LEN.iter_unpack(await reader.readexactly(_LEN.size * count))]
+    if size + sum(lengths) > MAX_FRAME:
+        raise ConnectionError(f"frame of {size + sum(lengths)} bytes is over the limit")
+    data = await reader.readexactly(size)
+    buffers = [await reader.readexactly(n) for n in lengths]
+    return pickle.loads(data, buffers=buffers)
+
+
+_Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class AsyncDirectClient(EndpointBook):
+    """The asyncio twin of DirectClient, for one event loop: pooled stream connections, one
+    call in flight on each, so concurrent calls run on several connections."""
+
+    def __init__(
+        self, call_timeout_s: float, connect_timeout_s: float = 1.0, retry_after_s: float = 2.0
+    ) -> None:
+        super().__init__(retry_after_s)
+        self._call_timeout = call_timeout_s
+        self._connect_timeout = connect_timeout_s
+        self._idle: dict[Endpoint, list[_Stream]] = {}
+
+    async def _endpoint(self, handle: Any) -> Endpoint | None:
+        found, endpoint = self.known(handle)
+        if found:
+            return endpoint
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT_S):
+                endpoint = await handle.endpoint.remote()
+        except Exception:
+            endpoint = None
+        self.learned(handle, endpoint)
+        return endpoint
+
+    async def _connect(self, endpoint: Endpoint) -> _Stream:
+        idle = self._idle.get(endpoint)
+        if idle:
+            return idle.pop()
+        async with asyncio.timeout(self._connect_timeout):
+            reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+            try:
+                writer.write(MAGIC + endpoint.token)
+                if await reader.readexactly(1) != _OK:
+                    raise ConnectionError("endpoint refused the token")
+            except BaseException:
+                writer.close()
+                raise
+        return reader, writer
+
+    def _drop(self, handle: Any, endpoint: Endpoint) -> None:
+        self.failed(handle)
+        for _, writer in self._idle.pop(endpoint, []):
+            writer.close()
+
+    async def call(self, call: Call) -> Any:
+        """The reply to `call`, direct when possible, else (and after a transport failure)
+        as a Ray actor call."""
+        endpoint = await self._endpoint(call.handle) if call.direct else None
+        if endpoint is not None:
+            reply = await self._roundtrip(call, endpoint)
+            if type(reply) is not UseRay:
+                return reply
+        return await call.submit()
+
+    async def _roundtrip(self, call: Call, endpoint: Endpoint) -> Any:
+        """The call's reply over a connection, or USE_RAY when the transport failed."""
+        stream: _Stream | None = None
+        try:
+            stream = await self._connect(endpoint)
+            reader, writer = stream
+            async with asyncio.timeout(self._call_timeout):
+                _write_frame(writer, (call.method, call.args))
+                self.calls += 1
+                ok, value = await _read_frame(reader)
+        except (OSError, EOFError, ValueError, TimeoutError, pickle.UnpicklingError):
+            if stream is not None:
+                stream[1].close()
+            self._drop(call.handle, endpoint)
+            return USE_RAY
+        except BaseException:  # cancelled mid-call: the reply would be left on the connection
+            if stream is not None:
+                stream[1].close()
+            raise
+        self.answered(call.handle)
+        idle = self._idle.setdefault(endpoint, [])
+        if len(idle) < MAX_IDLE_PER_ENDPOINT:
+            idle.append(stream)
+        else:
+            stream[1].close()
+        if ok:
+            return value
+        raise value
+
+    def close(self) -> None:
+        idle, self._idle = self._idle, {}
+        for streams in idle.values():
+            for _, writer in streams:
+                writer.close()

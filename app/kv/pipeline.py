@@ -13,6 +13,7 @@ strong reads stay linearizable.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,11 +38,22 @@ class _Lane:
     waiting: list[tuple[list[str], asyncio.Future[list[Any]]]] = field(default_factory=list)
 
 
-class ReadPipeline:
-    """Merges concurrent ReadMany requests per primary (one instance per event loop)."""
+async def _actor_mget(primary: Any, keys: list[str]) -> list[Any]:
+    reply: list[Any] = await primary.mget.remote(keys)
+    return reply
 
-    def __init__(self, depth: int = 1) -> None:
+
+class ReadPipeline:
+    """Merges concurrent ReadMany requests per primary (one instance per event loop).
+    `mget(primary, keys)` makes one call: a Ray actor call by default."""
+
+    def __init__(
+        self,
+        depth: int = 1,
+        mget: Callable[[Any, list[str]], Awaitable[list[Any]]] = _actor_mget,
+    ) -> None:
         self.depth = depth
+        self._mget = mget
         self._lanes: dict[Any, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -57,8 +69,7 @@ class ReadPipeline:
     async def _call(self, primary: Any, lane: _Lane, keys: list[str]) -> list[Any]:
         """One mget call, already counted in `lane.inflight`."""
         try:
-            reply: list[Any] = await primary.mget.remote(keys)
-            return reply
+            return await self._mget(primary, keys)
         finally:
             lane.inflight -= 1
             if lane.waiting:

@@ -206,6 +206,7 @@ def test_async_client_inside_an_actor(kv: KVClient) -> None:
                 await client.acas("ops:actor", None, "x"),
                 await client.adelete("ops:actor3"),
                 sorted(k for k, _ in page.items),
+                client.transport_stats(),
             ]
 
     service = Service.remote()  # type: ignore[attr-defined]
@@ -216,6 +217,7 @@ def test_async_client_inside_an_actor(kv: KVClient) -> None:
     assert result[0] == "hello" and result[1] == [2, 3]
     assert result[2][0] is False and result[3] is True
     assert result[4] == ["ops:actor", "ops:actor2", "ops:actor3"]
+    assert result[5]["direct_calls"] >= 6 and result[5]["fallbacks"] == 0  # asyncio goes direct
     assert kv.get("ops:actor3") is None
 
 
@@ -223,11 +225,7 @@ def test_direct_transport_and_ray_calls_answer_alike(kv: KVClient) -> None:
     """The synchronous client's calls go over the direct transport; a client configured
     without it makes Ray actor calls. Both see the same data, small and large, and the same
     redirects and errors."""
-    ray_only = KVClient(
-        kv._coordinator,
-        kv.config.model_copy(update={"direct_transport": False}),
-        ray.get(kv._coordinator.get_map.remote()),
-    )
+    ray_only = KVClient.connect(NAME, NAMESPACE, direct=False)
     before = kv.transport_stats()["direct_calls"]
     array = np.arange(150_000, dtype=np.int64)  # large: stored as a ref, read back by value
     small = {f"parity:{i}": {"i": i} for i in range(40)}

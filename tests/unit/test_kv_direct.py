@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from typing import Any
@@ -12,6 +13,7 @@ import ray
 
 from app.kv.direct import (
     MAGIC,
+    AsyncDirectClient,
     DirectClient,
     DirectServer,
     Endpoint,
@@ -20,7 +22,7 @@ from app.kv.direct import (
     send_frame,
 )
 from app.kv.errors import InvalidArgumentError
-from app.kv.protocol import USE_RAY, Fetched, Moved
+from app.kv.protocol import USE_RAY, Call, Fetched, Moved
 from app.kv.shard_base import by_value
 
 
@@ -196,3 +198,75 @@ def test_large_values_go_by_value_within_the_reply_budget() -> None:
     # Replies without large values pass unchanged (a 3-item mget reply is not a payload).
     assert by_value([b"a", b"b", None], 0) == [b"a", b"b", None]
     assert by_value((True, 3), 0) == (True, 3)
+
+
+class FakeHandle:
+    """An actor handle's surface as AsyncDirectClient uses it: `endpoint.remote()` and the
+    data-path methods' `.remote()` (the Ray fallback), both awaitable."""
+
+    def __init__(self, endpoint: Endpoint | None) -> None:
+        self.endpoint_value = endpoint
+        self.ray_calls: list[str] = []
+
+    def __getattr__(self, method: str) -> Any:
+        outer = self
+
+        class Method:
+            @staticmethod
+            def remote(*args: Any) -> Any:
+                async def reply() -> Any:
+                    if method == "endpoint":
+                        return outer.endpoint_value
+                    outer.ray_calls.append(method)
+                    return ("via ray", method)
+
+                return reply()
+
+        return Method()
+
+
+async def test_async_client_calls_pools_and_falls_back(server: Any) -> None:
+    srv, member = server
+    handle = FakeHandle(srv.endpoint)
+    client = AsyncDirectClient(5.0)
+    assert await client.call(Call(handle, "put", ("k", 1))) == 1
+    assert await client.call(Call(handle, "get", ("k",))) == 1
+    assert await client.call(Call(handle, "get", ("k",), direct=False)) == ("via ray", "get")
+    with pytest.raises(InvalidArgumentError):
+        await client.call(Call(handle, "nope", ()))
+    # Concurrent calls take separate connections: a blocked one does not hold up the rest.
+    blocked = asyncio.ensure_future(client.call(Call(handle, "block", ())))
+    await asyncio.sleep(0.05)
+    assert await client.call(Call(handle, "get", ("k",))) == 1
+    member.gate.set()
+    assert await blocked == "late"
+    assert client.calls == 5 and handle.ray_calls == ["get"]
+    # The member goes away: the call is made through Ray instead, and Ray only for a while.
+    srv.close()
+    assert await client.call(Call(handle, "get", ("k",))) == ("via ray", "get")
+    assert await client.call(Call(handle, "get", ("k",))) == ("via ray", "get")
+    assert client.fallbacks == 1
+    client.close()
+
+
+async def test_async_call_cancelled_mid_reply_does_not_poison_the_pool(server: Any) -> None:
+    srv, member = server
+    handle = FakeHandle(srv.endpoint)
+    client = AsyncDirectClient(5.0)
+    assert await client.call(Call(handle, "put", ("k", "v"))) == 1
+    task = asyncio.ensure_future(client.call(Call(handle, "block", ())))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    member.gate.set()  # the blocked call's reply is sent to a connection nobody reuses
+    for _ in range(3):
+        assert await client.call(Call(handle, "get", ("k",))) == "v"
+    client.close()
+
+
+async def test_async_client_without_an_endpoint_uses_ray() -> None:
+    handle = FakeHandle(None)
+    client = AsyncDirectClient(5.0)
+    assert await client.call(Call(handle, "get", ("k",))) == ("via ray", "get")
+    assert client.calls == 0 and handle.ray_calls == ["get"]
