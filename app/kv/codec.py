@@ -8,10 +8,12 @@ from typing import Any
 import ray
 
 from app.kv.errors import ValueNotSerializableError, ValueTooLargeError
+from app.kv.protocol import ByValue
 
 
-def encode(value: Any, large_bytes: int, max_bytes: int) -> Any:
-    """Pickled bytes for a small value, or `[ObjectRef, size]` for one of `large_bytes` or more.
+def encode(value: Any, large_bytes: int, max_bytes: int, by_value: bool = False) -> Any:
+    """Pickled bytes for a small value; for one of `large_bytes` or more, `ByValue` (sent whole
+    over the direct transport, out-of-band buffers and all) or `[ObjectRef, size]`.
 
     Pickling with a buffer callback measures numpy-style buffers without copying them, so a
     large array is copied once, into the object store, where readers map it without a copy. The
@@ -31,6 +33,8 @@ def encode(value: Any, large_bytes: int, max_bytes: int) -> Any:
         raise ValueTooLargeError(f"value is {size} bytes; the limit is {max_bytes}")
     if size < large_bytes:
         return data if not buffers else pickle.dumps(value, protocol=5)
+    if by_value:
+        return ByValue(value, size)
     return [ray.put(value), size]
 
 

@@ -54,11 +54,14 @@ REDIRECTS = (Moved, Ask, NotPrimary, Stale, TryAgain)
 
 
 @dataclass(frozen=True, slots=True)
-class Fetched:
-    """A large value sent by value: what the direct transport answers instead of a ref
-    (an ObjectRef cannot leave Ray's own serialisation)."""
+class ByValue:
+    """A large value sent whole instead of as an object-store ref (an ObjectRef cannot leave
+    Ray's own serialisation): by a direct-transport client writing it, by a member answering
+    a direct read, and by a primary replicating it. Members hold it as `[None, size, value]`
+    until a Ray caller needs a ref (see shard_base.wire)."""
 
     value: Any
+    size: int
 
 
 @dataclass(frozen=True, slots=True)

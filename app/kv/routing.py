@@ -21,7 +21,7 @@ from app.kv.codec import decode_inline, encode
 from app.kv.config import KVConfig
 from app.kv.errors import InvalidArgumentError, KVUnavailableError
 from app.kv.pipeline import ReadMany
-from app.kv.protocol import REDIRECTS, Ask, Call, Fetched, MapView, Moved, TryAgain
+from app.kv.protocol import REDIRECTS, Ask, ByValue, Call, MapView, Moved, TryAgain
 from app.kv.slots import NUM_SLOTS, key_slot
 
 Op = Generator[Any, Any, Any]
@@ -46,6 +46,9 @@ class Router:
         self.coordinator = coordinator
         self.cfg = config
         self.max_key = config.max_key_bytes
+        # With the direct transport, large values are written whole (ByValue) to the primary,
+        # which replicates them whole: no ray.put and no ref handed between processes.
+        self.by_value = config.direct_transport
         self.view = view
         self.owners = list(view.owners)
         self.groups = view.groups
@@ -135,7 +138,7 @@ class Router:
             return default
         if type(payload) is bytes:
             return decode_inline(payload)
-        if type(payload) is Fetched:
+        if type(payload) is ByValue:
             return payload.value
         values = yield from self.resolve([key], [payload], default)
         return values[0]
@@ -159,7 +162,7 @@ class Router:
 
     def put(self, key: str, value: Any, ttl: float | None, code: int, rid: str) -> Op:
         slot = key_slot(key, self.max_key)
-        payload = encode(value, self.cfg.large_value_bytes, self.cfg.max_value_bytes)
+        payload = encode(value, self.cfg.large_value_bytes, self.cfg.max_value_bytes, self.by_value)
         return (yield from self.single(slot, _put_call(key, slot, payload, ttl, rid, code)))
 
     def delete(self, key: str, code: int, rid: str) -> Op:
@@ -172,7 +175,7 @@ class Router:
         self, key: str, expected: int | None, value: Any, ttl: float | None, code: int, rid: str
     ) -> Op:
         slot = key_slot(key, self.max_key)
-        payload = encode(value, self.cfg.large_value_bytes, self.cfg.max_value_bytes)
+        payload = encode(value, self.cfg.large_value_bytes, self.cfg.max_value_bytes, self.by_value)
         reply = yield from self.single(
             slot,
             lambda h, a: Call(
@@ -250,7 +253,7 @@ class Router:
                 continue
             if type(payload) is bytes:
                 out[i] = decode_inline(payload)
-            elif type(payload) is Fetched:
+            elif type(payload) is ByValue:
                 out[i] = payload.value
             else:
                 where.append(i)
@@ -263,7 +266,8 @@ class Router:
     def mset(self, mapping: dict[str, Any], ttl: float | None, code: int, rid: str) -> Op:
         large, limit = self.cfg.large_value_bytes, self.cfg.max_value_bytes
         items = [
-            (k, key_slot(k, self.max_key), encode(v, large, limit)) for k, v in mapping.items()
+            (k, key_slot(k, self.max_key), encode(v, large, limit, self.by_value))
+            for k, v in mapping.items()
         ]
         slots = [item[1] for item in items]
         batches = self._by_group(slots, range(len(items)))
@@ -337,7 +341,7 @@ class Router:
 
 def _inline(payload: Any) -> bool:
     """A payload without an ObjectRef in it (so a call carrying it may go direct)."""
-    return type(payload) is bytes
+    return type(payload) is not list
 
 
 def _get_call(key: str, slot: int, own: bool = False) -> Callable[[Any, bool], Call]:

@@ -7,7 +7,7 @@ from typing import Any
 import ray
 
 from app.kv.protocol import NotPrimary, Stale, TryAgain
-from app.kv.shard_base import CONCURRENCY_GROUPS, UNCONFIRMED, wire
+from app.kv.shard_base import CONCURRENCY_GROUPS, UNCONFIRMED, large_payload, wire
 from app.kv.shard_migration import MigrationMixin
 from app.kv.shard_replication import ReplicationMixin
 from app.kv.slots import key_slot
@@ -123,7 +123,7 @@ class Shard(MigrationMixin, ReplicationMixin):
     ) -> Any:
         """Store a value; replies with its new version once write concern `code` is met."""
         blob = None
-        if type(payload) is list:
+        if large_payload(payload):
             payload, blob = self._take([payload])[0]
         with self.lock:
             early = self._early_reply(slot, key, rid, code, asking)
@@ -173,7 +173,7 @@ class Shard(MigrationMixin, ReplicationMixin):
 
         Replies (True, new version) or (False, current version or None)."""
         blob = None
-        if type(payload) is list:
+        if large_payload(payload):
             payload, blob = self._take([payload])[0]
         with self.lock:
             early = self._early_reply(slot, key, rid, code, asking)
@@ -232,12 +232,12 @@ class Shard(MigrationMixin, ReplicationMixin):
             return self._ack(last, code, results) if last else results
 
     def _take_items(self, items: list[tuple[str, Any]]) -> list[tuple[str, int, Any, bytes | None]]:
-        large = [payload for _, payload in items if type(payload) is list]
+        large = [payload for _, payload in items if large_payload(payload)]
         taken = iter(self._take(large) if large else ())
         owned: list[tuple[str, int, Any, bytes | None]] = []
         for key, payload in items:
             blob = None
-            if type(payload) is list:
+            if large_payload(payload):
                 payload, blob = next(taken)
             owned.append((key, key_slot(key, self._max_key), payload, blob))
         return owned

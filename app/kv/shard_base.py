@@ -25,7 +25,7 @@ from app.kv import protocol
 from app.kv.config import KVConfig
 from app.kv.direct import DirectClient, DirectServer, Endpoint
 from app.kv.errors import InvalidArgumentError
-from app.kv.protocol import USE_RAY, Ask, Fetched, Moved, NotPrimary, TryAgain
+from app.kv.protocol import USE_RAY, Ask, ByValue, Moved, NotPrimary, TryAgain
 from app.kv.recovery import MemberReport
 from app.kv.replication import CommitTracker, ReplicaStream
 from app.kv.store import (
@@ -62,7 +62,8 @@ _DIRECT = threading.local()
 
 class ShardBase:
     """One member of a shard group. Large values are held as `[ref, size, value]` (see
-    `_take`) until a member re-owns them as `[ObjectRef, size]` (see `_reown`)."""
+    `_take`; `ref` is None for a value that arrived whole, ByValue, until a Ray reader needs
+    one, see `wire`) until a member re-owns them as `[ObjectRef, size]` (see `_reown`)."""
 
     def __init__(
         self,
@@ -202,7 +203,7 @@ class ShardBase:
         self.tracker.wrote(op.seq, key)
         large = kind == OP_PUT and type(payload) is list
         if self.streams:
-            sent = op._replace(payload=payload[:2]) if large else op
+            sent = op._replace(payload=self._replicated(payload)) if large else op
             for stream in self.streams.values():
                 stream.push(sent)
         if self.wal is not None:
@@ -240,7 +241,14 @@ class ShardBase:
         return self.cond.wait_for(settled, self.cfg.write_timeout_s)
 
     # Large values -----------------------------------------------------------------------
-    def _take(self, payloads: list[list[Any]]) -> list[tuple[list[Any], bytes | None]]:
+    def _replicated(self, payload: list[Any]) -> Any:
+        """What a replica is sent for a large value: the value whole (ByValue) when this
+        member holds it and the direct transport carries replication, else its ref."""
+        if len(payload) == 3 and (payload[0] is None or self.cfg.direct_transport):
+            return ByValue(payload[2], payload[1])
+        return payload[:2]
+
+    def _take(self, payloads: list[Any]) -> list[tuple[list[Any], bytes | None]]:
         """Large values arriving from a writer (or a migration source), without a copy.
 
         Every member holds a large value as `[ref, size, value]`: the ref readers are given
@@ -251,13 +259,18 @@ class ShardBase:
         that finds the ref dead asks the primary to re-own the value (`_reown`), and snapshots
         and migrations only ever hand out refs the primary owns. A put thus costs one copy
         (the writer's) instead of two. The bytes for the WAL come along when durability is on.
+
+        A value sent whole (ByValue, over the direct transport) is held as `[None, size,
+        value]`: no object-store copy is made unless a Ray reader asks for a ref.
         """
-        values = ray.get([p[0] for p in payloads])
+        refs = [p[0] for p in payloads if type(p) is list]
+        fetched = iter(ray.get(refs) if refs else ())
         durable = self.cfg.durable
-        return [
-            ([p[0], p[1], v], pickle.dumps(v, protocol=5) if durable else None)
-            for p, v in zip(payloads, values, strict=True)
-        ]
+        out: list[tuple[list[Any], bytes | None]] = []
+        for p in payloads:
+            held = [None, p.size, p.value] if type(p) is ByValue else [p[0], p[1], next(fetched)]
+            out.append((held, pickle.dumps(held[2], protocol=5) if durable else None))
+        return out
 
     @staticmethod
     def _hold(payloads: list[list[Any]]) -> list[list[Any]]:
@@ -364,25 +377,40 @@ class ShardBase:
                 self._peer_client.close()
 
 
+def large_payload(payload: Any) -> bool:
+    """A large value as a writer or a primary sends it: `[ObjectRef, size]` or ByValue."""
+    return type(payload) is list or type(payload) is ByValue
+
+
 def large_value_op(op: Op) -> bool:
-    return op.kind == OP_PUT and type(op.payload) is list
+    return op.kind == OP_PUT and large_payload(op.payload)
 
 
 def wire(payload: Any) -> Any:
     """A stored payload as readers get it: a held large value without its local value, except
-    on the direct transport, which sends the local value itself (see `_by_value`)."""
+    on the direct transport, which sends the local value itself (see `by_value`). A value that
+    arrived whole gets its ref here, on its first Ray read: put once, by this member (two
+    threads may race to it; either ref is good)."""
     if type(payload) is not list or getattr(_DIRECT, "active", False):
         return payload
+    if payload[0] is None:
+        payload[0] = ray.put(payload[2])
     return payload[:2]
 
 
 def _is_large(value: Any) -> bool:
-    """A large-value payload: `[ObjectRef, size]` or `[ObjectRef, size, local value]`."""
-    return type(value) is list and 2 <= len(value) <= 3 and isinstance(value[0], ray.ObjectRef)
+    """A stored large-value payload: `[ObjectRef, size]` or `[ObjectRef or None, size, value]`
+    (never an mget reply: their items are bytes, None, lists or redirects, not ints)."""
+    return (
+        type(value) is list
+        and 2 <= len(value) <= 3
+        and type(value[1]) is int
+        and (value[0] is None or isinstance(value[0], ray.ObjectRef))
+    )
 
 
-def _fetched(payload: list[Any]) -> Fetched:
-    return Fetched(payload[2] if len(payload) == 3 else ray.get(payload[0]))
+def _fetched(payload: list[Any]) -> ByValue:
+    return ByValue(payload[2] if len(payload) == 3 else ray.get(payload[0]), payload[1])
 
 
 def by_value(reply: Any, budget: int) -> Any:

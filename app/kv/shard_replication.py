@@ -33,11 +33,11 @@ class ReplicationMixin(ShardBase):
         large = [i for i, op in enumerate(ops) if large_value_op(op)]
         disk: dict[int, Op] = {}  # what the WAL gets for large values: their bytes
         if large:
-            held = self._hold([ops[i].payload for i in large])
+            held = self._take([ops[i].payload for i in large])
             ops = list(ops)
-            for i, payload in zip(large, held, strict=True):
-                if self.cfg.durable:
-                    disk[i] = ops[i]._replace(payload=LargeBlob(pickle.dumps(payload[2], 5)))
+            for i, (payload, blob) in zip(large, held, strict=True):
+                if blob is not None:
+                    disk[i] = ops[i]._replace(payload=LargeBlob(blob))
                 ops[i] = ops[i]._replace(payload=payload)
         with self.lock:
             if term < self.term or self.primary:
@@ -130,12 +130,12 @@ class ReplicationMixin(ShardBase):
         peers = self._peers()
 
         def send_ops(ops: list[Op], head: int, sent_at: float) -> int:
-            # Batches that carry refs (large values) go through Ray, the rest go direct.
+            # Batches that carry refs go through Ray, the rest (values whole) go direct.
             call = Call(
                 handle,
                 "apply_ops",
                 (term, ops, head, sent_at),
-                peers is not None and not any(large_value_op(op) for op in ops),
+                peers is not None and not any(type(op.payload) is list for op in ops),
             )
             if peers is None:
                 return int(ray.get(call.submit(), timeout=timeout))

@@ -1,5 +1,6 @@
 """The KV store's operations on a real Ray cluster: values, versions, TTL, scans, consistency
-levels, large values through the object store, bad input, and clients in other processes."""
+levels, large values (whole on the direct transport, refs on Ray calls), bad input, and clients
+in other processes."""
 
 from __future__ import annotations
 
@@ -128,7 +129,7 @@ def test_consistency_levels(kv: KVClient) -> None:
     assert "primary" in format_status(status)
 
 
-def test_large_values_go_through_the_object_store(kv: KVClient) -> None:
+def test_large_values_round_trip_whole_and_in_batches(kv: KVClient) -> None:
     array = np.random.default_rng(0).random(131072)  # 1 MiB
     kv.put("ops:big", array)
     got = kv.get("ops:big")
@@ -245,3 +246,35 @@ def test_direct_transport_and_ray_calls_answer_alike(kv: KVClient) -> None:
     assert ray_only.transport_stats()["direct_calls"] == 0
     assert kv.transport_stats()["direct_calls"] - before >= 8
     assert kv.transport_stats()["fallbacks"] == 0
+
+
+def test_large_values_written_whole_serve_every_reader_and_move_with_their_slot(
+    kv: KVClient,
+) -> None:
+    """The direct client writes large values whole (no ray.put): the primary holds them and
+    replicates them whole. A Ray-only reader then needs a ref, which the member makes on that
+    first read; values written as refs by a Ray-only writer read back whole on the direct path;
+    a slot migration moves both kinds."""
+    ray_only = KVClient.connect(NAME, NAMESPACE, direct=False)
+    whole, as_ref = np.arange(40_000) * 3, np.arange(40_000) * 5  # 320 KB each: large
+    key_a = next(k for k in (f"whole:{i}" for i in range(1000)) if kv.group_of(k) == 0)
+    key_b = next(k for k in (f"ref:{i}" for i in range(1000)) if kv.group_of(k) == 0)
+    kv.put(key_a, whole)
+    ray_only.put(key_b, as_ref)
+    for client in (kv, ray_only):
+        assert np.array_equal(client.get(key_a), whole)
+        assert np.array_equal(client.get(key_b), as_ref)
+        wait_until(lambda c=client: c.get(key_a, read="eventual") is not None)  # type: ignore[misc]
+        for _ in range(8):  # a random member each time: replicas answer too
+            assert np.array_equal(client.get(key_a, read="eventual"), whole)
+    ok, version = kv.cas(key_a, kv.get_versioned(key_a)[1], whole + 1)  # type: ignore[index]
+    assert ok and np.array_equal(ray_only.get(key_a), whole + 1)
+    slots = sorted({key_slot(key_a), key_slot(key_b)})
+    assert kv.move_slots(slots, 1) == len(slots)
+    kv.refresh()
+    ray_only.refresh()
+    assert kv.group_of(key_a) == kv.group_of(key_b) == 1
+    for client in (kv, ray_only):
+        assert np.array_equal(client.get(key_a), whole + 1)
+        assert np.array_equal(client.get(key_b), as_ref)
+    assert kv.get_versioned(key_a)[1] == version  # type: ignore[index]

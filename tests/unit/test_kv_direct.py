@@ -22,7 +22,7 @@ from app.kv.direct import (
     send_frame,
 )
 from app.kv.errors import InvalidArgumentError
-from app.kv.protocol import USE_RAY, Call, Fetched, Moved
+from app.kv.protocol import USE_RAY, ByValue, Call, Moved
 from app.kv.shard_base import by_value
 
 
@@ -78,7 +78,7 @@ def test_frames_round_trip_arrays_out_of_band() -> None:
     left, right = socket.socketpair()
     with left, right:
         array = np.arange(300_000, dtype=np.float32).reshape(600, 500)
-        value = {"a": array, "b": b"x" * 10, "fetched": Fetched(array[::2])}
+        value = {"a": array, "b": b"x" * 10, "fetched": ByValue(array[::2], 1)}
         sender = threading.Thread(target=send_frame, args=(left, value))
         sender.start()
         got = recv_frame(right)
@@ -184,12 +184,15 @@ def test_magic_is_checked(server: Any) -> None:
 def test_large_values_go_by_value_within_the_reply_budget() -> None:
     ref = ray.ObjectRef.nil()  # a held value is sent from its local copy: no ray.get here
     held = [ref, 1000, "value"]
-    assert by_value(held, 4000) == Fetched("value")
-    assert by_value((held, 7), 4000) == (Fetched("value"), 7)  # get_entry's (payload, version)
+    assert by_value(held, 4000) == ByValue("value", 1000)
+    assert by_value((held, 7), 4000) == (
+        ByValue("value", 1000),
+        7,
+    )  # get_entry's (payload, version)
     assert by_value([b"small", None, held, Moved(1, 2)], 4000) == [
         b"small",
         None,
-        Fetched("value"),
+        ByValue("value", 1000),
         Moved(1, 2),
     ]
     # Past the budget the whole call goes through Ray, which hands over refs instead.
