@@ -41,7 +41,7 @@ def format_status(status: dict[str, Any]) -> str:
         f"KV cluster {status['name']!r}: {len(status['groups'])} shard groups, "
         f"{status['keys']} keys, {status['bytes']} bytes, map version {status['version']}",
         f"{'group':>5} {'slots':>6} {'ranges':<22} {'member':<10} {'role':<8} "
-        f"{'seq':>8} {'lag_ms':>8} {'keys':>8} {'bytes':>12} node",
+        f"{'seq':>8} {'lag_ms':>8} {'keys':>8} {'bytes':>12} {'node':<12} direct",
     ]
     for group in status["groups"]:
         ranges = ",".join(f"{a}-{b}" for a, b in group["ranges"][:3])
@@ -54,7 +54,7 @@ def format_status(status: dict[str, Any]) -> str:
                 continue
             lines.append(
                 f"{head} {m['member']:<10} {m['role']:<8} {m['seq']:>8} {m['lag_ms']:>8.1f} "
-                f"{m['keys']:>8} {m['bytes']:>12} {m['node_id'][:12]}"
+                f"{m['keys']:>8} {m['bytes']:>12} {m['node_id'][:12]:<12} {m.get('direct') or '-'}"
             )
     return "\n".join(lines)
 

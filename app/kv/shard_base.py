@@ -334,6 +334,11 @@ class ShardBase:
                 "bytes": self.store.bytes,
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "replicas": dict(self.tracker.acked) if self.primary else {},
+                "direct": (
+                    f"{self._direct.endpoint.host}:{self._direct.endpoint.port}"
+                    if self._direct is not None
+                    else None
+                ),
             }
 
     @ray.method(concurrency_group="control")
