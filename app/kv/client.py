@@ -95,8 +95,10 @@ class KVClient:
         view = await coordinator.get_map.remote()
         return cls(coordinator, _with_direct(config, direct), view)
 
-    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
-        return (KVClient.connect, (self.config.name, self.config.namespace))
+    def __reduce__(self) -> tuple[Any, tuple[str, str, bool | None]]:
+        # A client opted out of the direct transport stays out where it is unpickled.
+        direct = None if self.config.direct_transport else False
+        return (_reconnect, (self.config.name, self.config.namespace, direct))
 
     # Drivers: run a routing generator to completion --------------------------------------
     # No per-call timeout: it costs ~10% of a call in Ray, and a member that stops answering
@@ -471,3 +473,7 @@ class KVClient:
 
     def move_slots(self, slots: list[int], target: int) -> int:
         return int(ray.get(self._coordinator.move_slots.remote(list(slots), target)))
+
+
+def _reconnect(name: str, namespace: str, direct: bool | None) -> KVClient:
+    return KVClient.connect(name, namespace, direct=direct)

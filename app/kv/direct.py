@@ -173,6 +173,8 @@ class DirectServer:
         with self._lock:
             self._closed = True
             conns, self._conns = list(self._conns), set()
+        with contextlib.suppress(OSError):  # wakes the thread blocked in accept (Linux)
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         for conn in conns:
             with contextlib.suppress(OSError):

@@ -273,3 +273,13 @@ async def test_async_client_without_an_endpoint_uses_ray() -> None:
     client = AsyncDirectClient(5.0)
     assert await client.call(Call(handle, "get", ("k",))) == ("via ray", "get")
     assert client.calls == 0 and handle.ray_calls == ["get"]
+
+
+def test_close_stops_the_accept_thread() -> None:
+    before = set(threading.enumerate())
+    srv = DirectServer(Member(), "127.0.0.1")
+    new = set(threading.enumerate()) - before
+    accept = next(t for t in new if t.name == "kv-direct-accept")
+    srv.close()
+    accept.join(2)
+    assert not accept.is_alive()
