@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import ray
 
@@ -192,6 +192,64 @@ class Pending:
 
 
 MAX_HOLD_S = 300.0
+# An idle connection older than this is closed rather than reused: a NAT or firewall between
+# nodes may have dropped it silently, and a call sent on it would wait out the call timeout.
+MAX_IDLE_S = 60.0
+
+C = TypeVar("C")
+
+
+class Pool(Generic[C]):
+    """Idle connections per endpoint, newest reused first; thread-safe."""
+
+    def __init__(self, close: Callable[[C], None], clock: Callable[[], float] = time.monotonic):
+        self._close = close
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._idle: dict[Endpoint, list[tuple[C, float]]] = {}
+
+    def take(self, endpoint: Endpoint) -> C | None:
+        stale: list[C] = []
+        found: C | None = None
+        with self._lock:
+            idle = self._idle.get(endpoint)
+            oldest = self._clock() - MAX_IDLE_S
+            while idle:
+                conn, released = idle.pop()
+                if released >= oldest:
+                    found = conn
+                    break
+                stale.append(conn)
+            if idle:  # whatever is older than the one found is stale as well
+                stale.extend(c for c, released in idle if released < oldest)
+                idle[:] = [(c, released) for c, released in idle if released >= oldest]
+        for conn in stale:
+            self._close(conn)
+        return found
+
+    def give(self, endpoint: Endpoint, conn: C) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(endpoint, [])
+            pooled = len(idle) < MAX_IDLE_PER_ENDPOINT
+            if pooled:
+                idle.append((conn, self._clock()))
+        if not pooled:
+            self._close(conn)
+
+    def drop(self, endpoint: Endpoint | None = None) -> None:
+        """Close the idle connections of `endpoint` (of every endpoint when None)."""
+        with self._lock:
+            if endpoint is None:
+                dropped = [c for idle in self._idle.values() for c, _ in idle]
+                self._idle = {}
+            else:
+                dropped = [c for c, _ in self._idle.pop(endpoint, [])]
+        for conn in dropped:
+            self._close(conn)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(idle) for idle in self._idle.values())
 
 
 class EndpointBook:
@@ -251,8 +309,7 @@ class DirectClient(EndpointBook):
         self._fetch = fetch_endpoint
         self._call_timeout = call_timeout_s
         self._connect_timeout = connect_timeout_s
-        self._lock = threading.Lock()
-        self._idle: dict[Endpoint, list[socket.socket]] = {}
+        self._pool: Pool[socket.socket] = Pool(socket.socket.close)
 
     def _endpoint(self, handle: Any) -> Endpoint | None:
         found, endpoint = self.known(handle)
@@ -266,10 +323,9 @@ class DirectClient(EndpointBook):
         return endpoint
 
     def _connect(self, endpoint: Endpoint) -> socket.socket:
-        with self._lock:
-            idle = self._idle.get(endpoint)
-            if idle:
-                return idle.pop()
+        pooled = self._pool.take(endpoint)
+        if pooled is not None:
+            return pooled
         sock = socket.create_connection((endpoint.host, endpoint.port), self._connect_timeout)
         try:
             _tune(sock)
@@ -284,10 +340,7 @@ class DirectClient(EndpointBook):
 
     def _drop(self, handle: Any, endpoint: Endpoint) -> None:
         self.failed(handle)
-        with self._lock:
-            idle = self._idle.pop(endpoint, [])
-        for sock in idle:
-            sock.close()
+        self._pool.drop(endpoint)
 
     def send(self, handle: Any, method: str, args: tuple[Any, ...]) -> Pending | None:
         """Send a call; None when it must go through Ray (no endpoint, or it failed)."""
@@ -318,13 +371,7 @@ class DirectClient(EndpointBook):
             self._drop(pending.handle, pending.endpoint)
             raise TransportError(str(exc)) from exc
         self.answered(pending.handle)
-        with self._lock:
-            idle = self._idle.setdefault(pending.endpoint, [])
-            pooled = len(idle) < MAX_IDLE_PER_ENDPOINT
-            if pooled:
-                idle.append(pending.conn)
-        if not pooled:
-            pending.conn.close()
+        self._pool.give(pending.endpoint, pending.conn)
         if ok:
             return value
         raise value
@@ -380,11 +427,7 @@ class DirectClient(EndpointBook):
         return out
 
     def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, {}
-        for socks in idle.values():
-            for sock in socks:
-                sock.close()
+        self._pool.drop()
 
 
 # asyncio ---------------------------------------------------------------------------------
@@ -421,7 +464,7 @@ class AsyncDirectClient(EndpointBook):
         super().__init__(retry_after_s)
         self._call_timeout = call_timeout_s
         self._connect_timeout = connect_timeout_s
-        self._idle: dict[Endpoint, list[_Stream]] = {}
+        self._pool: Pool[_Stream] = Pool(lambda stream: stream[1].close())
 
     async def _endpoint(self, handle: Any) -> Endpoint | None:
         found, endpoint = self.known(handle)
@@ -436,9 +479,9 @@ class AsyncDirectClient(EndpointBook):
         return endpoint
 
     async def _connect(self, endpoint: Endpoint) -> _Stream:
-        idle = self._idle.get(endpoint)
-        if idle:
-            return idle.pop()
+        pooled = self._pool.take(endpoint)
+        if pooled is not None:
+            return pooled
         async with asyncio.timeout(self._connect_timeout):
             reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
             try:
@@ -452,8 +495,7 @@ class AsyncDirectClient(EndpointBook):
 
     def _drop(self, handle: Any, endpoint: Endpoint) -> None:
         self.failed(handle)
-        for _, writer in self._idle.pop(endpoint, []):
-            writer.close()
+        self._pool.drop(endpoint)
 
     async def call(self, call: Call) -> Any:
         """The reply to `call`, direct when possible, else (and after a transport failure)
@@ -485,17 +527,10 @@ class AsyncDirectClient(EndpointBook):
                 stream[1].close()
             raise
         self.answered(call.handle)
-        idle = self._idle.setdefault(endpoint, [])
-        if len(idle) < MAX_IDLE_PER_ENDPOINT:
-            idle.append(stream)
-        else:
-            stream[1].close()
+        self._pool.give(endpoint, stream)
         if ok:
             return value
         raise value
 
     def close(self) -> None:
-        idle, self._idle = self._idle, {}
-        for streams in idle.values():
-            for _, writer in streams:
-                writer.close()
+        self._pool.drop()

@@ -13,10 +13,13 @@ import ray
 
 from app.kv.direct import (
     MAGIC,
+    MAX_IDLE_PER_ENDPOINT,
+    MAX_IDLE_S,
     AsyncDirectClient,
     DirectClient,
     DirectServer,
     Endpoint,
+    Pool,
     TransportError,
     recv_frame,
     send_frame,
@@ -283,3 +286,23 @@ def test_close_stops_the_accept_thread() -> None:
     srv.close()
     accept.join(2)
     assert not accept.is_alive()
+
+
+def test_pool_reuses_fresh_connections_and_closes_stale_ones() -> None:
+    now = [0.0]
+    closed: list[str] = []
+    pool: Pool[str] = Pool(closed.append, clock=lambda: now[0])
+    here, there = Endpoint("h", 1, b""), Endpoint("h", 2, b"")
+    pool.give(here, "old")
+    now[0] = MAX_IDLE_S + 1
+    pool.give(here, "new")
+    pool.give(there, "other")
+    assert pool.take(here) == "new"  # newest first; the one idle too long is closed, not reused
+    assert closed == ["old"] and pool.take(here) is None
+    now[0] += MAX_IDLE_S + 1
+    assert pool.take(there) is None and closed == ["old", "other"]
+    for i in range(MAX_IDLE_PER_ENDPOINT + 2):
+        pool.give(here, f"c{i}")
+    assert len(pool) == MAX_IDLE_PER_ENDPOINT and len(closed) == 4  # the overflow is closed
+    pool.drop()
+    assert len(pool) == 0 and len(closed) == 4 + MAX_IDLE_PER_ENDPOINT
