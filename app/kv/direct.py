@@ -80,27 +80,43 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def send_frame(sock: socket.socket, obj: Any) -> None:
+# Pickling and I/O are separate steps: a value this process cannot pickle, or a frame it
+# cannot unpickle (a class only the other side can import), leaves the connection clean, and
+# the call goes through Ray instead, whose cloudpickle handles such values.
+def encode_frame(obj: Any) -> list[bytes | memoryview]:
+    """The frame's parts; raises whatever pickling raises, before anything is sent."""
     buffers: list[pickle.PickleBuffer] = []
     data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
-    if not buffers:
-        sock.sendall(_HEAD.pack(len(data), 0) + data)
-        return
     raws = [buf.raw() for buf in buffers]
     lengths = b"".join(_LEN.pack(raw.nbytes) for raw in raws)
-    sock.sendall(_HEAD.pack(len(data), len(raws)) + lengths + data)
-    for raw in raws:
-        sock.sendall(raw)
+    return [_HEAD.pack(len(data), len(raws)) + lengths + data, *raws]
 
 
-def recv_frame(sock: socket.socket) -> Any:
+def write_frame(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
+    for part in parts:
+        sock.sendall(part)
+
+
+def read_frame(sock: socket.socket) -> tuple[bytearray, list[bytearray]]:
+    """A whole frame's pickle and buffers (I/O errors only: nothing is unpickled here)."""
     size, count = _HEAD.unpack(_recv_exact(sock, _HEAD.size))
     lengths = [n for (n,) in _LEN.iter_unpack(_recv_exact(sock, _LEN.size * count))]
     if size + sum(lengths) > MAX_FRAME:
         raise ConnectionError(f"frame of {size + sum(lengths)} bytes is over the limit")
     data = _recv_exact(sock, size)
-    buffers = [_recv_exact(sock, n) for n in lengths]
+    return data, [_recv_exact(sock, n) for n in lengths]
+
+
+def decode_frame(data: bytearray | bytes, buffers: list[Any]) -> Any:
     return pickle.loads(data, buffers=buffers)
+
+
+def send_frame(sock: socket.socket, obj: Any) -> None:
+    write_frame(sock, encode_frame(obj))
+
+
+def recv_frame(sock: socket.socket) -> Any:
+    return decode_frame(*read_frame(sock))
 
 
 def _tune(sock: socket.socket) -> None:
@@ -151,16 +167,23 @@ class DirectServer:
             conn.settimeout(None)
             conn.sendall(_OK)
             while True:
-                method, args = recv_frame(conn)
+                frame = read_frame(conn)
+                reply: tuple[bool, Any]
                 try:
-                    reply: tuple[bool, Any] = (True, self._handler(method, args))
-                except Exception as exc:
-                    reply = (False, exc)
+                    method, args = decode_frame(*frame)
+                except Exception:  # not importable here: let Ray's cloudpickle carry it
+                    reply = (True, USE_RAY)
+                else:
+                    try:
+                        reply = (True, self._handler(method, args))
+                    except Exception as exc:
+                        reply = (False, exc)
                 try:
-                    send_frame(conn, reply)
-                except (pickle.PicklingError, TypeError, AttributeError) as exc:
-                    send_frame(conn, (False, RuntimeError(f"unpicklable reply: {exc!r}")))
-        except (OSError, EOFError, ValueError, pickle.UnpicklingError):
+                    parts = encode_frame(reply)
+                except Exception:  # a reply (or exception) plain pickle cannot carry
+                    parts = encode_frame((True, USE_RAY))
+                write_frame(conn, parts)
+        except (OSError, EOFError, ValueError):
             pass  # the peer left or sent garbage: drop the connection
         except Exception:
             log.exception("kv direct connection failed")
@@ -348,12 +371,16 @@ class DirectClient(EndpointBook):
         if endpoint is None:
             return None
         try:
+            parts = encode_frame((method, args))
+        except Exception:  # plain pickle cannot carry it: Ray's cloudpickle will
+            return None
+        try:
             sock = self._connect(endpoint)
         except OSError:
             self._drop(handle, endpoint)
             return None
         try:
-            send_frame(sock, (method, args))
+            write_frame(sock, parts)
         except OSError:
             sock.close()
             self._drop(handle, endpoint)
@@ -363,15 +390,20 @@ class DirectClient(EndpointBook):
 
     def receive(self, pending: Pending) -> Any:
         """The reply to a sent call; TransportError if the connection broke (the call may or
-        may not have run: only calls that are safe to repeat use this transport)."""
+        may not have run: only calls that are safe to repeat use this transport). USE_RAY when
+        the reply cannot be unpickled here: the same call through Ray will carry it."""
         try:
-            ok, value = recv_frame(pending.conn)
-        except (OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+            frame = read_frame(pending.conn)
+        except (OSError, EOFError, ValueError) as exc:
             pending.conn.close()
             self._drop(pending.handle, pending.endpoint)
             raise TransportError(str(exc)) from exc
         self.answered(pending.handle)
         self._pool.give(pending.endpoint, pending.conn)
+        try:
+            ok, value = decode_frame(*frame)
+        except Exception:
+            return USE_RAY
         if ok:
             return value
         raise value
@@ -431,24 +463,13 @@ class DirectClient(EndpointBook):
 
 
 # asyncio ---------------------------------------------------------------------------------
-def _write_frame(writer: asyncio.StreamWriter, obj: Any) -> None:
-    buffers: list[pickle.PickleBuffer] = []
-    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
-    raws = [buf.raw() for buf in buffers]
-    lengths = b"".join(_LEN.pack(raw.nbytes) for raw in raws)
-    writer.write(_HEAD.pack(len(data), len(raws)) + lengths + data)
-    for raw in raws:
-        writer.write(raw)
-
-
-async def _read_frame(reader: asyncio.StreamReader) -> Any:
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[bytes, list[bytes]]:
     size, count = _HEAD.unpack(await reader.readexactly(_HEAD.size))
     lengths = [n for (n,) in _LEN.iter_unpack(await reader.readexactly(_LEN.size * count))]
     if size + sum(lengths) > MAX_FRAME:
         raise ConnectionError(f"frame of {size + sum(lengths)} bytes is over the limit")
     data = await reader.readexactly(size)
-    buffers = [await reader.readexactly(n) for n in lengths]
-    return pickle.loads(data, buffers=buffers)
+    return data, [await reader.readexactly(n) for n in lengths]
 
 
 _Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -508,16 +529,22 @@ class AsyncDirectClient(EndpointBook):
         return await call.submit()
 
     async def _roundtrip(self, call: Call, endpoint: Endpoint) -> Any:
-        """The call's reply over a connection, or USE_RAY when the transport failed."""
+        """The call's reply over a connection, or USE_RAY when the transport failed or the
+        request or reply is something only Ray's cloudpickle carries."""
+        try:
+            parts = encode_frame((call.method, call.args))
+        except Exception:
+            return USE_RAY
         stream: _Stream | None = None
         try:
             stream = await self._connect(endpoint)
             reader, writer = stream
             async with asyncio.timeout(self._call_timeout):
-                _write_frame(writer, (call.method, call.args))
+                for part in parts:
+                    writer.write(part)
                 self.calls += 1
-                ok, value = await _read_frame(reader)
-        except (OSError, EOFError, ValueError, TimeoutError, pickle.UnpicklingError):
+                frame = await _read_frame(reader)
+        except (OSError, EOFError, ValueError, TimeoutError):
             if stream is not None:
                 stream[1].close()
             self._drop(call.handle, endpoint)
@@ -528,6 +555,10 @@ class AsyncDirectClient(EndpointBook):
             raise
         self.answered(call.handle)
         self._pool.give(endpoint, stream)
+        try:
+            ok, value = decode_frame(*frame)
+        except Exception:
+            return USE_RAY
         if ok:
             return value
         raise value

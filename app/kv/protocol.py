@@ -67,7 +67,11 @@ class ByValue:
 @dataclass(frozen=True, slots=True)
 class UseRay:
     """A direct-transport reply meaning: make this call through Ray (its large values are
-    cheaper to hand over as refs than to copy through the socket)."""
+    cheaper to hand over as refs than to copy through the socket, or it holds something only
+    Ray's cloudpickle carries). Unpickles as the one USE_RAY."""
+
+    def __reduce__(self) -> str:
+        return "USE_RAY"
 
 
 USE_RAY = UseRay()

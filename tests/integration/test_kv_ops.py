@@ -4,6 +4,7 @@ in other processes."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -278,3 +279,36 @@ def test_large_values_written_whole_serve_every_reader_and_move_with_their_slot(
         assert np.array_equal(client.get(key_a), whole + 1)
         assert np.array_equal(client.get(key_b), as_ref)
     assert kv.get_versioned(key_a)[1] == version  # type: ignore[index]
+
+
+class _Reading:
+    """Stands for a class defined in a user's script: made to look like `__main__.Reading`,
+    which the shard processes (whose __main__ is Ray's worker) cannot import."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+
+
+def test_large_value_of_a_class_only_the_writer_can_import(kv: KVClient) -> None:
+    """Plain pickle cannot carry it to a member, so each such call goes through Ray, whose
+    cloudpickle sends __main__ classes by value: writes, replication and reads still work,
+    and the transport is not marked as failing."""
+    main = sys.modules["__main__"]
+    _Reading.__module__, _Reading.__qualname__ = "__main__", "Reading"
+    main.Reading = _Reading  # type: ignore[attr-defined]
+    try:
+        client = KVClient.connect(NAME, NAMESPACE)
+        value = _Reading(np.arange(30_000, dtype=np.float64))  # 240 KB: a large value
+        client.put("main:reading", value)
+        client.mset({"main:r2": _Reading(np.ones(30_000))})
+        got = client.get("main:reading")
+        assert type(got) is _Reading and np.array_equal(got.values, value.values)
+        both = client.mget(["main:reading", "main:r2"])
+        assert np.array_equal(both[1].values, np.ones(30_000))
+        for _ in range(6):  # any member, replicas included
+            eventual = client.get("main:reading", read="eventual")
+            assert eventual is None or np.array_equal(eventual.values, value.values)
+        assert client.transport_stats()["fallbacks"] == 0
+    finally:
+        del main.Reading  # type: ignore[attr-defined]
+        _Reading.__module__, _Reading.__qualname__ = __name__, "_Reading"

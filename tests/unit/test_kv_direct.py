@@ -50,6 +50,10 @@ class Member:
         if method == "block":
             self.gate.wait(5)
             return "late"
+        if method == "echo":
+            return args[0]
+        if method == "unpicklable":
+            return lambda: None
         if method == "die":
             self.crash()
             return "never sent"
@@ -306,3 +310,49 @@ def test_pool_reuses_fresh_connections_and_closes_stale_ones() -> None:
     assert len(pool) == MAX_IDLE_PER_ENDPOINT and len(closed) == 4  # the overflow is closed
     pool.drop()
     assert len(pool) == 0 and len(closed) == 4 + MAX_IDLE_PER_ENDPOINT
+
+
+def _explode() -> None:
+    raise ImportError("this class lives only in the writer's __main__")
+
+
+class OnlyImportableByTheWriter:
+    """Pickles fine, but unpickling fails: a value whose class the other side cannot import."""
+
+    def __reduce__(self) -> Any:
+        return (_explode, ())
+
+
+def test_what_plain_pickle_cannot_carry_goes_through_ray_on_a_clean_connection(
+    server: Any,
+) -> None:
+    srv, member = server
+    client = client_for(srv.endpoint)
+    # The client cannot pickle the call: nothing is sent; Ray's cloudpickle will carry it.
+    assert client.send("h", "echo", (lambda: None,)) is None
+    # The member cannot unpickle it, or cannot pickle its reply, or the client cannot
+    # unpickle the reply: USE_RAY each time, and the connection stays in use.
+    for method, args in (
+        ("echo", (OnlyImportableByTheWriter(),)),
+        ("unpicklable", ()),
+    ):
+        pending = client.send("h", method, args)
+        assert pending is not None and client.receive(pending) is USE_RAY
+    member.data["bomb"] = OnlyImportableByTheWriter()
+    pending = client.send("h", "get", ("bomb",))
+    assert pending is not None and client.receive(pending) is USE_RAY
+    pending = client.send("h", "put", ("k", 1))
+    assert pending is not None and client.receive(pending) == 2
+    assert client.fallbacks == 0 and len(srv._conns) == 1
+
+
+async def test_async_client_sends_what_pickle_cannot_carry_through_ray(server: Any) -> None:
+    srv, member = server
+    handle = FakeHandle(srv.endpoint)
+    client = AsyncDirectClient(5.0)
+    member.data["bomb"] = OnlyImportableByTheWriter()
+    assert await client.call(Call(handle, "echo", (lambda: None,))) == ("via ray", "echo")
+    assert await client.call(Call(handle, "get", ("bomb",))) == ("via ray", "get")
+    assert await client.call(Call(handle, "unpicklable", ())) == ("via ray", "unpicklable")
+    assert await client.call(Call(handle, "get", ("nothing",))) is None
+    assert client.fallbacks == 0
