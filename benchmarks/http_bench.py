@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,17 +102,32 @@ def fastapi_echo() -> object:
     return FastAPIEcho
 
 
-def _check_ok(url: str, script: Path | None) -> None:
+def _check_ok(url: str, body: dict[str, object] | None) -> None:
     """One request first: a benchmark of error responses would measure the wrong thing."""
     import httpx
 
-    if script is None:
+    if body is None:
         response = httpx.get(url, timeout=30)
     else:
-        body = CHAT | ({"stream": True} if script.stem == "stream" else {})
         response = httpx.post(url, json=body, timeout=30)
     if response.status_code != 200:
         raise SystemExit(f"{url} answered {response.status_code}: {response.text[:300]}")
+
+
+ROUTED = "echo-routed"
+
+
+def echo_catalogue(catalogue: Any) -> Any:
+    """Echo as the catalogue has it (one replica at most: Serve's default router, no routing
+    hop), plus a copy with two replicas, which the fleet's router places (on the per-model URL
+    through HAProxy's ingress-request-router hop)."""
+    from app.catalog.cards import Catalogue, ModelCard
+
+    echo = catalogue.cards["echo"]
+    routed = ModelCard.model_validate(
+        echo.model_dump() | {"id": ROUTED, "replicas": {"min": 2, "max": 2}}
+    )
+    return Catalogue(directory=catalogue.directory, cards={"echo": echo, ROUTED: routed})
 
 
 def phase(mode: str, duration: int, connections: int, rejected: bool) -> dict[str, dict]:
@@ -135,11 +151,17 @@ def phase(mode: str, duration: int, connections: int, rejected: bool) -> dict[st
     serve.run(Hello.bind(), name="hello", route_prefix="/hello")
     if rejected:
         serve.run(fastapi_echo().bind(), name="fastapi-echo", route_prefix="/fastapi-echo")
-    deploy(build_all(load_catalogue(ROOT / "models").select(["echo"])))
+    deploy(build_all(echo_catalogue(load_catalogue(ROOT / "models"))))
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        chat = _wrk_script(CHAT, Path(tmp), "chat")
-        stream = _wrk_script(CHAT | {"stream": True}, Path(tmp), "stream")
+        bodies: dict[Path, dict[str, object]] = {}
+        for name, body in (
+            ("chat", CHAT),
+            ("routed", CHAT | {"model": ROUTED}),
+            ("stream", CHAT | {"stream": True}),
+        ):
+            bodies[_wrk_script(body, Path(tmp), name)] = body
+        chat, routed_chat, stream = bodies
         cases: list[tuple[str, str, Path | None]] = [(f"hello world ({mode})", "/hello", None)]
         if mode == "haproxy" or rejected:
             cases += [
@@ -151,6 +173,11 @@ def phase(mode: str, duration: int, connections: int, rejected: bool) -> dict[st
                 ),
                 (f"chat, gateway /v1 ({mode})", "/v1/chat/completions", chat),
                 (f"chat stream, gateway /v1 ({mode})", "/v1/chat/completions", stream),
+                (
+                    f"chat, per-model URL, fleet-routed, 2 replicas ({mode})",
+                    f"/models/{ROUTED}/v1/chat/completions",
+                    routed_chat,
+                ),
             ]
         if rejected:
             cases.append(
@@ -162,7 +189,7 @@ def phase(mode: str, duration: int, connections: int, rejected: bool) -> dict[st
             )
         for name, path, script in cases:
             url = "http://127.0.0.1:8000" + path
-            _check_ok(url, script)
+            _check_ok(url, None if script is None else bodies[script])
             results[name] = run_wrk(url, script, duration, connections)
             print(f"  {name}: {results[name]['rps']:.0f} req/s", file=sys.stderr)
     serve.shutdown()

@@ -7,10 +7,13 @@ from pathlib import Path
 import pytest
 
 from app.catalog.cards import ModelCard, load_catalogue
+from app.fleet.spec import FleetSpec
 from app.serving.builder import (
     GATEWAY_APP,
+    ROUTER_CLASS,
     ResourceUnavailableError,
     build_all,
+    fleet_routed,
     replica_options,
 )
 
@@ -66,3 +69,29 @@ def test_build_all_makes_one_app_per_model_plus_gateway() -> None:
     for model in catalogue:
         assert names[model.deployment_name] == f"/models/{model.id}"
     assert len(specs) == len(catalogue) + 1
+
+
+def test_fleet_routing_only_where_there_is_a_choice() -> None:
+    """The fleet's RequestRouter (and on HAProxy its per-request routing hop) is set on a
+    deployment that can run several replicas; one that never has more than one keeps Serve's
+    default router."""
+    fleet = FleetSpec.model_validate(
+        {
+            "regions": {
+                "us-east-1": {"latitude": 39.0, "longitude": -77.5},
+                "eu-west-1": {"latitude": 53.3, "longitude": -6.3},
+            },
+            "default_region": "us-east-1",
+            "models": {"placed": {"us-east-1": 1, "eu-west-1": 1}, "lone": {"us-east-1": 1}},
+        }
+    )
+    single, several = card(replicas={"min": 1, "max": 1}), card(replicas={"min": 1, "max": 3})
+    assert not fleet_routed(single, fleet) and "request_router_config" not in replica_options(
+        single, 0, False, fleet
+    )
+    assert fleet_routed(several, fleet)
+    config = replica_options(several, 0, False, fleet)["request_router_config"]
+    assert config["request_router_class"] == ROUTER_CLASS
+    placed, lone = card(id="placed"), card(id="lone", replicas={"min": 1, "max": 4})
+    assert fleet_routed(placed, fleet)  # one replica per region, two regions
+    assert not fleet_routed(lone, fleet)  # the spec pins it to one replica
