@@ -111,6 +111,18 @@ def decode_frame(data: bytearray | bytes, buffers: list[Any]) -> Any:
     return pickle.loads(data, buffers=buffers)
 
 
+def unwrap_reply(frame: tuple[Any, list[Any]]) -> Any:
+    """A reply frame's result: the member's exception is raised; USE_RAY when the reply
+    cannot be unpickled here (the same call through Ray will carry it)."""
+    try:
+        ok, value = decode_frame(*frame)
+    except Exception:
+        return USE_RAY
+    if ok:
+        return value
+    raise value
+
+
 def send_frame(sock: socket.socket, obj: Any) -> None:
     write_frame(sock, encode_frame(obj))
 
@@ -400,13 +412,7 @@ class DirectClient(EndpointBook):
             raise TransportError(str(exc)) from exc
         self.answered(pending.handle)
         self._pool.give(pending.endpoint, pending.conn)
-        try:
-            ok, value = decode_frame(*frame)
-        except Exception:
-            return USE_RAY
-        if ok:
-            return value
-        raise value
+        return unwrap_reply(frame)
 
     # Making calls: direct when possible, else (and after a transport failure) through Ray --
     def call(self, call: Call, timeout: float | None = None) -> Any:
@@ -555,13 +561,7 @@ class AsyncDirectClient(EndpointBook):
             raise
         self.answered(call.handle)
         self._pool.give(endpoint, stream)
-        try:
-            ok, value = decode_frame(*frame)
-        except Exception:
-            return USE_RAY
-        if ok:
-            return value
-        raise value
+        return unwrap_reply(frame)
 
     def close(self) -> None:
         self._pool.drop()

@@ -48,10 +48,12 @@ def _fully_replicated(client: KVClient) -> bool:
     )
 
 
-async def _run_fault(client: KVClient, prefix: str, fault: Callable[[], Any]) -> RegisterWorkload:
+async def _run_fault(
+    client: Any, prefix: str, fault: Callable[[], Any], batched: bool = False
+) -> RegisterWorkload:
     """Run the workload, inject `fault` once writes flow, keep going until writes flow again."""
     keys = [f"{prefix}:{i}" for i in range(12)]
-    workload = RegisterWorkload(client, keys, writers=3, readers=2)
+    workload = RegisterWorkload(client, keys, writers=3, readers=2, batched=batched)
     stop = asyncio.Event()
     runner = asyncio.create_task(workload.run(stop))
     loop = asyncio.get_running_loop()
@@ -158,18 +160,12 @@ async def test_sync_clients_on_the_direct_transport_lose_nothing_when_a_primary_
     sync = KVClient.connect(NAME, NAMESPACE)
     coordinator = ray.get_actor(NAME, namespace=NAMESPACE)
     victim = ray.get(coordinator.get_map.remote()).groups[0].primary
-    keys = [f"direct:{i}" for i in range(12)]
-    workload = RegisterWorkload(SyncClientAsAsync(sync), keys, writers=3, readers=2, batched=True)
-    stop = asyncio.Event()
-    runner = asyncio.create_task(workload.run(stop))
-    try:
-        await _until(lambda: workload.acked >= 100, 30)
-        await loop.run_in_executor(None, lambda: ray.kill(victim, no_restart=True))
-        after = workload.acked
-        await _until(lambda: workload.acked >= after + 150, 60)
-    finally:
-        stop.set()
-        await asyncio.wait_for(runner, 90)
+    workload = await _run_fault(
+        SyncClientAsAsync(sync),
+        "direct",
+        lambda: ray.kill(victim, no_restart=True),
+        batched=True,
+    )
     _assert_history(workload, await workload.final_values())
     stats = sync.transport_stats()
     assert stats["direct_calls"] > 200, stats
