@@ -173,6 +173,10 @@ class KVClient:
         loop = asyncio.get_running_loop()
         direct = self._adirect.get(loop)
         if direct is None:
+            # Each client's connections hold their loop, so the weak key never dies on its
+            # own: the clients of loops closed since (each asyncio.run) are closed here.
+            for old in [old for old in self._adirect if old.is_closed()]:
+                self._adirect.pop(old).close()
             direct = self._adirect[loop] = AsyncDirectClient(self._call_timeout)
         return direct.call(call)
 

@@ -54,6 +54,9 @@ _OK = b"\x01"
 HELLO_TIMEOUT_S = 5.0
 MAX_FRAME = 1 << 31  # a frame over 2 GiB is a broken peer, not a request
 MAX_CONNECTIONS = 1024
+# An idle connection older than this is closed rather than reused: a NAT or firewall between
+# nodes may have dropped it silently, and a call sent on it would wait out the call timeout.
+MAX_IDLE_S = 60.0
 MAX_IDLE_PER_ENDPOINT = 32
 
 
@@ -134,6 +137,10 @@ def recv_frame(sock: socket.socket) -> Any:
 def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    # A peer whose node vanished is found in about 90 s instead of the kernel's 2 h default.
+    for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 class DirectServer:
@@ -156,8 +163,13 @@ class DirectServer:
         while not self._closed:
             try:
                 conn, _ = self._listener.accept()
-            except OSError:
-                return
+            except OSError as exc:
+                if self._closed:
+                    return
+                # ECONNABORTED, EMFILE, ENOBUFS...: transient; the server must outlive them.
+                log.warning("kv direct accept failed: %r", exc)
+                time.sleep(0.05)
+                continue
             with self._lock:
                 if self._closed or len(self._conns) >= MAX_CONNECTIONS:
                     conn.close()
@@ -165,7 +177,12 @@ class DirectServer:
                 self._conns.add(conn)
             thread = threading.Thread(target=self._serve, args=(conn,), name="kv-direct")
             thread.daemon = True
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError:  # no more threads: refuse this one, keep serving the rest
+                with self._lock:
+                    self._conns.discard(conn)
+                conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -176,7 +193,9 @@ class DirectServer:
                 hello[len(MAGIC) :], self.token
             ):
                 return
-            conn.settimeout(None)
+            # An idle connection is ended after twice the client's reuse limit: one whose
+            # client went away does not hold a thread and a slot of MAX_CONNECTIONS for ever.
+            conn.settimeout(2 * MAX_IDLE_S)
             conn.sendall(_OK)
             while True:
                 frame = read_frame(conn)
@@ -227,9 +246,6 @@ class Pending:
 
 
 MAX_HOLD_S = 300.0
-# An idle connection older than this is closed rather than reused: a NAT or firewall between
-# nodes may have dropped it silently, and a call sent on it would wait out the call timeout.
-MAX_IDLE_S = 60.0
 
 C = TypeVar("C")
 
@@ -259,8 +275,14 @@ class Pool(Generic[C]):
                 stale.extend(c for c, released in idle if released < oldest)
                 idle[:] = [(c, released) for c, released in idle if released >= oldest]
         for conn in stale:
-            self._close(conn)
+            self._safe_close(conn)
         return found
+
+    def _safe_close(self, conn: C) -> None:
+        try:
+            self._close(conn)
+        except Exception:  # one connection that will not close must not keep the rest open
+            log.debug("closing a kv direct connection failed", exc_info=True)
 
     def give(self, endpoint: Endpoint, conn: C) -> None:
         with self._lock:
@@ -269,7 +291,7 @@ class Pool(Generic[C]):
             if pooled:
                 idle.append((conn, self._clock()))
         if not pooled:
-            self._close(conn)
+            self._safe_close(conn)
 
     def drop(self, endpoint: Endpoint | None = None) -> None:
         """Close the idle connections of `endpoint` (of every endpoint when None)."""
@@ -280,7 +302,7 @@ class Pool(Generic[C]):
             else:
                 dropped = [c for c, _ in self._idle.pop(endpoint, [])]
         for conn in dropped:
-            self._close(conn)
+            self._safe_close(conn)
 
     def __len__(self) -> int:
         with self._lock:
@@ -345,6 +367,7 @@ class DirectClient(EndpointBook):
         self._call_timeout = call_timeout_s
         self._connect_timeout = connect_timeout_s
         self._pool: Pool[socket.socket] = Pool(socket.socket.close)
+        self._pid = os.getpid()
 
     def _endpoint(self, handle: Any) -> Endpoint | None:
         found, endpoint = self.known(handle)
@@ -358,6 +381,10 @@ class DirectClient(EndpointBook):
         return endpoint
 
     def _connect(self, endpoint: Endpoint) -> socket.socket:
+        if self._pid != os.getpid():
+            # A forked child must not share its parent's connections (their replies would
+            # cross); the old pool is left alone: its lock may have been held at the fork.
+            self._pid, self._pool = os.getpid(), Pool(socket.socket.close)
         pooled = self._pool.take(endpoint)
         if pooled is not None:
             return pooled
@@ -481,6 +508,17 @@ async def _read_frame(reader: asyncio.StreamReader) -> tuple[bytes, list[bytes]]
 _Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
+def _close_stream(stream: _Stream) -> None:
+    writer = stream[1]
+    try:
+        writer.close()
+    except RuntimeError:  # its event loop is closed: end the TCP connection all the same
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
 class AsyncDirectClient(EndpointBook):
     """The asyncio twin of DirectClient, for one event loop: pooled stream connections, one
     call in flight on each, so concurrent calls run on several connections."""
@@ -491,7 +529,7 @@ class AsyncDirectClient(EndpointBook):
         super().__init__(retry_after_s)
         self._call_timeout = call_timeout_s
         self._connect_timeout = connect_timeout_s
-        self._pool: Pool[_Stream] = Pool(lambda stream: stream[1].close())
+        self._pool: Pool[_Stream] = Pool(_close_stream)
 
     async def _endpoint(self, handle: Any) -> Endpoint | None:
         found, endpoint = self.known(handle)

@@ -4,6 +4,7 @@ in other processes."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
 import time
@@ -312,3 +313,14 @@ def test_large_value_of_a_class_only_the_writer_can_import(kv: KVClient) -> None
     finally:
         del main.Reading  # type: ignore[attr-defined]
         _Reading.__module__, _Reading.__qualname__ = __name__, "_Reading"
+
+
+def test_asyncio_run_per_call_does_not_pile_up_connections(kv: KVClient) -> None:
+    """Each asyncio.run makes a loop and closes it: the direct clients of closed loops are
+    closed and dropped when the next loop comes, so members do not keep their connections."""
+    kv.put("loops:k", "v")
+    for _ in range(4):
+        assert asyncio.run(kv.aget("loops:k")) == "v"
+    assert len(kv._adirect) == 1  # only the last loop's client is left
+    kv.close()  # its loop is closed as well: ends the connections without raising
+    assert kv.get("loops:k") == "v"  # the synchronous pool refills on demand

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
+import time
 from typing import Any
 
 import numpy as np
 import pytest
 import ray
 
+from app.kv import direct
 from app.kv.direct import (
     MAGIC,
     MAX_IDLE_PER_ENDPOINT,
@@ -356,3 +359,68 @@ async def test_async_client_sends_what_pickle_cannot_carry_through_ray(server: A
     assert await client.call(Call(handle, "unpicklable", ())) == ("via ray", "unpicklable")
     assert await client.call(Call(handle, "get", ("nothing",))) is None
     assert client.fallbacks == 0
+
+
+def _wait(condition: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_connections_of_closed_event_loops_are_ended(server: Any) -> None:
+    """Each asyncio.run leaves a closed loop behind: closing its client must not raise, and
+    must end the connections so the member's threads and connection slots are freed."""
+    srv, _ = server
+    handle = FakeHandle(srv.endpoint)
+    clients = [AsyncDirectClient(5.0) for _ in range(3)]
+    for client in clients:
+        assert asyncio.run(client.call(Call(handle, "get", ("k",)))) is None
+    assert _wait(lambda: len(srv._conns) == 3)
+    for client in clients:
+        client.close()  # their loops are closed
+    assert _wait(lambda: len(srv._conns) == 0)
+
+
+def test_the_member_ends_connections_left_idle(server: Any, monkeypatch: Any) -> None:
+    srv, _ = server
+    monkeypatch.setattr(direct, "MAX_IDLE_S", 0.1)
+    client = client_for(srv.endpoint)
+    pending = client.send("h", "put", ("k", 1))
+    assert pending is not None and client.receive(pending) == 1
+    assert len(srv._conns) == 1
+    assert _wait(lambda: len(srv._conns) == 0)  # after 2 x MAX_IDLE_S without a request
+    time.sleep(0.15)  # the client's copy is stale too: it connects again instead
+    pending = client.send("h", "get", ("k",))
+    assert pending is not None and client.receive(pending) == 1
+    assert client.fallbacks == 0
+
+
+def test_a_forked_child_does_not_share_its_parents_connections(server: Any) -> None:
+    srv, _ = server
+    client = client_for(srv.endpoint)
+    pending = client.send("h", "put", ("k", "parent"))
+    assert pending is not None and client.receive(pending) == 1
+    inherited = client._pool  # holds the parent's connection
+    pid = os.fork()
+    if pid == 0:  # the child: its call must take a connection of its own
+        code = 1
+        try:
+            pending = client.send("h", "get", ("k",))
+            fresh = pending is not None and client._pool is not inherited
+            code = 0 if fresh and client.receive(pending) == "parent" else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 10
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        raise AssertionError("the forked child hung")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert _wait(lambda: len(srv._conns) >= 1)
+    pending = client.send("h", "get", ("k",))  # the parent's pooled connection still works
+    assert pending is not None and client.receive(pending) == "parent"
