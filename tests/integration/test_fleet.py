@@ -205,12 +205,18 @@ def test_saturated_region_spills_to_the_nearest_other_region(fleet: Fleet) -> No
 
 
 def test_drained_node_gets_no_requests(fleet: Fleet) -> None:
+    """EU clients' requests leave the drained EU node. Where they go is the next tier's
+    choice: the nearest region, us-east-1, unless its replica is (for the moment) unhealthy
+    or full, which a loaded CI machine can make it. Nearest-first is asserted strictly by the
+    spill-over test above; here, that the drained node serves nothing."""
     eu = fleet.replica_in("eu-west-1")
     ray.get(fleet.router.drain_node.remote(eu["node_id"]))
     try:
         time.sleep(0.6)  # one snapshot pull
         client = InferenceClient(region="eu-west-1", fleet=SPEC)
-        assert {region_of(chat(client)) for _ in range(10)} == {"us-east-1"}
+        served = [region_of(chat(client)) for _ in range(10)]
+        assert "eu-west-1" not in served, (served, fleet.view()["replicas"])
+        assert served.count("us-east-1") >= 1, (served, fleet.view()["replicas"])
     finally:
         ray.get(fleet.router.undrain_node.remote(eu["node_id"]))
     time.sleep(0.6)
