@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from app.kv import KVClient, KVConfig, shutdown_kv, start_kv
+from app.kv.history import RegisterWorkload
 
 KV_NAMESPACE = "app-kv-tests"
 
@@ -69,3 +70,43 @@ class SyncClientAsAsync:
 
     async def amget(self, keys: list[str]) -> list[Any]:
         return list(await self._run(self.client.mget, keys))
+
+
+def fully_replicated(client: KVClient) -> bool:
+    """Every shard group has all its members, each answering."""
+    return all(
+        len(g["members"]) == g["size"] and all("error" not in m for m in g["members"])
+        for g in client.status()["groups"]
+    )
+
+
+async def until(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "workload stalled"
+        await asyncio.sleep(0.02)
+
+
+async def run_under_fault(
+    client: Any,
+    prefix: str,
+    fault: Callable[[], Any],
+    batched: bool = False,
+    recover_timeout: float = 60.0,
+) -> RegisterWorkload:
+    """Concurrent writers and readers over 12 keys; `fault` once 100 writes were acknowledged;
+    go on until 150 more are (within `recover_timeout` seconds)."""
+    keys = [f"{prefix}:{i}" for i in range(12)]
+    workload = RegisterWorkload(client, keys, writers=3, readers=2, batched=batched)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(workload.run(stop))
+    loop = asyncio.get_running_loop()
+    try:
+        await until(lambda: workload.acked >= 100, 30)
+        await loop.run_in_executor(None, fault)
+        after = workload.acked
+        await until(lambda: workload.acked >= after + 150, recover_timeout)
+    finally:
+        stop.set()
+        await asyncio.wait_for(runner, 90)
+    return workload

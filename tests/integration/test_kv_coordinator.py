@@ -5,8 +5,7 @@ acknowledged write stays readable and strong reads stay linearizable per key."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,7 +13,13 @@ import ray
 
 from app.kv import KVClient
 from app.kv.history import RegisterWorkload
-from tests.integration.support import KV_NAMESPACE, running_kv, wait_until
+from tests.integration.support import (
+    KV_NAMESPACE,
+    fully_replicated,
+    run_under_fault,
+    running_kv,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -35,41 +40,6 @@ def _view() -> Any:
     return ray.get(_coordinator().get_map.remote())
 
 
-def _fully_replicated(client: KVClient) -> bool:
-    return all(
-        len(g["members"]) == g["size"] and all("error" not in m for m in g["members"])
-        for g in client.status()["groups"]
-    )
-
-
-async def _under_load(
-    client: KVClient, prefix: str, fault: Callable[[], Any], batched: bool = False
-) -> RegisterWorkload:
-    """Concurrent writers and readers; `fault` once writes flow; go on until 150 more acks."""
-    workload = RegisterWorkload(
-        client, [f"{prefix}:{i}" for i in range(12)], writers=3, readers=2, batched=batched
-    )
-    stop = asyncio.Event()
-    runner = asyncio.create_task(workload.run(stop))
-    loop = asyncio.get_running_loop()
-    try:
-        await _until(lambda: workload.acked >= 100, 30)
-        await loop.run_in_executor(None, fault)
-        after = workload.acked
-        await _until(lambda: workload.acked >= after + 150, 90)
-    finally:
-        stop.set()
-        await asyncio.wait_for(runner, 90)
-    return workload
-
-
-async def _until(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "workload stalled"
-        await asyncio.sleep(0.02)
-
-
 async def _assert_nothing_lost(workload: RegisterWorkload) -> None:
     final = await workload.final_values()
     assert workload.errors == [], workload.errors[:3]
@@ -81,7 +51,9 @@ async def test_killed_coordinator_restarts_and_adopts_the_members(kv: KVClient) 
     before = _view()
     members = {gid: (g.primary, *g.replicas) for gid, g in before.groups.items()}
 
-    workload = await _under_load(kv, "restart", lambda: ray.kill(_coordinator(), no_restart=False))
+    workload = await run_under_fault(
+        kv, "restart", lambda: ray.kill(_coordinator(), no_restart=False), recover_timeout=90
+    )
     await _assert_nothing_lost(workload)
 
     after = _view()  # answered by the restarted coordinator
@@ -103,13 +75,13 @@ async def test_coordinator_and_a_primary_die_together(kv: KVClient) -> None:
         ray.kill(victim, no_restart=True)
         ray.kill(_coordinator(), no_restart=False)
 
-    workload = await _under_load(kv, "both", crash, batched=True)
+    workload = await run_under_fault(kv, "both", crash, batched=True, recover_timeout=90)
     await _assert_nothing_lost(workload)
     after = _view()
     assert after.groups[0].term > before.groups[0].term
     assert after.groups[0].primary != victim
     await asyncio.get_running_loop().run_in_executor(
-        None, wait_until, lambda: _fully_replicated(kv), 60, "replicas to be restored"
+        None, wait_until, lambda: fully_replicated(kv), 60, "replicas to be restored"
     )
 
 
@@ -135,7 +107,9 @@ async def test_coordinator_killed_mid_migration(ray_cluster: Any) -> None:
             interrupted.append(ray.get(source.migrating_slots.remote()))
             ray.get(moved)  # retried by the restarted coordinator
 
-        workload = await _under_load(client, "mig-w", kill_mid_migration, batched=True)
+        workload = await run_under_fault(
+            client, "mig-w", kill_mid_migration, batched=True, recover_timeout=90
+        )
         await _assert_nothing_lost(workload)
         assert interrupted[0]  # the kill landed while slots were still migrating
         assert ray.get(source.migrating_slots.remote()) == {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,13 @@ import ray
 
 from app.kv import KVClient, key_slot
 from app.kv.history import RegisterWorkload
-from tests.integration.support import SyncClientAsAsync, running_kv, wait_until
+from tests.integration.support import (
+    SyncClientAsAsync,
+    fully_replicated,
+    run_under_fault,
+    running_kv,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -41,40 +47,6 @@ def _groups(client: KVClient) -> list[dict[str, Any]]:
     return client.status()["groups"]  # type: ignore[no-any-return]
 
 
-def _fully_replicated(client: KVClient) -> bool:
-    return all(
-        len(g["members"]) == g["size"] and all("error" not in m for m in g["members"])
-        for g in _groups(client)
-    )
-
-
-async def _run_fault(
-    client: Any, prefix: str, fault: Callable[[], Any], batched: bool = False
-) -> RegisterWorkload:
-    """Run the workload, inject `fault` once writes flow, keep going until writes flow again."""
-    keys = [f"{prefix}:{i}" for i in range(12)]
-    workload = RegisterWorkload(client, keys, writers=3, readers=2, batched=batched)
-    stop = asyncio.Event()
-    runner = asyncio.create_task(workload.run(stop))
-    loop = asyncio.get_running_loop()
-    try:
-        await _until(lambda: workload.acked >= 100, 30)
-        await loop.run_in_executor(None, fault)
-        after = workload.acked
-        await _until(lambda: workload.acked >= after + 150, 60)
-    finally:
-        stop.set()
-        await asyncio.wait_for(runner, 90)
-    return workload
-
-
-async def _until(condition: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "workload stalled"
-        await asyncio.sleep(0.02)
-
-
 def _assert_history(workload: RegisterWorkload, final: dict[str, Any]) -> None:
     assert workload.errors == [], workload.errors[:3]
     problems = workload.check(final)
@@ -89,12 +61,12 @@ async def test_node_removal_loses_no_acknowledged_write(
     on_worker = [g["gid"] for g in _groups(client) if g["members"][0]["node_id"] == worker.node_id]
     assert on_worker, "placement should put one group's primary on the worker node"
 
-    workload = await _run_fault(client, "node", lambda: ray_cluster.remove_node(worker))
+    workload = await run_under_fault(client, "node", lambda: ray_cluster.remove_node(worker))
     final = await workload.final_values()
     _assert_history(workload, final)
     # The lost members are replaced (on the head node: colocation is allowed here).
     await asyncio.get_running_loop().run_in_executor(
-        None, wait_until, lambda: _fully_replicated(client), 60, "replicas to be restored"
+        None, wait_until, lambda: fully_replicated(client), 60, "replicas to be restored"
     )
 
 
@@ -113,7 +85,7 @@ async def test_killed_primary_fails_over_fast_and_loses_nothing(
         killed_at.append(time.monotonic())
         ray.kill(victim, no_restart=True)
 
-    workload = await _run_fault(client, "kill", kill)
+    workload = await run_under_fault(client, "kill", kill)
     # Failover time: from the kill to the first acknowledged majority write on that group.
     await client.aput(probe, "after")
     acked = [
@@ -127,14 +99,14 @@ async def test_killed_primary_fails_over_fast_and_loses_nothing(
     new_view = ray.get(coordinator.get_map.remote())
     assert new_view.groups[gid].term > view.groups[gid].term
     await asyncio.get_running_loop().run_in_executor(
-        None, wait_until, lambda: _fully_replicated(client), 60, "replicas to be restored"
+        None, wait_until, lambda: fully_replicated(client), 60, "replicas to be restored"
     )
 
 
 def test_large_values_survive_their_primarys_death(cluster: tuple[Any, Any, KVClient]) -> None:
     """Replicas hold large values without owning them; promotion must make them its own."""
     _, _, client = cluster
-    wait_until(lambda: _fully_replicated(client), 60, "replicas to be restored")
+    wait_until(lambda: fully_replicated(client), 60, "replicas to be restored")
     client.refresh()
     key = next(k for k in (f"big:{i}" for i in range(1000)) if client.group_of(k) == 1)
     array = np.arange(200_000, dtype=np.float64)
@@ -154,13 +126,13 @@ async def test_sync_clients_on_the_direct_transport_lose_nothing_when_a_primary_
     _, _, client = cluster
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(
-        None, wait_until, lambda: _fully_replicated(client), 60, "replicas to be restored"
+        None, wait_until, lambda: fully_replicated(client), 60, "replicas to be restored"
     )
     client.refresh()
     sync = KVClient.connect(NAME, NAMESPACE)
     coordinator = ray.get_actor(NAME, namespace=NAMESPACE)
     victim = ray.get(coordinator.get_map.remote()).groups[0].primary
-    workload = await _run_fault(
+    workload = await run_under_fault(
         SyncClientAsAsync(sync),
         "direct",
         lambda: ray.kill(victim, no_restart=True),
