@@ -192,7 +192,7 @@ def deploy_pair(name: str, replicas: int, spec: Any, placed: bool) -> tuple[Any,
     from ray import serve
 
     from app.catalog.cards import ModelCard, load_catalogue
-    from app.fleet.spec import FleetSpec
+    from app.fleet.spec import ModelPlacement
     from app.serving.builder import model_application, replica_options
     from app.serving.deploy import wait_running
     from app.serving.model_server import model_server_deployment
@@ -207,8 +207,11 @@ def deploy_pair(name: str, replicas: int, spec: Any, placed: bool) -> tuple[Any,
             max_ongoing_requests=64,
             replicas={"min": replicas, "max": replicas},  # type: ignore[arg-type]
         )
-        models = {card.id: {r: 1 for r in REGIONS}} if placed else {}
-        card_spec = FleetSpec.model_validate(spec.model_dump() | {"models": models})
+        regions = {
+            name: region.model_copy(update={"models": {card.id: ModelPlacement()}} if placed else {})
+            for name, region in spec.regions.items()
+        }
+        card_spec = spec.model_copy(update={"regions": regions})
         if variant == "fleet":
             app = model_application(card, catalogue.directory, fleet=card_spec)
         else:

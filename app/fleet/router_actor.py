@@ -193,7 +193,7 @@ class FleetRouter:
             "strategy": self.spec.load_balancing.strategy.value,
             "regions": {
                 name: {"latitude": r.latitude, "longitude": r.longitude, "zones": list(r.zones)}
-                for name, r in self.spec.regions.items()
+                for name, r in self.spec.local_regions().items()
             },
             "nodes": [
                 {
@@ -244,9 +244,14 @@ class FleetRouter:
         return perf
 
     def _placement(self) -> dict[str, Any]:
-        """Spec'd replicas per model and region against what is running."""
+        """Spec'd replica bounds per model and region (this cluster's regions) against what is
+        running."""
         out: dict[str, Any] = {}
-        for model, wanted in self.spec.models.items():
+        for model in sorted(self.spec.placed_models()):
+            wanted = {
+                region: {"min": p.min_replicas, "max": p.max_replicas}
+                for region, p in (self.spec.placement(model) or {}).items()
+            }
             running: dict[str, int] = {}
             for r in self.replicas.values():
                 if r.model == model:

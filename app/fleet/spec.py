@@ -1,11 +1,14 @@
-"""The fleet spec: regions (with coordinates and zones), which models run in which region with how
-many replicas, and the load balancing settings every router uses. Loaded from YAML
-(deployments/fleet.yaml is the multi-region example) and validated by pydantic.
+"""The fleet spec, the one description of a deployment: its regions (app.regions.spec: cloud,
+zones, node types, models with replica bounds, public endpoint), how they federate, the load
+balancing every router uses, autoscaling thresholds and the GeoIP table. Loaded from YAML
+(deployments/fleet.yaml) and validated by pydantic; errors name the file and the field.
 
-Regions and zones are Ray node labels (`ray.io/availability-region`, `ray.io/availability-zone`,
-the keys Ray itself fills from cloud metadata); a node without them belongs to the spec's
-`default_region`. With no spec (the embedded default) the fleet is one region, `local`, and
-every model keeps the replica counts of its card.
+Two layouts read the same spec. One Ray cluster per region (recommended): `app up --region R`
+sets `own_region`, the cluster runs R's models and its gateway federates with the peers. One
+cluster for every region (small private networks): nodes carry the region and zone labels
+(`ray.io/availability-region`, `ray.io/availability-zone`) and a node without them belongs to
+`default_region`. With no spec (the embedded default) the fleet is one local region and every
+model keeps its card's replica counts.
 """
 
 from __future__ import annotations
@@ -14,15 +17,16 @@ import ipaddress
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
+
+from app.autoscaling.config import merged
+from app.regions.spec import Federation, ModelPlacement, Name, Region, StrictModel
 
 REGION_LABEL = "ray.io/availability-region"
 ZONE_LABEL = "ray.io/availability-zone"
-NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
-Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
 class FleetSpecError(ValueError):
@@ -40,18 +44,7 @@ class Strategy(StrEnum):
     PERFORMANCE = "performance"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Region(_Strict):
-    latitude: float = Field(ge=-90, le=90)
-    longitude: float = Field(ge=-180, le=180)
-    zones: tuple[Name, ...] = ()
-    cloud: str | None = Field(None, description="Informational: which cloud hosts the region.")
-
-
-class PerformanceWeights(_Strict):
+class PerformanceWeights(StrictModel):
     """Weights of the performance score; they must sum to 1."""
 
     latency: float = Field(0.4, ge=0, le=1)
@@ -66,7 +59,7 @@ class PerformanceWeights(_Strict):
         return self
 
 
-class CompositeWeights(_Strict):
+class CompositeWeights(StrictModel):
     """Weights of the composite score inside one region tier."""
 
     locality: float = Field(0.2, ge=0, description="Same zone as the client.")
@@ -74,7 +67,7 @@ class CompositeWeights(_Strict):
     performance: float = Field(0.4, ge=0, description="The performance score.")
 
 
-class LoadBalancing(_Strict):
+class LoadBalancing(StrictModel):
     strategy: Strategy = Strategy.COMPOSITE
     health_check_interval_s: float = Field(2.0, gt=0, le=300)
     failover_threshold: int = Field(
@@ -99,7 +92,7 @@ class LoadBalancing(_Strict):
     )
 
 
-class GeoIP(_Strict):
+class GeoIP(StrictModel):
     """How a client IP maps to a region when the request names none."""
 
     mmdb: str | None = Field(
@@ -122,54 +115,114 @@ class GeoIP(_Strict):
         return self
 
 
-class FleetSpec(_Strict):
+class FleetSpec(StrictModel):
     regions: dict[Name, Region] = Field(min_length=1)
     default_region: Name = Field(
         description="Region of nodes that carry no region label (and of the embedded default)."
     )
-    models: dict[Name, dict[Name, int]] = Field(
-        default_factory=dict,
-        description="model id -> {region: replicas}; models not listed keep their card's counts "
-        "and may run anywhere.",
+    own_region: Name | None = Field(
+        None,
+        description="Set by `app up --region`: this cluster is that region alone and its peers "
+        "are federated; unset, one cluster holds every region (nodes labelled by region).",
     )
     load_balancing: LoadBalancing = LoadBalancing()
+    federation: Federation = Federation()
+    autoscaling: dict[str, Any] | None = Field(
+        None, description="Fleet-wide autoscaling thresholds (app.autoscaling.config)."
+    )
     geoip: GeoIP = GeoIP()
     router_actor: Name = Field(
-        "fleet-router", description="Name of the router actor (one control plane per fleet)."
+        "fleet-router", description="Name of the router actor (one control plane per cluster)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "models" in value:
+            raise ValueError(
+                "models: replica placement moved into each region "
+                "(regions.<region>.models.<model>: {min_replicas, max_replicas} or a count)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _known_regions(self) -> FleetSpec:
-        if self.default_region not in self.regions:
-            raise ValueError(f"default_region {self.default_region!r} is not in regions")
-        for model, placement in self.models.items():
-            for region, count in placement.items():
-                if region not in self.regions:
-                    raise ValueError(
-                        f"models.{model}: unknown region {region!r}; known: {sorted(self.regions)}"
-                    )
-                if count < 0:
-                    raise ValueError(f"models.{model}.{region}: replicas must be >= 0")
-            if sum(placement.values()) == 0:
-                raise ValueError(f"models.{model}: place at least one replica")
+        for field, region in (("default_region", self.default_region), ("own_region", self.own_region)):
+            if region is not None and region not in self.regions:
+                raise ValueError(f"{field} {region!r} is not in regions {sorted(self.regions)}")
         for target, source in (
             *((f"geoip.cidr[{k}]", v) for k, v in self.geoip.cidr.items()),
             *((f"geoip.country_regions[{k}]", v) for k, v in self.geoip.country_regions.items()),
         ):
             if source not in self.regions:
                 raise ValueError(f"{target}: unknown region {source!r}")
+        if self.autoscaling:
+            merged(self.autoscaling)
         return self
 
-    def placement(self, model: str) -> dict[str, int] | None:
-        """{region: replicas} for a model the spec places, None for one it leaves to its card."""
-        placement = self.models.get(model)
-        return {r: n for r, n in placement.items() if n > 0} if placement else None
+    def for_region(self, region: str) -> FleetSpec:
+        """This spec as seen by the cluster of one region (`app up --region`)."""
+        if region not in self.regions:
+            raise FleetSpecError(f"unknown region {region!r}; the spec has {sorted(self.regions)}")
+        return self.model_copy(update={"own_region": region})
+
+    @property
+    def home_region(self) -> str:
+        """The region a process of this cluster belongs to when its node carries no label."""
+        return self.own_region or self.default_region
+
+    def local_regions(self) -> dict[str, Region]:
+        """The regions this cluster runs: its own, or all of them in a single-cluster layout."""
+        if self.own_region is None:
+            return dict(self.regions)
+        return {self.own_region: self.regions[self.own_region]}
+
+    def peers(self) -> dict[str, Region]:
+        """The other regions' clusters, reached through their gateways (empty when one cluster
+        holds every region)."""
+        if self.own_region is None:
+            return {}
+        return {name: r for name, r in self.regions.items() if name != self.own_region}
+
+    def placed_models(self) -> set[str]:
+        return {model for region in self.regions.values() for model in region.models}
+
+    def placement(self, model: str) -> dict[str, ModelPlacement] | None:
+        """{region: bounds} of a model in this cluster's regions; None for a model the spec
+        leaves to its card (it runs anywhere with the card's counts)."""
+        if model not in self.placed_models():
+            return None
+        return {
+            name: region.models[model]
+            for name, region in self.local_regions().items()
+            if model in region.models and region.models[model].max_replicas > 0
+        }
+
+    def serves_here(self, model: str) -> bool:
+        """Whether this cluster runs the model: the spec places it in one of this cluster's
+        regions, or leaves it to its card (then every region runs it)."""
+        placement = self.placement(model)
+        return placement is None or bool(placement)
+
+    def serving_regions(self, model: str) -> list[str]:
+        """Every region that serves the model (the spec's view, across clusters)."""
+        if model not in self.placed_models():
+            return list(self.regions)
+        return [name for name, region in self.regions.items() if model in region.models]
+
+    def autoscaling_config(self, model: str, card_layer: dict[str, Any] | None = None) -> Any:
+        """Thresholds for one model in this cluster: card < fleet < region < model-in-region."""
+        region = self.regions[self.home_region]
+        placed = region.models.get(model)
+        return merged(
+            card_layer, self.autoscaling, region.autoscaling, placed.autoscaling if placed else None
+        )
 
 
 def embedded_fleet() -> FleetSpec:
     """The single-region fleet of the embedded default."""
     return FleetSpec(
-        regions={"local": Region(latitude=0.0, longitude=0.0, zones=("local-a",))},
+        regions={"local": Region(latitude=0.0, longitude=0.0, zones=("local-a",), cloud="local")},
         default_region="local",
     )
 

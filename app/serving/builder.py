@@ -49,8 +49,8 @@ def fleet_routed(card: ModelCard, fleet: FleetSpec) -> bool:
     a hop per request (HAProxy asking its router deployment, ~0.45 ms of CPU on 2 cores) for
     nothing. Its replica still joins the fleet view (heartbeats, health, figures)."""
     placement = fleet.placement(card.id)
-    if placement:
-        return sum(placement.values()) > 1
+    if placement is not None:
+        return sum(p.max_replicas for p in placement.values()) > 1
     return card.replicas.max > 1
 
 
@@ -98,21 +98,38 @@ def replica_options(
     if fleet_routed(card, fleet):
         options["request_router_config"] = request_router_config(card, fleet)
     placement = fleet.placement(card.id)
-    if placement:
+    if placement is not None and fleet.own_region is None:
+        # One cluster holds every region: the model's replicas go on its regions' nodes.
         actor["label_selector"] = {REGION_LABEL: f"in({','.join(sorted(placement))})"}
-        options["num_replicas"] = sum(placement.values())
-        return options
-    replicas = card.replicas
-    if replicas.max > replicas.min or replicas.min == 0:
-        options["autoscaling_config"] = {
-            "min_replicas": replicas.min,
-            "max_replicas": replicas.max,
-            "initial_replicas": replicas.initial if replicas.initial is not None else replicas.min,
+    options.update(replica_counts(card, fleet))
+    return options
+
+
+def replica_counts(card: ModelCard, fleet: FleetSpec) -> dict[str, Any]:
+    """num_replicas for a fixed count, else an autoscaling_config within the bounds: the spec's
+    bounds summed over this cluster's regions, or the card's for a model the spec leaves out."""
+    placement = fleet.placement(card.id)
+    if placement is not None:
+        if not placement:
+            raise ResourceUnavailableError(
+                f"model {card.id!r} is not served in region {fleet.own_region!r} by the spec"
+            )
+        low = sum(p.min_replicas for p in placement.values())
+        high = sum(p.max_replicas for p in placement.values())
+        initial = sum(p.initial for p in placement.values())
+    else:
+        low, high = card.replicas.min, card.replicas.max
+        initial = card.replicas.initial if card.replicas.initial is not None else low
+    if high == low and low > 0:
+        return {"num_replicas": low}
+    return {
+        "autoscaling_config": {
+            "min_replicas": low,
+            "max_replicas": high,
+            "initial_replicas": initial,
             "target_ongoing_requests": max(1, card.max_ongoing_requests // 2),
         }
-    else:
-        options["num_replicas"] = replicas.min
-    return options
+    }
 
 
 def model_application(
@@ -174,7 +191,9 @@ def build_all(
     force_cpu: bool = False,
     fleet: FleetSpec | None = None,
 ) -> list[AppSpec]:
-    """Every application for a catalogue: each model under /models/<id>, the gateway at /."""
+    """Every application this cluster runs: each model it serves under /models/<id>, and the
+    gateway at /, which knows the whole catalogue (models served only by peer regions are
+    forwarded there)."""
     fleet = fleet or load_fleet()
     specs = [
         AppSpec(
@@ -189,6 +208,7 @@ def build_all(
             ),
         )
         for card in catalogue
+        if fleet.serves_here(card.id)
     ]
     specs.append(AppSpec(GATEWAY_APP, "/", gateway_application(catalogue, fleet=fleet)))
     return specs
@@ -206,7 +226,7 @@ def _force_cpu(args: dict[str, Any]) -> bool:
 
 def build_model_app(args: dict[str, Any]) -> Application:
     """import_path target for one model: args {model: id, catalogue?: dir, force_cpu?: bool,
-    fleet?: spec file}."""
+    fleet?: spec file, region?: this cluster's region}."""
     catalogue = load_catalogue(args.get("catalogue") or catalogue_path())
     card = catalogue.select([args["model"]]).cards[args["model"]]
     return model_application(
@@ -214,13 +234,17 @@ def build_model_app(args: dict[str, Any]) -> Application:
         catalogue.directory,
         cluster_gpus=_cluster_gpus(),
         force_cpu=_force_cpu(args),
-        fleet=load_fleet(args.get("fleet")),
+        fleet=_fleet(args),
     )
+
+
+def _fleet(args: dict[str, Any]) -> FleetSpec:
+    fleet = load_fleet(args.get("fleet"))
+    return fleet.for_region(args["region"]) if args.get("region") else fleet
 
 
 def build_gateway_app(args: dict[str, Any]) -> Application:
-    """import_path target for the gateway: args {catalogue?: dir, models?: [ids], fleet?: file}."""
+    """import_path target for the gateway: args {catalogue?: dir, models?: [ids], fleet?: file,
+    region?: this cluster's region}."""
     catalogue = load_catalogue(args.get("catalogue") or catalogue_path())
-    return gateway_application(
-        catalogue.select(args.get("models")), fleet=load_fleet(args.get("fleet"))
-    )
+    return gateway_application(catalogue.select(args.get("models")), fleet=_fleet(args))

@@ -29,14 +29,18 @@ from tests.integration.support import wait_until
 
 MODEL = "geo-echo"
 REGIONS = {
-    "us-east-1": Region(latitude=38.9, longitude=-77.4, zones=("us-east-1a",)),
-    "eu-west-1": Region(latitude=53.3, longitude=-6.3, zones=("eu-west-1a",)),
-    "ap-southeast-1": Region(latitude=1.35, longitude=103.8, zones=("ap-southeast-1a",)),
+    name: Region(
+        latitude=lat, longitude=lon, zones=(f"{name}a",), models={MODEL: 1}  # type: ignore[dict-item]
+    )
+    for name, lat, lon in (
+        ("us-east-1", 38.9, -77.4),
+        ("eu-west-1", 53.3, -6.3),
+        ("ap-southeast-1", 1.35, 103.8),
+    )
 }
 SPEC = FleetSpec(
     regions=REGIONS,
     default_region="us-east-1",
-    models={MODEL: {"us-east-1": 1, "eu-west-1": 1, "ap-southeast-1": 1}},
     load_balancing=LoadBalancing(
         health_check_interval_s=0.5,
         failover_threshold=2,
@@ -128,6 +132,7 @@ def test_replicas_are_placed_one_per_region_by_label(fleet: Fleet) -> None:
     regions = sorted(r["region"] for r in view["replicas"] if r["model"] == MODEL)
     assert regions == sorted(REGIONS)
     assert view["placement"][MODEL]["running"] == {region: 1 for region in REGIONS}
+    assert view["placement"][MODEL]["spec"] == {r: {"min": 1, "max": 1} for r in REGIONS}
     node_regions = {n["node_id"]: n["region"] for n in view["nodes"]}
     for replica in view["replicas"]:
         if replica["model"] == MODEL:

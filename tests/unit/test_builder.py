@@ -78,11 +78,14 @@ def test_fleet_routing_only_where_there_is_a_choice() -> None:
     fleet = FleetSpec.model_validate(
         {
             "regions": {
-                "us-east-1": {"latitude": 39.0, "longitude": -77.5},
-                "eu-west-1": {"latitude": 53.3, "longitude": -6.3},
+                "us-east-1": {
+                    "latitude": 39.0,
+                    "longitude": -77.5,
+                    "models": {"placed": 1, "lone": 1},
+                },
+                "eu-west-1": {"latitude": 53.3, "longitude": -6.3, "models": {"placed": 1}},
             },
             "default_region": "us-east-1",
-            "models": {"placed": {"us-east-1": 1, "eu-west-1": 1}, "lone": {"us-east-1": 1}},
         }
     )
     single, several = card(replicas={"min": 1, "max": 1}), card(replicas={"min": 1, "max": 3})

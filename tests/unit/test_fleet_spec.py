@@ -35,7 +35,31 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_shipped_fleet_spec_is_valid() -> None:
     spec = load_fleet(ROOT / "deployments" / "fleet.yaml")
     assert {"us-east-1", "eu-west-1", "ap-southeast-1"} <= set(spec.regions)
+    assert {spec.regions[r].cloud for r in spec.regions} >= {"aws", "gcp"}
     assert spec.placement("echo")
+
+
+def test_a_region_cluster_sees_its_own_share_and_its_peers() -> None:
+    spec = load_fleet(ROOT / "deployments" / "fleet.yaml").for_region("eu-west-1")
+    echo = spec.placement("echo")
+    assert echo is not None and list(echo) == ["eu-west-1"]
+    assert (echo["eu-west-1"].min_replicas, echo["eu-west-1"].max_replicas) == (1, 4)
+    assert set(spec.peers()) == {"us-east-1", "ap-southeast-1"}
+    assert not spec.serves_here("tiny-sd") and spec.serving_regions("tiny-sd") == ["us-east-1"]
+    assert spec.serves_here("an-unplaced-model")  # left to its card: every region runs it
+    # card < fleet < region: eu-west-1 overrides the fleet's downscale cooldown
+    assert spec.autoscaling_config("echo").downscale_cooldown_s == 900
+    assert spec.autoscaling_config("echo", {"max_step_up": 3}).max_step_up == 3
+    with pytest.raises(FleetSpecError, match="unknown region 'mars'"):
+        spec.for_region("mars")
+
+
+def test_a_count_is_a_fixed_replica_number(tmp_path: Path) -> None:
+    spec = load_fleet(
+        write(tmp_path, "regions: {a: {latitude: 0, longitude: 0, models: {m: 3}}}\ndefault_region: a\n")
+    )
+    placed = spec.placement("m")
+    assert placed is not None and (placed["a"].min_replicas, placed["a"].max_replicas) == (3, 3)
 
 
 def test_no_spec_is_the_embedded_single_region(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,7 +75,38 @@ def test_no_spec_is_the_embedded_single_region(monkeypatch: pytest.MonkeyPatch) 
         ("regions: {a: {latitude: 0, longitude: 0}}\ndefault_region: b\n", "default_region"),
         (
             "regions: {a: {latitude: 0, longitude: 0}}\ndefault_region: a\nmodels: {m: {z: 1}}\n",
-            "unknown region 'z'",
+            "moved into each region",
+        ),
+        (
+            "regions: {a: {latitude: 0, longitude: 0, models: {m: {min_replicas: 3, max_replicas: 2}}}}\n"
+            "default_region: a\n",
+            "regions.a.models.m",
+        ),
+        (
+            "regions: {a: {latitude: 0, longitude: 0, zones: [a1], node_types: {cpu: {instance_type: x, cpus: 4, zones: [b1]}}}}\n"
+            "default_region: a\n",
+            "not in zones",
+        ),
+        (
+            "regions: {a: {latitude: 0, longitude: 0, endpoint: 'ftp://x'}}\ndefault_region: a\n",
+            "not an http(s) URL",
+        ),
+        (
+            "regions: {a: {latitude: 0, longitude: 0, endpoint: 'https://x/v1'}}\ndefault_region: a\n",
+            "scheme://host[:port] only",
+        ),
+        (
+            "regions: {a: {latitude: 0, longitude: 0, cloud: moon}}\ndefault_region: a\n",
+            "regions.a.cloud",
+        ),
+        (
+            "regions: {a: {latitude: 0, longitude: 0}}\ndefault_region: a\nown_region: b\n",
+            "own_region 'b'",
+        ),
+        (
+            "regions: {a: {latitude: 0, longitude: 0, autoscaling: {target_utilisation: 0.5}}}\n"
+            "default_region: a\n",
+            "target_utilisation",
         ),
         ("regions: {a: {latitude: 91, longitude: 0}}\ndefault_region: a\n", "latitude"),
         (

@@ -1,0 +1,88 @@
+"""Autoscaling settings: one shape for a model card's `autoscaling:`, the fleet spec's fleet-wide
+`autoscaling:` and each region's override, merged field by field (card < fleet < region)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ScheduledFloor(_Strict):
+    """A replica floor in a recurring time window (KEDA's cron scaler)."""
+
+    cron: str = Field(description="Five-field cron expression (UTC) for when the window opens.")
+    duration_s: float = Field(gt=0, description="How long the window stays open.")
+    min_replicas: int = Field(ge=0, description="Replicas kept at least while it is open.")
+
+
+class Predictive(_Strict):
+    enabled: bool = Field(True, description="Forecast request rates from their history.")
+    mode: str = Field(
+        "auto",
+        pattern=r"^(auto|forecast_only|off)$",
+        description="auto: apply once the forecast passes its confidence gate; forecast_only: "
+        "record decisions without applying them.",
+    )
+    horizon_s: float = Field(3600, gt=0, description="How far ahead the forecast looks.")
+    buffer: float = Field(0.2, ge=0, le=5, description="Head-room on top of the forecast.")
+    lead_time_s: float | None = Field(
+        None, ge=0, description="Scale this far ahead of the forecast (default: measured start)."
+    )
+    min_history_s: float = Field(
+        86_400, gt=0, description="History needed before a forecast is applied."
+    )
+    max_error: float = Field(
+        0.25, gt=0, description="Back-tested relative error above which forecasts are ignored."
+    )
+
+
+class AutoscalingConfig(_Strict):
+    """Every threshold of the policy (defaults from the autoscaling issue)."""
+
+    target_utilization: float = Field(0.7, gt=0, le=1)
+    upscale_ratio: float = Field(1.1, ge=1, description="Scale up above ratio x target.")
+    downscale_ratio: float = Field(0.5, gt=0, le=1, description="Scale down below ratio x target.")
+    max_queued_per_replica: float = Field(2.0, ge=0, description="Queue depth that scales up.")
+    slo_p95_ms: float | None = Field(None, gt=0, description="p95 latency target (scales up).")
+    max_step_up: int = Field(10, ge=1)
+    max_step_down: int = Field(1, ge=1)
+    upscale_cooldown_s: float = Field(30, ge=0)
+    downscale_cooldown_s: float = Field(600, ge=0)
+    stable_window_s: float = Field(60, gt=0)
+    panic_window_s: float = Field(6, gt=0)
+    panic_threshold: float = Field(2.0, gt=1, description="Panic at this multiple of target.")
+    scale_to_zero_after_s: float | None = Field(
+        None, gt=0, description="Idle time before a model with min_replicas 0 goes to zero."
+    )
+    decision_period_s: float = Field(1.0, gt=0, description="How often Serve asks the policy.")
+    predictive: Predictive = Predictive()
+    schedules: tuple[ScheduledFloor, ...] = ()
+
+    @model_validator(mode="after")
+    def _windows(self) -> AutoscalingConfig:
+        if self.panic_window_s > self.stable_window_s:
+            raise ValueError("panic_window_s must not exceed stable_window_s")
+        return self
+
+
+def merged(*layers: dict[str, Any] | None) -> AutoscalingConfig:
+    """One AutoscalingConfig from partial layers, later layers winning field by field (nested
+    sections merge too)."""
+    result: dict[str, Any] = {}
+    for layer in layers:
+        if layer:
+            _merge_into(result, layer)
+    return AutoscalingConfig.model_validate(result)
+
+
+def _merge_into(base: dict[str, Any], layer: dict[str, Any]) -> None:
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge_into(base[key], value)
+        else:
+            base[key] = value
