@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from app.autoscaling.cron import Cron, CronError
 
 
 class _Strict(BaseModel):
@@ -18,6 +20,15 @@ class ScheduledFloor(_Strict):
     cron: str = Field(description="Five-field cron expression (UTC) for when the window opens.")
     duration_s: float = Field(gt=0, description="How long the window stays open.")
     min_replicas: int = Field(ge=0, description="Replicas kept at least while it is open.")
+
+    @field_validator("cron")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        try:
+            Cron.parse(value)
+        except CronError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
 
 
 class Predictive(_Strict):
@@ -38,6 +49,9 @@ class Predictive(_Strict):
     )
     max_error: float = Field(
         0.25, gt=0, description="Back-tested relative error above which forecasts are ignored."
+    )
+    season_s: float = Field(
+        86_400, ge=120, description="Length of the load's cycle (a day; shorter in tests)."
     )
 
 

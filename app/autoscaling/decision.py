@@ -1,0 +1,400 @@
+"""The reactive rules: utilisation, queue and latency thresholds, step bounds, cooldowns, the panic
+window, and scaling to and from zero; and the `Decision` every rule returns."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from app.autoscaling.config import AutoscalingConfig
+from app.autoscaling.signals import MetricWindow, Signals
+
+# A queue this small per replica counts as empty for scale-down: a request or two in flight
+# between handle and replica is normal even when replicas have free slots.
+NEAR_EMPTY_QUEUE_PER_REPLICA = 0.1
+
+
+class Rule(StrEnum):
+    """Which rule made a decision (the name shown in logs, metrics and `autoscale status`)."""
+
+    STEADY = "steady"
+    BOUNDS = "bounds"
+    FROM_ZERO = "from_zero"
+    TO_ZERO = "to_zero"
+    PANIC = "panic"
+    PANIC_HOLD = "panic_hold"
+    UTILIZATION_UP = "utilization_up"
+    QUEUE_UP = "queue_up"
+    LATENCY_UP = "latency_up"
+    UTILIZATION_DOWN = "utilization_down"
+    UP_COOLDOWN = "up_cooldown"
+    DOWN_COOLDOWN = "down_cooldown"
+    UP_PENDING = "up_pending"
+    FORECAST_FLOOR = "forecast_floor"
+    SCHEDULED_FLOOR = "scheduled_floor"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One tick's answer: the replica count to apply, the rule and why, the inputs it saw.
+    `applied` is False for a decision that is only recorded (forecast-only mode); such a
+    decision rides along as `shadow` of the applied one."""
+
+    target_replicas: int
+    current_replicas: int
+    rule: str
+    reason: str
+    at_s: float
+    inputs: dict[str, Any] = field(default_factory=dict)
+    applied: bool = True
+    shadow: Decision | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.target_replicas != self.current_replicas
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "target_replicas": self.target_replicas,
+            "current_replicas": self.current_replicas,
+            "rule": self.rule,
+            "reason": self.reason,
+            "at_s": self.at_s,
+            "inputs": self.inputs,
+            "applied": self.applied,
+        }
+        if self.shadow is not None:
+            data["shadow"] = self.shadow.to_dict()
+        return data
+
+
+@dataclass
+class ReactiveState:
+    """Everything the reactive rules remember between ticks. Small and plain so an adapter can
+    persist it, or rebuild it after a controller restart (Serve's context gives the last
+    scale-up and scale-down times; the windows refill within one stable window)."""
+
+    demand: MetricWindow
+    queued: MetricWindow
+    observing_since_s: float | None = None
+    last_scale_up_s: float | None = None
+    last_scale_down_s: float | None = None
+    last_panic_s: float | None = None  # last tick at which the panic condition held
+    idle_since_s: float | None = None
+
+    @classmethod
+    def new(cls, config: AutoscalingConfig) -> ReactiveState:
+        # One tick of slack so the oldest sample of a full stable window is still there.
+        span = config.stable_window_s + config.decision_period_s
+        return cls(demand=MetricWindow(span), queued=MetricWindow(span))
+
+    def note_target(self, current: int, target: int, now: float) -> None:
+        """Records a scaling action; cooldowns count from here."""
+        if target > current:
+            self.last_scale_up_s = now
+        elif target < current:
+            self.last_scale_down_s = now
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "span_s": self.demand.span_s,
+            "demand": self.demand.to_list(),
+            "queued": self.queued.to_list(),
+            "observing_since_s": self.observing_since_s,
+            "last_scale_up_s": self.last_scale_up_s,
+            "last_scale_down_s": self.last_scale_down_s,
+            "last_panic_s": self.last_panic_s,
+            "idle_since_s": self.idle_since_s,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReactiveState:
+        span = float(data["span_s"])
+        return cls(
+            demand=MetricWindow.from_list(span, data.get("demand", [])),
+            queued=MetricWindow.from_list(span, data.get("queued", [])),
+            observing_since_s=data.get("observing_since_s"),
+            last_scale_up_s=data.get("last_scale_up_s"),
+            last_scale_down_s=data.get("last_scale_down_s"),
+            last_panic_s=data.get("last_panic_s"),
+            idle_since_s=data.get("idle_since_s"),
+        )
+
+
+@dataclass(frozen=True)
+class _Tick:
+    """One tick's inputs and the load figures derived from them."""
+
+    signals: Signals
+    now: float
+    current: int
+    low: int
+    high: int
+    per_replica: float  # requests one replica takes at the target utilisation
+    demand_now: float
+    demand_stable: float
+    demand_panic: float
+    queued_stable: float
+    queued_panic: float
+    queued_before: float  # the previous tick's queue: is the backlog draining?
+    panic_before: bool  # a panic within the last panic window: this burst is sized already
+    stable_full: bool  # a whole stable window observed (no scale-down on less)
+
+    @property
+    def starting(self) -> bool:
+        """A scale-up is in flight: some asked-for replicas are not running yet."""
+        return self.signals.running_replicas < self.current
+
+    @property
+    def draining(self) -> bool:
+        """The backlog shrinks: the replicas already running outpace arrivals."""
+        return self.signals.queued_requests < self.queued_before
+
+    def need(self, demand: float) -> int:
+        """Replicas that carry `demand` at the target utilisation."""
+        return max(0, math.ceil(demand / self.per_replica - 1e-9))
+
+    def utilization(self, demand: float) -> float:
+        """Demand against the capacity of the replicas already asked for (running or
+        starting), so replicas still starting do not look like overload."""
+        capacity = self.current * self.signals.max_ongoing_requests
+        return demand / capacity if capacity else (math.inf if demand > 0 else 0.0)
+
+
+_Proposal = tuple[int, Rule, str]
+
+
+class ReactiveRules:
+    """Scales on measured load only; `decide` is one tick. Thresholds come from the config."""
+
+    def __init__(self, config: AutoscalingConfig) -> None:
+        self.config = config
+
+    def new_state(self) -> ReactiveState:
+        return ReactiveState.new(self.config)
+
+    def decide(
+        self,
+        signals: Signals,
+        now: float,
+        current: int,
+        min_replicas: int,
+        max_replicas: int,
+        state: ReactiveState,
+    ) -> Decision:
+        decision = self.propose(signals, now, current, min_replicas, max_replicas, state)
+        state.note_target(current, decision.target_replicas, now)
+        return decision
+
+    def propose(
+        self,
+        signals: Signals,
+        now: float,
+        current: int,
+        min_replicas: int,
+        max_replicas: int,
+        state: ReactiveState,
+    ) -> Decision:
+        """`decide` without recording the action: a caller that raises the target further
+        (a floor) records the final one with `state.note_target`."""
+        tick = self._observe(signals, now, current, min_replicas, max_replicas, state)
+        proposal = (
+            self._from_zero(tick)
+            or self._panic(tick, state)
+            or self._scale_up(tick, state)
+            or self._to_zero(tick, state)
+            or self._scale_down(tick, state)
+            or (current, Rule.STEADY, "load within thresholds")
+        )
+        target, rule, reason = self._bounded(tick, *proposal)
+        return Decision(target, current, rule, reason, now, self._inputs(tick, state))
+
+    def _observe(
+        self, signals: Signals, now: float, current: int, low: int, high: int, state: ReactiveState
+    ) -> _Tick:
+        cfg = self.config
+        queued_before = state.queued.latest() or 0.0
+        panic_before = _since(now, state.last_panic_s) <= cfg.panic_window_s
+        state.demand.add(now, signals.total_requests)
+        state.queued.add(now, signals.queued_requests)
+        if state.observing_since_s is None:
+            state.observing_since_s = now
+        idle = signals.total_requests == 0 and signals.queued_requests == 0
+        if not idle:
+            state.idle_since_s = None
+        elif state.idle_since_s is None:
+            state.idle_since_s = now
+        stable, panic = cfg.stable_window_s, cfg.panic_window_s
+        tick = _Tick(
+            signals=signals,
+            now=now,
+            current=current,
+            low=low,
+            high=max(high, low),
+            per_replica=signals.max_ongoing_requests * cfg.target_utilization,
+            demand_now=signals.total_requests,
+            demand_stable=state.demand.average(now, stable) or 0.0,
+            demand_panic=state.demand.average(now, panic) or 0.0,
+            queued_stable=state.queued.average(now, stable) or 0.0,
+            queued_panic=state.queued.average(now, panic) or 0.0,
+            queued_before=queued_before,
+            panic_before=panic_before,
+            stable_full=now - state.observing_since_s >= stable,
+        )
+        if current > 0 and tick.utilization(tick.demand_panic) >= self._panic_level:
+            state.last_panic_s = now
+        return tick
+
+    @property
+    def _panic_level(self) -> float:
+        return self.config.panic_threshold * self.config.target_utilization
+
+    def _from_zero(self, tick: _Tick) -> _Proposal | None:
+        # A request waiting at zero replicas gets one at once: no cooldown, no window.
+        if tick.current > 0 or (tick.demand_now <= 0 and tick.signals.queued_requests <= 0):
+            return None
+        target = max(1, tick.need(tick.demand_now))
+        return target, Rule.FROM_ZERO, f"{tick.demand_now:g} requests waiting at zero replicas"
+
+    def _panic(self, tick: _Tick, state: ReactiveState) -> _Proposal | None:
+        if state.last_panic_s != tick.now:
+            return None
+        # Knative sizes a panic by the panic-window average; the latest tick answers a step
+        # burst at once instead of over the whole window, and no longer counts a backlog
+        # that has since drained.
+        needed = tick.need(tick.demand_now)
+        util = tick.utilization(tick.demand_panic)
+        reason = (
+            f"panic: {util:.0%} utilisation over {self.config.panic_window_s:g}s >= "
+            f"{self._panic_level:.0%}; burst needs {needed}"
+        )
+        # A new burst while an ordinary scale-up starts is sized at once; a burst already
+        # sized waits for its replicas.
+        held = self._backlog_hold(tick) if tick.panic_before else None
+        if held is not None:
+            return tick.current, Rule.PANIC, f"{reason}; {held}"
+        return max(tick.current, needed), Rule.PANIC, reason
+
+    @staticmethod
+    def _backlog_hold(tick: _Tick) -> str | None:
+        """Why not to size on the backlog now. Demand counts queued requests, and the queue
+        grows every tick while asked-for replicas start, so re-sizing on it would chase the
+        backlog to max_replicas; a queue that shrinks is served by what already runs."""
+        if tick.starting:
+            return f"{tick.current - tick.signals.running_replicas} asked-for replicas starting"
+        if tick.signals.queued_requests > 0 and tick.draining:
+            return f"backlog draining ({tick.queued_before:g} -> {tick.signals.queued_requests:g})"
+        return None
+
+    def _scale_up(self, tick: _Tick, state: ReactiveState) -> _Proposal | None:
+        cfg = self.config
+        # At zero only a waiting request scales (from_zero); the windows' echo of requests
+        # that already finished must not.
+        trigger = self._up_trigger(tick) if tick.current > 0 else None
+        if trigger is None:
+            return None
+        rule, why = trigger
+        held = self._backlog_hold(tick)
+        if held is not None and (rule is not Rule.UTILIZATION_UP or tick.starting):
+            return tick.current, Rule.UP_PENDING, f"{why}; {held}"
+        # Up on the short window, down on the long one: scaling up late costs SLO, scaling
+        # down early costs a flap; and a burst's drained backlog lingers in the long window.
+        desired = tick.need(tick.demand_panic)
+        if rule is not Rule.UTILIZATION_UP:
+            desired = max(desired, tick.current + 1)
+        step = min(max(desired - tick.current, 1), cfg.max_step_up)
+        since = _since(tick.now, state.last_scale_up_s)
+        if since < cfg.upscale_cooldown_s:
+            reason = f"{why}; last scale-up {since:.0f}s ago < {cfg.upscale_cooldown_s:g}s"
+            return tick.current, Rule.UP_COOLDOWN, reason
+        return tick.current + step, rule, f"{why}; +{step} (needs {desired})"
+
+    def _up_trigger(self, tick: _Tick) -> tuple[Rule, str] | None:
+        cfg = self.config
+        util = tick.utilization(tick.demand_panic)
+        if util > cfg.upscale_ratio * cfg.target_utilization:
+            limit = cfg.upscale_ratio * cfg.target_utilization
+            return Rule.UTILIZATION_UP, f"utilisation {util:.0%} > {limit:.0%}"
+        queued = tick.queued_panic / tick.current
+        if queued > cfg.max_queued_per_replica:
+            return (
+                Rule.QUEUE_UP,
+                f"{queued:.1f} queued per replica > {cfg.max_queued_per_replica:g}",
+            )
+        p95 = tick.signals.p95_latency_ms
+        # Latency with idle replicas is the model's own speed, not load: more replicas won't
+        # help, so a mis-set SLO must not walk the deployment up to max_replicas.
+        loaded = (
+            tick.utilization(tick.demand_stable) >= cfg.downscale_ratio * cfg.target_utilization
+        )
+        if cfg.slo_p95_ms is not None and p95 is not None and p95 > cfg.slo_p95_ms and loaded:
+            return Rule.LATENCY_UP, f"p95 {p95:.0f} ms > SLO {cfg.slo_p95_ms:g} ms"
+        return None
+
+    def _to_zero(self, tick: _Tick, state: ReactiveState) -> _Proposal | None:
+        cfg = self.config
+        if tick.low > 0 or tick.current == 0 or state.idle_since_s is None:
+            return None
+        after = cfg.scale_to_zero_after_s or cfg.downscale_cooldown_s
+        idle_for = tick.now - state.idle_since_s
+        if idle_for < after:
+            return None
+        if self._panic_held(tick, state):
+            return tick.current, Rule.PANIC_HOLD, "idle, but within a stable window of a panic"
+        return 0, Rule.TO_ZERO, f"idle for {idle_for:.0f}s >= {after:g}s"
+
+    def _scale_down(self, tick: _Tick, state: ReactiveState) -> _Proposal | None:
+        cfg = self.config
+        util = tick.utilization(tick.demand_stable)
+        limit = cfg.downscale_ratio * cfg.target_utilization
+        queue_empty = tick.queued_stable <= NEAR_EMPTY_QUEUE_PER_REPLICA * tick.current
+        if util >= limit or not queue_empty or not tick.stable_full:
+            return None
+        lowest = max(tick.low, 1)  # the last replica goes only by the idle rule (to_zero)
+        desired = max(tick.need(tick.demand_stable), tick.current - cfg.max_step_down, lowest)
+        if desired >= tick.current:
+            return None
+        why = f"utilisation {util:.0%} < {limit:.0%} over {cfg.stable_window_s:g}s"
+        if self._panic_held(tick, state):
+            return tick.current, Rule.PANIC_HOLD, f"{why}; within a stable window of a panic"
+        last = max(state.last_scale_up_s or -math.inf, state.last_scale_down_s or -math.inf)
+        since = tick.now - last
+        if since < cfg.downscale_cooldown_s:
+            reason = f"{why}; last scaling {since:.0f}s ago < {cfg.downscale_cooldown_s:g}s"
+            return tick.current, Rule.DOWN_COOLDOWN, reason
+        return desired, Rule.UTILIZATION_DOWN, f"{why}; -{tick.current - desired}"
+
+    def _panic_held(self, tick: _Tick, state: ReactiveState) -> bool:
+        return _since(tick.now, state.last_panic_s) < self.config.stable_window_s
+
+    def _bounded(self, tick: _Tick, target: int, rule: Rule, reason: str) -> tuple[int, str, str]:
+        bounded = min(max(target, tick.low), tick.high)
+        span = f"[{tick.low}, {tick.high}]"
+        if bounded == target:
+            return target, rule, reason
+        if target == tick.current:  # a hold outside the bounds moves to them
+            return bounded, Rule.BOUNDS, f"{tick.current} outside {span}"
+        if bounded == tick.current:  # the rule wanted to move, the bound says no
+            return bounded, Rule.BOUNDS, f"{reason}; held by bounds {span}"
+        return bounded, rule, f"{reason}; bounded to {span}"
+
+    def _inputs(self, tick: _Tick, state: ReactiveState) -> dict[str, Any]:
+        return {
+            **tick.signals.as_dict(),
+            "current": tick.current,
+            "min": tick.low,
+            "max": tick.high,
+            "demand_stable": round(tick.demand_stable, 3),
+            "demand_panic": round(tick.demand_panic, 3),
+            "queued_stable": round(tick.queued_stable, 3),
+            "utilization_stable": round(min(tick.utilization(tick.demand_stable), 1e9), 4),
+            "utilization_panic": round(min(tick.utilization(tick.demand_panic), 1e9), 4),
+            "needed": tick.need(tick.demand_panic),
+            "panic": _since(tick.now, state.last_panic_s) < self.config.stable_window_s,
+        }
+
+
+def _since(now: float, then: float | None) -> float:
+    return math.inf if then is None else now - then
