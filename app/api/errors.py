@@ -134,3 +134,9 @@ def from_validation_error(error: ValidationError | list[dict[str, Any]]) -> Inva
     if param:
         message = f"invalid value for {param!r}: {message}"
     return InvalidRequestError(message, param=param)
+
+
+class AuthenticationError(APIError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_federation_signature"

@@ -119,6 +119,8 @@ def validate_request(data: Any, model: type[R]) -> R:
 # The HTTP request being dispatched, for backends that need its headers or client address (the
 # gateway's routing hints). Each request runs in its own task, so its own context.
 CURRENT_REQUEST: ContextVar[Request | None] = ContextVar("current_request", default=None)
+# Its body as the client sent it, for a gateway that forwards it whole to a peer region.
+CURRENT_BODY: ContextVar[bytes | None] = ContextVar("current_body", default=None)
 
 
 class OpenAIRoutes:
@@ -187,7 +189,9 @@ class OpenAIRoutes:
         unary: Callable[[R], Awaitable[dict[str, Any]]],
         stream: Callable[[R], AsyncIterator[bytes]] | None = None,
     ) -> Response:
-        req = parse_request(await read_body(request), schema)
+        body = await read_body(request)
+        CURRENT_BODY.set(body)
+        req = parse_request(body, schema)
         if getattr(req, "stream", False):
             if stream is None:
                 raise InvalidRequestError("this endpoint does not stream", param="stream")

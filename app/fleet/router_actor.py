@@ -18,6 +18,7 @@ from typing import Any, cast
 import ray
 
 from app.fleet.spec import FleetSpec, node_locality
+from app.regions.summary import summarize
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class FleetRouter:
         self.replicas: dict[str, ReplicaRecord] = {}
         self.nodes: dict[str, NodeRecord] = {}
         self.drained_nodes: set[str] = set()
+        self.region_drained = False  # the whole region: its gateway forwards to peers instead
+        self.federation: dict[str, Any] | None = None  # the gateway's peer view, as reported
         self.events: list[dict[str, Any]] = []
         self._snapshot: dict[str, Any] = {}
         self._loop_task: asyncio.Task[None] | None = None
@@ -182,12 +185,29 @@ class FleetRouter:
         self._event("fault_injected", replica=replica_id, latency_ms=latency_ms)
         return self.version
 
+    async def drain_region(self, drained: bool) -> bool:
+        """Take this region out of (or back into) the federation's rotation: its gateway
+        forwards to peers, and peers stop forwarding here."""
+        self._ensure_loop()
+        self.region_drained = bool(drained)
+        self._event("region_drained" if drained else "region_undrained")
+        return self.region_drained
+
+    async def report_federation(self, view: dict[str, Any]) -> None:
+        self.federation = view
+
     # ---- views out ---------------------------------------------------------------------------
+
+    async def summary(self) -> dict[str, Any]:
+        """This region's compact summary for its peers (app.regions.summary)."""
+        self._ensure_loop()
+        return summarize(
+            self.spec.home_region, self._replica_rows(), drained=self.region_drained
+        ).to_json()
 
     async def fleet(self) -> dict[str, Any]:
         """Nodes, replicas with health and performance, for GET /v1/fleet and `app fleet`."""
         self._ensure_loop()
-        now = time.monotonic()
         return {
             "version": self.version,
             "strategy": self.spec.load_balancing.strategy.value,
@@ -206,28 +226,34 @@ class FleetRouter:
                 }
                 for n in self.nodes.values()
             ],
-            "replicas": [
-                {
-                    "replica_id": r.replica_id,
-                    "model": r.model,
-                    "node_id": r.node_id,
-                    "region": r.region,
-                    "zone": r.zone,
-                    "capacity": r.capacity,
-                    "ongoing": r.ongoing,
-                    "healthy": r.healthy,
-                    "failed_checks": r.failed_checks,
-                    "drained": r.node_id in self.drained_nodes,
-                    "weight": r.weight,
-                    "inject_latency_ms": r.inject_latency_ms,
-                    "heartbeat_age_s": round(now - r.last_heartbeat, 3),
-                    "performance": self._performance(r),
-                }
-                for r in sorted(self.replicas.values(), key=lambda r: (r.model, r.region))
-            ],
+            "replicas": self._replica_rows(),
             "placement": self._placement(),
             "events": self.events[-50:],
+            "region_drained": self.region_drained,
+            "federation": self.federation,
         }
+
+    def _replica_rows(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [
+            {
+                "replica_id": r.replica_id,
+                "model": r.model,
+                "node_id": r.node_id,
+                "region": r.region,
+                "zone": r.zone,
+                "capacity": r.capacity,
+                "ongoing": r.ongoing,
+                "healthy": r.healthy,
+                "failed_checks": r.failed_checks,
+                "drained": r.node_id in self.drained_nodes,
+                "weight": r.weight,
+                "inject_latency_ms": r.inject_latency_ms,
+                "heartbeat_age_s": round(now - r.last_heartbeat, 3),
+                "performance": self._performance(r),
+            }
+            for r in sorted(self.replicas.values(), key=lambda r: (r.model, r.region))
+        ]
 
     # ---- internals ---------------------------------------------------------------------------
 

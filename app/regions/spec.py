@@ -206,6 +206,7 @@ def local_ports(local: LocalCluster) -> dict[str, int]:
         "runtime_env_agent": base + 8,
         "haproxy_stats": base + 9,
         "haproxy_metrics": base + 10,
+        "dashboard": base + 11,
         "min_worker": base + 100,
         "max_worker": base + 899,
         "direct_ingress_http_min": base + 900,

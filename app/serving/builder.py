@@ -172,7 +172,7 @@ def ingress_router_application(
 def gateway_application(
     catalogue: Catalogue, num_replicas: int = 1, fleet: FleetSpec | None = None
 ) -> Application:
-    from app.api.gateway import gateway_deployment
+    from app.serving.gateway import gateway_deployment
 
     fleet = fleet or load_fleet()
     cards = [card.model_dump(mode="json") for card in catalogue]

@@ -1,5 +1,6 @@
-"""The gateway deployment: one base URL for every model id, forwarding each request to its model's
-deployment through a handle (the path for clients that cannot use per-model URLs)."""
+"""The gateway deployment: one base URL for every model id. It sends each request to its model's
+deployment through a handle (with failover between replicas) or, in a federated region, to the
+best peer region's gateway when this region cannot serve it (app.regions)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.api.errors import (
+    APIError,
+    AuthenticationError,
     InvalidRequestError,
     ModelNotFoundError,
     OverloadedError,
     ServiceUnavailableError,
 )
-from app.api.http import CURRENT_REQUEST, OpenAIRoutes, json_response
+from app.api.http import (
+    CURRENT_BODY,
+    CURRENT_REQUEST,
+    OpenAIRoutes,
+    error_response,
+    json_response,
+    route_path,
+)
 from app.api.responses import model_object
 from app.api.schemas import (
     ChatCompletionRequest,
@@ -43,8 +53,22 @@ from app.fleet.hints import (
 )
 from app.fleet.router_actor import FleetRouterUnavailableError, router_handle
 from app.fleet.spec import FleetSpec, embedded_fleet
+from app.regions.auth import FORWARDED_FROM, SIGNATURE, verify
+from app.regions.federation import RegionFederation
+from app.regions.forwarding import SUMMARY_PATH, PeerBusyError, PeerUnreachableError
+from app.regions.peers import LOCAL
 
 STATUS_TTL_S = 2.0
+PATHS = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "embeddings": "/v1/embeddings",
+    "images": "/v1/images/generations",
+    "relay_chat_sse": "/v1/chat/completions",
+    "relay_completions_sse": "/v1/completions",
+}
+# Request headers a forward carries on to the peer (the client region is the resolved one).
+PASSED_HEADERS = ("authorization", "x-request-id", "cache-control", "x-cache-bypass")
 
 
 class Gateway:
@@ -58,8 +82,10 @@ class Gateway:
         self._handles: dict[str, DeploymentHandle] = {}
         self._status: tuple[float, dict[str, str]] = (0.0, {})
         self._refreshing: asyncio.Task[dict[str, str]] | None = None
+        self.federation = RegionFederation(self.fleet) if self.fleet.own_region else None
         self._routes = OpenAIRoutes(self)
         self._routes.add_get("/v1/fleet", self._fleet_view)
+        self._routes.add_get(SUMMARY_PATH, self._summary)
 
     async def handle_for(self, model: str) -> DeploymentHandle:
         card = self.cards.get(model)
@@ -83,8 +109,35 @@ class Gateway:
         return handle
 
     async def __call__(self, request: Request) -> Response:
-        """HTTP entry point (Serve's direct ingress or proxy)."""
+        """HTTP entry point (Serve's direct ingress or proxy). A request from a peer region
+        must carry a valid federation signature, checked before anything else."""
+        if self.federation is not None:
+            self.federation.ensure_started()
+        if FORWARDED_FROM in request.headers or route_path(request) == SUMMARY_PATH:
+            refusal = await self._verify_peer(request)
+            if refusal is not None:
+                return refusal
         return await self._routes(request)
+
+    async def _verify_peer(self, request: Request) -> Response | None:
+        body = await request.body() if request.method == "POST" else b""
+        secret = self.federation.secret if self.federation else None
+        why = verify(
+            secret,
+            request.headers.get(SIGNATURE),
+            request.headers.get(FORWARDED_FROM),
+            route_path(request),
+            body,
+        )
+        if why is None:
+            return None
+        return error_response(AuthenticationError(why))
+
+    async def _summary(self, request: Request) -> Response:
+        """GET /federation/summary: this region's last summary, for its peers."""
+        if self.federation is None:
+            raise ServiceUnavailableError("this gateway is not a federated region")
+        return json_response(self.federation.summary())
 
     async def list_models(self) -> list[dict[str, Any]]:
         return [model_object(card, self.created) for card in self.cards.values()]
@@ -137,8 +190,25 @@ class Gateway:
 
     async def _call(self, method: str, req: Any) -> dict[str, Any]:
         route = self._route()
+        federation = self.federation
+        if federation is None:
+            return await self._local_call(method, req, route)
+        peer_request = self._peer_request(route)
+        failure: APIError | None = None
+        for target in federation.order(req.model, route.get("region"), forwarded=_forwarded()):
+            try:
+                if target == LOCAL:
+                    return await self._local_call(method, req, route)
+                return await federation.forward(target, PATHS[method], *peer_request)
+            except (OverloadedError, ServiceUnavailableError) as exc:
+                failure = exc
+            except (PeerBusyError, PeerUnreachableError):
+                continue
+        raise _no_region(req.model, failure)
+
+    async def _local_call(self, method: str, req: Any, route: dict[str, Any]) -> dict[str, Any]:
         handle = await self.handle_for(req.model)
-        with _mapped_errors(req.model):
+        with _mapped_errors(req.model), self._inflight(req.model):
             return await call_with_failover(
                 lambda hints: getattr(handle, method).remote(req, route=hints),
                 route,
@@ -146,15 +216,76 @@ class Gateway:
             )
 
     async def _stream(self, method: str, req: Any, route: dict[str, Any]) -> AsyncIterator[bytes]:
-        """Forward the model replica's SSE writes untouched: no decode and re-encode here."""
+        """Forward SSE writes untouched (no decode and re-encode here): from this region's
+        replica, or relayed from a peer region's gateway as they arrive. A stream fails over
+        only before its first byte."""
+        federation = self.federation
+        if federation is None:
+            async for piece in self._local_stream(method, req, route):
+                yield piece
+            return
+        peer_request = self._peer_request(route)
+        failure: APIError | None = None
+        for target in federation.order(req.model, route.get("region"), forwarded=_forwarded()):
+            try:
+                if target == LOCAL:
+                    stream = self._local_stream(method, req, route)
+                    first = await anext(stream)
+                else:
+                    stream = await federation.forward_stream(target, PATHS[method], *peer_request)
+                    first = await anext(stream)
+            except (OverloadedError, ServiceUnavailableError) as exc:
+                failure = exc
+                continue
+            except (PeerBusyError, PeerUnreachableError, StopAsyncIteration):
+                continue
+            yield first
+            async for piece in stream:
+                yield piece
+            return
+        raise _no_region(req.model, failure)
+
+    async def _local_stream(
+        self, method: str, req: Any, route: dict[str, Any]
+    ) -> AsyncIterator[bytes]:
         handle = (await self.handle_for(req.model)).options(stream=True)
-        with _mapped_errors(req.model):
+        with _mapped_errors(req.model), self._inflight(req.model):
             async for piece in stream_with_failover(
                 lambda hints: getattr(handle, method).remote(req, route=hints),
                 route,
                 self.fleet.load_balancing,
             ):
                 yield piece
+
+    def _peer_request(self, route: dict[str, Any]) -> tuple[bytes, dict[str, str]]:
+        """The client's own body and the headers a peer needs, taken now, while the request
+        is current: the client's region as resolved here, so the peer routes by it too."""
+        request = CURRENT_REQUEST.get()
+        headers = {}
+        if request is not None:
+            headers = {k: v for k in PASSED_HEADERS if (v := request.headers.get(k)) is not None}
+        for header, key in (
+            (REGION_HEADER, "region"),
+            (ZONE_HEADER, "zone"),
+            (STRATEGY_HEADER, "strategy"),
+        ):
+            if route.get(key):
+                headers[header] = str(route[key])
+        return CURRENT_BODY.get() or b"", headers
+
+    @contextmanager
+    def _inflight(self, model: str) -> Iterator[None]:
+        """Requests this gateway has in flight on its own replicas, per model: the live half of
+        the saturation test (the summary's load is a few seconds old)."""
+        counts = self.federation.inflight if self.federation else None
+        if counts is None:
+            yield
+            return
+        counts[model] = counts.get(model, 0) + 1
+        try:
+            yield
+        finally:
+            counts[model] -= 1
 
     async def _fleet_view(self, request: Request) -> Response:
         """GET /v1/fleet: nodes, replicas, health and current performance, from the router."""
@@ -165,6 +296,8 @@ class Gateway:
             raise ServiceUnavailableError(
                 f"the fleet router is not available: {exc}", retry_after_s=5
             ) from exc
+        if self.federation is not None:
+            view["federation"] = self.federation.status()
         return json_response(view)
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
@@ -184,6 +317,21 @@ class Gateway:
 
     async def images(self, req: ImageGenerationRequest) -> dict[str, Any]:
         return await self._call("images", req)
+
+
+def _forwarded() -> bool:
+    request = CURRENT_REQUEST.get()
+    return request is not None and FORWARDED_FROM in request.headers
+
+
+def _no_region(model: str, failure: APIError | None) -> APIError:
+    """What a client hears when no region could take the request: the local 429 if that was
+    the last word, else a 503; both with Retry-After."""
+    if isinstance(failure, OverloadedError):
+        return failure
+    return ServiceUnavailableError(
+        f"no region can serve model {model!r} right now", retry_after_s=2
+    )
 
 
 @contextmanager

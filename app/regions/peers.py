@@ -1,0 +1,173 @@
+"""What a gateway knows of the other regions and how it chooses among them. Pure: summaries,
+failures and forward latencies go in, a ranked list of regions comes out, through the same
+scorers that rank replicas inside a region (app.fleet.scoring), one level up: each region is
+one "replica" whose capacity and load are its model's totals."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.fleet.scoring import ReplicaView, RouteHints, RoutingPolicy
+from app.fleet.spec import LoadBalancing
+from app.regions.spec import Federation
+from app.regions.summary import ModelLoad, RegionSummary
+
+LATENCY_EMA = 0.2
+STALE_AFTER_INTERVALS = 3  # a summary older than this many pull periods says nothing
+
+
+@dataclass
+class Peer:
+    region: str
+    base_url: str
+    summary: RegionSummary | None = None
+    fetched_at: float | None = None  # monotonic time of the last good summary
+    failures: int = 0  # consecutive: summary pulls and forwards that could not reach it
+    in_rotation: bool = True
+    forward_latency_ms: float | None = None
+    last_error: str | None = None
+
+
+@dataclass
+class PeerTable:
+    config: Federation
+    balancing: LoadBalancing
+    distance_km: Callable[[str, str], float]
+    peers: dict[str, Peer] = field(default_factory=dict)
+    clock: Callable[[], float] = time.monotonic
+
+    def __post_init__(self) -> None:
+        self._policy = RoutingPolicy(self.balancing, self.distance_km)
+
+    def add(self, region: str, base_url: str) -> None:
+        self.peers[region] = Peer(region, base_url.rstrip("/"))
+
+    # ---- what happened ---------------------------------------------------------------------
+
+    def record_summary(self, region: str, summary: RegionSummary) -> None:
+        """A good summary: the peer is reachable again and back in rotation."""
+        peer = self.peers[region]
+        peer.summary, peer.fetched_at = summary, self.clock()
+        peer.failures, peer.in_rotation, peer.last_error = 0, True, None
+
+    def record_failure(self, region: str, error: str) -> None:
+        """A pull or a forward could not reach the peer (or got garbage back)."""
+        peer = self.peers[region]
+        peer.failures += 1
+        peer.last_error = error
+        if peer.failures >= self.config.failure_threshold:
+            peer.in_rotation = False
+
+    def record_forward(self, region: str, latency_ms: float) -> None:
+        peer = self.peers[region]
+        peer.failures = 0
+        previous = peer.forward_latency_ms
+        peer.forward_latency_ms = (
+            latency_ms if previous is None else previous + LATENCY_EMA * (latency_ms - previous)
+        )
+
+    # ---- decisions -------------------------------------------------------------------------
+
+    def fresh_summary(self, peer: Peer) -> RegionSummary | None:
+        if peer.summary is None or peer.fetched_at is None:
+            return None
+        if self.clock() - peer.fetched_at > STALE_AFTER_INTERVALS * self.config.summary_interval_s:
+            return None
+        return peer.summary
+
+    def rank(
+        self,
+        model: str,
+        client_region: str | None,
+        *,
+        spec_regions: list[str],
+        exclude: frozenset[str] = frozenset(),
+    ) -> list[str]:
+        """Peer regions to try for a model, best first: in rotation, not drained, serving the
+        model by their summary (or, with no fresh summary, by the spec); nearest to the
+        client, then by spare capacity and performance; saturated regions last."""
+        views = [
+            view
+            for peer in self.peers.values()
+            if peer.region not in exclude and peer.in_rotation
+            for view in [self._view(peer, model, spec_regions)]
+            if view is not None
+        ]
+        decision = self._policy.rank(views, RouteHints(region=client_region))
+        return [view.region for view in decision.ranked]
+
+    def _view(self, peer: Peer, model: str, spec_regions: list[str]) -> ReplicaView | None:
+        summary = self.fresh_summary(peer)
+        if summary is None:
+            if peer.region not in spec_regions:
+                return None
+            # Unknown load: try it, but as if it were busy, after peers we know are not.
+            return ReplicaView(peer.region, peer.region, capacity=1, ongoing=None)
+        load = summary.load_of(model)
+        if summary.drained or load is None or not load.serviceable():
+            return None
+        return ReplicaView(
+            replica_id=peer.region,
+            region=peer.region,
+            capacity=load.capacity,
+            ongoing=load.ongoing,
+            latency_ms=_add(peer.forward_latency_ms, load.latency_ms),
+            success_rate=load.success_rate,
+        )
+
+    def status(self) -> dict[str, Any]:
+        """Every peer for /v1/fleet and `app fleet status`."""
+        now = self.clock()
+        return {
+            peer.region: {
+                "endpoint": peer.base_url,
+                "in_rotation": peer.in_rotation,
+                "failures": peer.failures,
+                "last_error": peer.last_error,
+                "summary_age_s": None
+                if peer.fetched_at is None
+                else round(now - peer.fetched_at, 3),
+                "forward_latency_ms": peer.forward_latency_ms,
+                "summary": peer.summary.to_json() if peer.summary else None,
+            }
+            for peer in self.peers.values()
+        }
+
+
+def _add(a: float | None, b: float | None) -> float | None:
+    return None if a is None and b is None else (a or 0.0) + (b or 0.0)
+
+
+LOCAL = "<local>"
+
+
+def plan(
+    *,
+    local: ModelLoad | None,
+    served_here: bool,
+    drained: bool,
+    inflight: int,
+    spillover_utilization: float,
+    forwarded: bool,
+    peers: list[str],
+) -> list[str]:
+    """The order in which a gateway tries to serve one request: LOCAL (its own replicas) and
+    peer regions. Local first when it can serve; peers first when the model is not served
+    here, the region is drained, or every local replica is unhealthy or saturated (the local
+    replicas stay a last resort unless drained). A request that was already forwarded is
+    served here or nowhere: no loops, no ping-pong."""
+    if forwarded:
+        return [LOCAL] if served_here and not drained else []
+    if drained:
+        return list(peers)
+    if not served_here:
+        return list(peers)
+    if local is None:  # served here but not reported yet (replicas starting): try it first
+        return [LOCAL, *peers]
+    busy = max(local.ongoing, inflight)
+    if local.serviceable() and busy < spillover_utilization * local.capacity:
+        return [LOCAL, *peers]
+    return [*peers, LOCAL]
