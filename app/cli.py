@@ -15,8 +15,14 @@ from app.cache.cli import add_cache_commands
 from app.catalog.cards import Catalogue, CatalogueError, load_catalogue
 from app.fleet.cli import add_fleet_commands
 from app.fleet.router_actor import stop_router
-from app.fleet.spec import FleetSpecError, load_fleet
+from app.fleet.spec import FleetSpec, FleetSpecError, load_fleet
 from app.kv.cli import add_kv_commands
+from app.regions import local as local_region
+from app.regions.auth import FederationSecretError
+from app.regions.cli import add_region_commands
+from app.regions.launcher import LauncherError
+from app.regions.local import LocalRegionError
+from app.regions.spec import Cloud, local_ports
 from app.runtime import (
     DEFAULT_HTTP_HOST,
     DEFAULT_HTTP_PORT,
@@ -83,13 +89,33 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _region_target(args: argparse.Namespace, fleet: FleetSpec) -> FleetSpec:
+    """With --region: this cluster is that region alone. A local region's cluster is started
+    if needed, and its address and HTTP port come from the spec unless given."""
+    if not args.region:
+        args.port = args.port or DEFAULT_HTTP_PORT
+        return fleet
+    fleet = fleet.for_region(args.region)
+    region = fleet.regions[args.region]
+    if region.cloud is Cloud.LOCAL:
+        if not args.address:
+            say(f"region {args.region}: local Ray cluster at {local_region.address(region)}")
+            args.address = local_region.start(args.region, region)
+        args.port = args.port or local_ports(region.local)["http"]
+    args.port = args.port or DEFAULT_HTTP_PORT
+    return fleet
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from app.catalog.recipes import build_catalogue
 
     catalogue = _catalogue(args)
-    fleet = load_fleet(args.fleet)
+    fleet = _region_target(args, load_fleet(args.fleet))
     say(f"catalogue {catalogue.directory}: {', '.join(card.id for card in catalogue)}")
-    say(f"fleet: regions {', '.join(fleet.regions)}; routing {fleet.load_balancing.strategy}")
+    where = f"region {fleet.own_region} of " if fleet.own_region else ""
+    say(
+        f"fleet: {where}regions {', '.join(fleet.regions)}; routing {fleet.load_balancing.strategy}"
+    )
     build_catalogue(catalogue, progress=say)
     connect(args.address, start=True, num_cpus=args.num_cpus)
 
@@ -105,13 +131,19 @@ def cmd_up(args: argparse.Namespace) -> int:
     base = f"http://{args.host}:{args.port}"
     say(f"ready: OpenAI base URL {base}/v1 (all models)")
     for card in catalogue:
-        say(f"  {card.id:20} {base}/models/{card.id}/v1 (direct to its replicas)")
+        if fleet.serves_here(card.id):
+            say(f"  {card.id:20} {base}/models/{card.id}/v1 (direct to its replicas)")
+        else:
+            regions = ", ".join(fleet.serving_regions(card.id))
+            say(f"  {card.id:20} served by {regions}: forwarded there through {base}/v1")
     return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
     import ray
 
+    if args.region:
+        return _down_region(args)
     try:
         ray.init(address=args.address or "auto", namespace="app", log_to_driver=False)
     except ConnectionError:
@@ -129,6 +161,28 @@ def cmd_down(args: argparse.Namespace) -> int:
     killed = kill_stray_haproxy()
     if killed:
         say(f"stopped {killed} HAProxy process(es) left holding the HTTP port")
+    return 0
+
+
+def _down_region(args: argparse.Namespace) -> int:
+    """Shut down one region's applications and, for a local region, its cluster only."""
+    import ray
+
+    fleet = load_fleet(args.fleet)
+    region = fleet.for_region(args.region).regions[args.region]
+    is_local = region.cloud is Cloud.LOCAL
+    address = args.address or (local_region.address(region) if is_local else "auto")
+    if not is_local or local_region.running(args.region, region):
+        ray.init(address=address, namespace="app", log_to_driver=False)
+        from ray import serve
+
+        say(f"region {args.region}: shutting down Serve applications")
+        serve.shutdown()
+        stop_router(fleet.router_actor)
+        ray.shutdown()
+    if is_local and not args.keep_ray:
+        stopped = local_region.stop(args.region, region)
+        say(f"region {args.region}: stopped its Ray cluster ({stopped} processes)")
     return 0
 
 
@@ -199,7 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start Ray if needed, build tiny models, deploy, wait")
     up.add_argument("--address", help="Ray cluster address (default: local, started if absent)")
     up.add_argument("--host", default=DEFAULT_HTTP_HOST)
-    up.add_argument("--port", type=int, default=DEFAULT_HTTP_PORT)
+    up.add_argument(
+        "--port", type=int, help=f"HTTP port (default {DEFAULT_HTTP_PORT}; a local region's own)"
+    )
+    up.add_argument("--region", help="deploy this region of the fleet spec as its own cluster")
     up.add_argument("--num-cpus", type=int, help="logical CPUs for a new local head node")
     up.add_argument("--cpu", action="store_true", help="run GPU cards on CPU (APP_FORCE_CPU=1)")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait until healthy")
@@ -212,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="shut down Serve, stop local Ray and stray HAProxy")
     down.add_argument("--address")
     down.add_argument("--keep-ray", action="store_true", help="only shut down Serve")
+    down.add_argument("--region", help="a region of the fleet spec (a local one: its cluster)")
+    down.add_argument("--fleet", help="fleet spec YAML (default: $APP_FLEET)")
     down.set_defaults(func=cmd_down)
 
     status = sub.add_parser("status", help="per model: replicas, health, resources")
@@ -228,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kv_commands(sub)
     add_cache_commands(sub)
     add_fleet_commands(sub)
+    add_region_commands(sub)
     return parser
 
 
@@ -242,10 +302,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (CatalogueError, FleetSpecError) as exc:
+    except (CatalogueError, FleetSpecError, LauncherError, FederationSecretError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (ResourceUnavailableError, DeployError, ConnectionError) as exc:
+    except (ResourceUnavailableError, DeployError, ConnectionError, LocalRegionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -208,7 +208,9 @@ def deploy_pair(name: str, replicas: int, spec: Any, placed: bool) -> tuple[Any,
             replicas={"min": replicas, "max": replicas},  # type: ignore[arg-type]
         )
         regions = {
-            name: region.model_copy(update={"models": {card.id: ModelPlacement()}} if placed else {})
+            name: region.model_copy(
+                update={"models": {card.id: ModelPlacement()}} if placed else {}
+            )
             for name, region in spec.regions.items()
         }
         card_spec = spec.model_copy(update={"regions": regions})

@@ -30,7 +30,10 @@ from tests.integration.support import wait_until
 MODEL = "geo-echo"
 REGIONS = {
     name: Region(
-        latitude=lat, longitude=lon, zones=(f"{name}a",), models={MODEL: 1}  # type: ignore[dict-item]
+        latitude=lat,
+        longitude=lon,
+        zones=(f"{name}a",),
+        models={MODEL: 1},  # type: ignore[dict-item]
     )
     for name, lat, lon in (
         ("us-east-1", 38.9, -77.4),

@@ -56,7 +56,10 @@ def test_a_region_cluster_sees_its_own_share_and_its_peers() -> None:
 
 def test_a_count_is_a_fixed_replica_number(tmp_path: Path) -> None:
     spec = load_fleet(
-        write(tmp_path, "regions: {a: {latitude: 0, longitude: 0, models: {m: 3}}}\ndefault_region: a\n")
+        write(
+            tmp_path,
+            "regions: {a: {latitude: 0, longitude: 0, models: {m: 3}}}\ndefault_region: a\n",
+        )
     )
     placed = spec.placement("m")
     assert placed is not None and (placed["a"].min_replicas, placed["a"].max_replicas) == (3, 3)

@@ -1,0 +1,151 @@
+"""The `local` cloud: a region's Ray cluster on this machine, with every port derived from its
+`port_base` and its own temp dir and HAProxy files, so that two or three regions run side by side
+(development, tests, demos). Stopping one ends only that cluster's processes; `ray stop` would
+end every cluster on the machine."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from app.fleet.spec import REGION_LABEL, ZONE_LABEL
+from app.regions.spec import Cloud, Region, local_ports
+from app.runtime import cluster_env, haproxy_env, kill_stray_haproxy
+
+LOCAL_ROOT = Path(os.environ.get("APP_LOCAL_REGIONS_DIR", "/tmp/app-regions"))
+
+
+class LocalRegionError(RuntimeError):
+    """A local region's cluster could not be started or stopped."""
+
+
+def region_dir(name: str) -> Path:
+    return LOCAL_ROOT / name
+
+
+def haproxy_dir(name: str) -> Path:
+    """HAProxy's files: under a short path, because HAProxy refuses unix socket paths over 97
+    characters and Serve adds a 56-character directory of its own."""
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return Path(os.environ.get("APP_LOCAL_HAPROXY_DIR", "/tmp/appr")) / digest
+
+
+def address(region: Region) -> str:
+    return f"127.0.0.1:{local_ports(region.local)['gcs']}"
+
+
+def environment(name: str, region: Region) -> dict[str, str]:
+    """What the region's head starts with (its processes inherit it): the cluster environment
+    `app up` uses, HAProxy files and ports of its own, replica port ranges of its own."""
+    ports = local_ports(region.local)
+    state = haproxy_dir(name)
+    state.mkdir(parents=True, exist_ok=True)
+    return (
+        cluster_env()
+        | haproxy_env(str(state), ports["haproxy_stats"], ports["haproxy_metrics"])
+        | {
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ports["direct_ingress_http_min"]),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(ports["direct_ingress_http_max"]),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(ports["direct_ingress_grpc_min"]),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(ports["direct_ingress_grpc_max"]),
+        }
+    )
+
+
+def start_command(name: str, region: Region) -> list[str]:
+    ports = local_ports(region.local)
+    zone = region.zones[0] if region.zones else f"{name}-a"
+    ray_bin = Path(sys.executable).with_name("ray")
+    command = [
+        str(ray_bin) if ray_bin.exists() else "ray",
+        "start",
+        "--head",
+        "--disable-usage-stats",
+        "--include-dashboard=false",
+        f"--temp-dir={region_dir(name) / 'ray'}",
+        "--node-ip-address=127.0.0.1",
+        f"--port={ports['gcs']}",
+        f"--dashboard-port={ports['dashboard']}",
+        f"--ray-client-server-port={ports['ray_client']}",
+        f"--node-manager-port={ports['node_manager']}",
+        f"--object-manager-port={ports['object_manager']}",
+        f"--dashboard-agent-listen-port={ports['dashboard_agent_listen']}",
+        f"--dashboard-agent-grpc-port={ports['dashboard_agent_grpc']}",
+        f"--metrics-export-port={ports['metrics_export']}",
+        f"--runtime-env-agent-port={ports['runtime_env_agent']}",
+        f"--min-worker-port={ports['min_worker']}",
+        f"--max-worker-port={ports['max_worker']}",
+        f"--labels={REGION_LABEL}={name},{ZONE_LABEL}={zone}",
+    ]
+    if region.local.num_cpus is not None:
+        command.append(f"--num-cpus={region.local.num_cpus}")
+    return command
+
+
+def running(name: str, region: Region) -> bool:
+    return bool(_pids(name, region))
+
+
+def start(name: str, region: Region, extra_env: dict[str, str] | None = None) -> str:
+    """Start the region's head node unless it runs; returns its address."""
+    if region.cloud is not Cloud.LOCAL:
+        raise LocalRegionError(f"region {name!r} is on {region.cloud}, not local")
+    if not running(name, region):
+        env = os.environ | environment(name, region) | (extra_env or {})
+        result = subprocess.run(
+            start_command(name, region), capture_output=True, text=True, env=env
+        )
+        if result.returncode != 0:
+            raise LocalRegionError(
+                f"`ray start` for region {name} failed:\n{result.stdout[-2000:]}"
+                f"\n{result.stderr[-2000:]}"
+            )
+    return address(region)
+
+
+def stop(name: str, region: Region, grace_s: float = 10.0) -> int:
+    """End every process of the region's cluster (found by its temp dir), then its HAProxy."""
+    import psutil
+
+    procs = [psutil.Process(pid) for pid in _pids(name, region) if psutil.pid_exists(pid)]
+    for proc in procs:
+        _signal(proc.pid, signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        _signal(proc.pid, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=grace_s)
+    killed = kill_stray_haproxy(str(haproxy_dir(name)))
+    deadline = time.monotonic() + grace_s
+    while _pids(name, region) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return len(procs) + killed
+
+
+def _pids(name: str, region: Region) -> list[int]:
+    """The cluster's processes: most name its temp dir; the client server only its GCS."""
+    import psutil
+
+    marker = str(region_dir(name) / "ray")
+    gcs = re.compile(rf"--(gcs[-_])?address=\S+:{local_ports(region.local)['gcs']}\b")
+    own = os.getpid()
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmdline = " ".join(proc.info.get("cmdline") or [])
+        except (psutil.Error, TypeError):
+            continue
+        if (marker in cmdline or gcs.search(cmdline)) and proc.info["pid"] != own:
+            pids.append(proc.info["pid"])
+    return pids
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
