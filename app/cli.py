@@ -173,13 +173,19 @@ def _down_region(args: argparse.Namespace) -> int:
     is_local = region.cloud is Cloud.LOCAL
     address = args.address or (local_region.address(region) if is_local else "auto")
     if not is_local or local_region.running(args.region, region):
-        ray.init(address=address, namespace="app", log_to_driver=False)
-        from ray import serve
+        try:
+            ray.init(address=address, namespace="app", log_to_driver=False)
+        except ConnectionError as exc:
+            if not is_local:
+                raise
+            say(f"region {args.region}: its cluster does not answer ({exc}); stopping it")
+        else:
+            from ray import serve
 
-        say(f"region {args.region}: shutting down Serve applications")
-        serve.shutdown()
-        stop_router(fleet.router_actor)
-        ray.shutdown()
+            say(f"region {args.region}: shutting down Serve applications")
+            serve.shutdown()
+            stop_router(fleet.router_actor)
+            ray.shutdown()
     if is_local and not args.keep_ray:
         stopped = local_region.stop(args.region, region)
         say(f"region {args.region}: stopped its Ray cluster ({stopped} processes)")

@@ -147,7 +147,10 @@ class FleetSpec(StrictModel):
 
     @model_validator(mode="after")
     def _known_regions(self) -> FleetSpec:
-        for field, region in (("default_region", self.default_region), ("own_region", self.own_region)):
+        for field, region in (
+            ("default_region", self.default_region),
+            ("own_region", self.own_region),
+        ):
             if region is not None and region not in self.regions:
                 raise ValueError(f"{field} {region!r} is not in regions {sorted(self.regions)}")
         for target, source in (

@@ -32,6 +32,12 @@ def load_secret(config: Federation) -> bytes | None:
             raise FederationSecretError(
                 f"federation.secret_file {config.secret_file}: {exc.strerror}"
             ) from exc
+        except UnicodeDecodeError as exc:
+            raise FederationSecretError(
+                f"federation.secret_file {config.secret_file}: not UTF-8 text"
+            ) from exc
+        if not text:
+            raise FederationSecretError(f"federation.secret_file {config.secret_file} is empty")
     else:
         text = os.environ.get(config.secret_env, "").strip()
     if not text:
@@ -63,6 +69,8 @@ def verify(
         fields = dict(part.split("=", 1) for part in header.split(","))
         stamp, mac = int(fields["t"]), fields["s"]
     except (KeyError, ValueError):
+        return f"malformed {SIGNATURE} header"
+    if not mac.isascii():
         return f"malformed {SIGNATURE} header"
     current = time.time() if now is None else now
     if abs(current - stamp) > MAX_SKEW_S:

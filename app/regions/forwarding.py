@@ -5,6 +5,7 @@ answer is the client's answer and is relayed as it is."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -53,6 +54,7 @@ class Forwarder:
 
     def __init__(self, config: Federation, own_region: str, secret: bytes) -> None:
         self._region, self._secret = own_region, secret
+        self._deadline_s = config.forward_timeout_s
         self._summary_timeout = httpx.Timeout(config.summary_timeout_s)
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(config.forward_timeout_s, connect=config.connect_timeout_s),
@@ -83,10 +85,12 @@ class Forwarder:
         self, base_url: str, path: str, body: bytes, headers: dict[str, str]
     ) -> dict[str, Any]:
         try:
-            response = await self._client.post(
-                base_url + path, content=body, headers=self._headers(path, body, headers)
-            )
-        except httpx.HTTPError as exc:
+            # httpx's timeouts bound each read; the whole answer gets one deadline too.
+            async with asyncio.timeout(self._deadline_s):
+                response = await self._client.post(
+                    base_url + path, content=body, headers=self._headers(path, body, headers)
+                )
+        except (httpx.HTTPError, TimeoutError) as exc:
             raise PeerUnreachableError(f"{type(exc).__name__}: {exc}") from exc
         _raise_for(response.status_code, response.content)
         try:

@@ -19,7 +19,7 @@ from app.fleet.spec import REGION_LABEL, ZONE_LABEL
 from app.regions.spec import Cloud, Region, local_ports
 from app.runtime import cluster_env, haproxy_env, kill_stray_haproxy
 
-LOCAL_ROOT = Path(os.environ.get("APP_LOCAL_REGIONS_DIR", "/tmp/app-regions"))
+MARKER = "APP_LOCAL_REGION"  # set in every process of a local region's cluster
 
 
 class LocalRegionError(RuntimeError):
@@ -27,7 +27,9 @@ class LocalRegionError(RuntimeError):
 
 
 def region_dir(name: str) -> Path:
-    return LOCAL_ROOT / name
+    """The region's Ray temp dir lives under here ($APP_LOCAL_REGIONS_DIR, kept short: Ray's
+    unix socket paths under it may not exceed 107 characters)."""
+    return Path(os.environ.get("APP_LOCAL_REGIONS_DIR", "/tmp/app-regions")) / name
 
 
 def haproxy_dir(name: str) -> Path:
@@ -49,6 +51,7 @@ def environment(name: str, region: Region) -> dict[str, str]:
     state.mkdir(parents=True, exist_ok=True)
     return (
         cluster_env()
+        | {MARKER: _marker(name)}
         | haproxy_env(str(state), ports["haproxy_stats"], ports["haproxy_metrics"])
         | {
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ports["direct_ingress_http_min"]),
@@ -128,20 +131,29 @@ def stop(name: str, region: Region, grace_s: float = 10.0) -> int:
     return len(procs) + killed
 
 
+def _marker(name: str) -> str:
+    return f"{name}@{region_dir(name)}"
+
+
 def _pids(name: str, region: Region) -> list[int]:
-    """The cluster's processes: most name its temp dir; the client server only its GCS."""
+    """The cluster's processes: every one inherits the marker variable from `ray start` (the
+    agents rename their command line, so that alone would miss them); the GCS address in a
+    command line catches any started otherwise."""
     import psutil
 
-    marker = str(region_dir(name) / "ray")
+    marker = _marker(name)
     gcs = re.compile(rf"--(gcs[-_])?address=\S+:{local_ports(region.local)['gcs']}\b")
     own = os.getpid()
     pids = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.info["pid"] == own:
+            continue
         try:
+            ours = proc.environ().get(MARKER) == marker
             cmdline = " ".join(proc.info.get("cmdline") or [])
         except (psutil.Error, TypeError):
             continue
-        if (marker in cmdline or gcs.search(cmdline)) and proc.info["pid"] != own:
+        if ours or gcs.search(cmdline):
             pids.append(proc.info["pid"])
     return pids
 

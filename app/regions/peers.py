@@ -104,8 +104,9 @@ class PeerTable:
         if summary is None:
             if peer.region not in spec_regions:
                 return None
-            # Unknown load: try it, but as if it were busy, after peers we know are not.
-            return ReplicaView(peer.region, peer.region, capacity=1, ongoing=None)
+            # Unknown load: try it, but as if it were full, after peers known to have room
+            # (ongoing=None would read as idle to the scorers).
+            return ReplicaView(peer.region, peer.region, capacity=1, ongoing=1)
         load = summary.load_of(model)
         if summary.drained or load is None or not load.serviceable():
             return None

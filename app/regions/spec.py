@@ -180,7 +180,10 @@ class Federation(StrictModel):
     summary_timeout_s: float = Field(2.0, gt=0, le=60)
     connect_timeout_s: float = Field(2.0, gt=0, le=60, description="Connect to a peer region.")
     forward_timeout_s: float = Field(
-        300, gt=0, description="Whole-response limit of a forwarded non-streaming request."
+        300,
+        gt=0,
+        description="Whole-response limit of a forwarded non-streaming request; for a stream, "
+        "the longest wait for its next piece.",
     )
     failure_threshold: int = Field(
         2, ge=1, le=100, description="Consecutive failures that take a peer out of rotation."

@@ -5,6 +5,7 @@ best peer region's gateway when this region cannot serve it (app.regions)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -58,6 +59,7 @@ from app.regions.federation import RegionFederation
 from app.regions.forwarding import SUMMARY_PATH, PeerBusyError, PeerUnreachableError
 from app.regions.peers import LOCAL
 
+logger = logging.getLogger(__name__)
 STATUS_TTL_S = 2.0
 PATHS = {
     "chat": "/v1/chat/completions",
@@ -202,8 +204,9 @@ class Gateway:
                 return await federation.forward(target, PATHS[method], *peer_request)
             except (OverloadedError, ServiceUnavailableError) as exc:
                 failure = exc
-            except (PeerBusyError, PeerUnreachableError):
-                continue
+                _log_attempt(req.model, target, exc)
+            except (PeerBusyError, PeerUnreachableError) as exc:
+                _log_attempt(req.model, target, exc)
         raise _no_region(req.model, failure)
 
     async def _local_call(self, method: str, req: Any, route: dict[str, Any]) -> dict[str, Any]:
@@ -236,8 +239,10 @@ class Gateway:
                     first = await anext(stream)
             except (OverloadedError, ServiceUnavailableError) as exc:
                 failure = exc
+                _log_attempt(req.model, target, exc)
                 continue
-            except (PeerBusyError, PeerUnreachableError, StopAsyncIteration):
+            except (PeerBusyError, PeerUnreachableError, StopAsyncIteration) as exc:
+                _log_attempt(req.model, target, exc)
                 continue
             yield first
             async for piece in stream:
@@ -317,6 +322,12 @@ class Gateway:
 
     async def images(self, req: ImageGenerationRequest) -> dict[str, Any]:
         return await self._call("images", req)
+
+
+def _log_attempt(model: str, target: str, exc: BaseException) -> None:
+    where = "this region" if target == LOCAL else f"region {target}"
+    body = getattr(exc, "body", b"")[:300]
+    logger.warning("model %s: %s could not serve (%r%s); trying the next", model, where, exc, body)
 
 
 def _forwarded() -> bool:

@@ -105,12 +105,6 @@ def test_malformed_header(header: str) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="auth.py:70 hmac.compare_digest raises TypeError on a non-ASCII str, so a header "
-    "like 't=<now>,s=é' makes verify raise (a 500 at the gateway) instead of returning a reason",
-)
 def test_non_ascii_mac_is_refused_not_raised() -> None:
     header = f"t={int(NOW)},s=\u00e9"  # Starlette decodes header bytes as latin-1
     assert verify(SECRET, header, "us-east-1", PATH, BODY, now=NOW) is not None
@@ -216,11 +210,6 @@ def test_unreadable_file_names_its_path(tmp_path: Path) -> None:
         load_secret(Federation(secret_file=str(path)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="auth.py:37 returns None for a configured but empty secret file, so federation is "
-    "off (one error log) where any other too-short secret raises FederationSecretError",
-)
 def test_empty_secret_file_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "secret"
     path.write_text("\n")
@@ -228,12 +217,6 @@ def test_empty_secret_file_is_an_error(tmp_path: Path) -> None:
         load_secret(Federation(secret_file=str(path)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeDecodeError,
-    reason="auth.py:30 catches only OSError around read_text(), so a secret file of random "
-    "bytes (head -c 32 /dev/urandom) raises UnicodeDecodeError without the file's path",
-)
 def test_binary_secret_file_raises_federation_secret_error(tmp_path: Path) -> None:
     path = tmp_path / "secret"
     path.write_bytes(bytes(range(128, 160)))

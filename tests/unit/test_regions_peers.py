@@ -262,9 +262,10 @@ def test_peers_without_a_summary_only_when_the_spec_says_they_serve_the_model() 
     t = table()
     assert rank(t, spec_regions=[]) == []
     assert rank(t, spec_regions=["mid", "home"]) == ["mid"]
-    # A known peer that serves the model does not need the spec.
+    # A known peer that serves the model does not need the spec, and it goes before the
+    # nearer peer whose load is unknown.
     t.record_summary("far", summary("far", m=load()))
-    assert rank(t, spec_regions=["mid"]) == ["mid", "far"]
+    assert rank(t, spec_regions=["mid"]) == ["far", "mid"]
 
 
 def test_unknown_peers_rank_after_known_farther_ones_that_are_idle_too() -> None:
@@ -275,12 +276,6 @@ def test_unknown_peers_rank_after_known_farther_ones_that_are_idle_too() -> None
     assert rank(t) == ["near", "mid", "far"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="peers.py:108 builds the unknown peer's view with ongoing=None, which scoring reads "
-    "as load 0 (utilization 0, has_room): it is ranked as an idle region, not 'as if it were "
-    "busy, after peers we know are not', so a nearer unknown peer goes before known idle ones",
-)
 def test_an_unknown_nearer_peer_ranks_after_known_idle_ones() -> None:
     t = table()
     t.record_summary("mid", summary("mid", m=load()))
