@@ -19,14 +19,10 @@ from pydantic import (
 )
 
 from app.cache.config import ResponseCachePolicy
+from app.catalog.loaders import loader_task
+from app.catalog.tasks import Task  # re-exported: `from app.catalog.cards import Task` still works
 
 MODEL_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
-
-
-class Task(StrEnum):
-    TEXT_GENERATION = "text-generation"
-    TEXT_TO_IMAGE = "text-to-image"
-    EMBEDDING = "embedding"
 
 
 class Dtype(StrEnum):
@@ -102,7 +98,7 @@ class ModelCard(_Strict):
     id: Annotated[str, Field(pattern=MODEL_ID_PATTERN, description="Model id clients send.")]
     task: Task = Field(description="What the model does; decides the runner interface.")
     loader: str = Field(
-        description="Runner that loads and runs the model (see app.serving.runners.registry)."
+        description="Runner that loads and runs the model (see app.catalog.loaders)."
     )
     source: str | None = Field(
         None,
@@ -131,16 +127,12 @@ class ModelCard(_Strict):
     @field_validator("loader")
     @classmethod
     def _known_loader(cls, loader: str) -> str:
-        from app.serving.runners.base import runner_class  # registry; imports no ML library
-
-        runner_class(loader)  # raises UnknownLoaderError (a ValueError) naming the known ones
+        loader_task(loader)  # raises UnknownLoaderError (a ValueError) naming the known ones
         return loader
 
     @model_validator(mode="after")
     def _loader_matches_task(self) -> ModelCard:
-        from app.serving.runners.base import runner_class
-
-        runner_task = runner_class(self.loader).task
+        runner_task = loader_task(self.loader)
         if runner_task != self.task:
             raise ValueError(
                 f"loader {self.loader!r} runs {runner_task.value} models, "

@@ -11,15 +11,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from app.catalog.cards import ModelCard, Task
+from app.catalog.cards import ModelCard
+from app.catalog.loaders import (  # UnknownLoaderError: still importable from here
+    UnknownLoaderError,
+    register_loader,
+)
+from app.catalog.tasks import Task
 
 
 class RunnerError(RuntimeError):
     """A runner could not load or run its model; the message says why."""
-
-
-class UnknownLoaderError(ValueError):
-    """A card names a loader no runner registered."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,10 @@ class Runner(ABC):
             return
         if loader in Runner._registry:
             raise TypeError(f"loader {loader!r} is registered twice")
+        task = getattr(cls, "task", None)
+        if not isinstance(task, Task):
+            raise TypeError(f"runner {cls.__name__} registers loader {loader!r} but sets no task")
+        register_loader(loader, task)  # so cards can validate it without importing runners
         cls.loader = loader
         Runner._registry[loader] = cls
 
