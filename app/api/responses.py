@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import base64
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from app.catalog.cards import ModelCard
+from app.ids import new_id as new_id  # re-exported for existing importers
 
 
 def model_object(card: ModelCard, created: int) -> dict[str, Any]:
@@ -20,10 +20,6 @@ def model_object(card: ModelCard, created: int) -> dict[str, Any]:
         "owned_by": card.owned_by,
         "task": card.task.value,
     }
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -10,7 +10,6 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from app.api.responses import new_id
 from app.cache.client import Cache
 from app.cache.config import CacheConfig, ResponseCachePolicy, response_cache_enabled
 from app.cache.policy import (
@@ -21,6 +20,7 @@ from app.cache.policy import (
     response_key,
 )
 from app.catalog.cards import ModelCard
+from app.ids import new_id
 
 _ID_PREFIX = {"chat.completion": "chatcmpl", "text_completion": "cmpl"}
 
