@@ -19,7 +19,12 @@ RENDERED_DIR = Path(os.environ.get("APP_RENDERED_DIR", ".app/clusters"))
 
 
 def _spec(args: argparse.Namespace) -> FleetSpec:
-    spec = load_fleet(args.fleet)
+    """--fleet, else $APP_FLEET, else deployments/fleet.yaml where it exists (the repository
+    root), else the embedded single-region spec."""
+    path = _spec_path(args)
+    spec = load_fleet(
+        path if args.fleet or os.environ.get("APP_FLEET") or Path(path).exists() else None
+    )
     if args.region not in spec.regions:
         raise FleetSpecError(f"unknown region {args.region!r}; the spec has {sorted(spec.regions)}")
     return spec
@@ -86,7 +91,7 @@ def _router(args: argparse.Namespace) -> Any:
 
     if not ray.is_initialized():
         ray.init(address=region_address(args), namespace="app", log_to_driver=False)
-    return router_handle(load_fleet(args.fleet).router_actor)
+    return router_handle(_spec(args).router_actor)
 
 
 def region_address(args: argparse.Namespace) -> str:

@@ -20,6 +20,7 @@ from app.regions.spec import Cloud, Region, local_ports
 from app.runtime import cluster_env, haproxy_env, kill_stray_haproxy
 
 MARKER = "APP_LOCAL_REGION"  # set in every process of a local region's cluster
+HAPROXY_FILE = "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"  # also set in each, under haproxy_dir()
 
 
 class LocalRegionError(RuntimeError):
@@ -101,6 +102,7 @@ def start(name: str, region: Region, extra_env: dict[str, str] | None = None) ->
     if region.cloud is not Cloud.LOCAL:
         raise LocalRegionError(f"region {name!r} is on {region.cloud}, not local")
     if not running(name, region):
+        _wait_ports_free(name, region)
         env = os.environ | environment(name, region) | (extra_env or {})
         result = subprocess.run(
             start_command(name, region), capture_output=True, text=True, env=env
@@ -131,6 +133,35 @@ def stop(name: str, region: Region, grace_s: float = 10.0) -> int:
     return len(procs) + killed
 
 
+def _wait_ports_free(name: str, region: Region, timeout_s: float = 30.0) -> None:
+    """The fixed ports a head binds must be free: a cluster just stopped may still be letting
+    go of them (an agent exits after its raylet), and a head that loses that race dies
+    seconds after `ray start` reported success."""
+    import psutil
+
+    wanted = {
+        port
+        for key, port in local_ports(region.local).items()
+        if not key.startswith(("min_", "max_", "direct_ingress"))
+    }
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy = {
+            c.laddr.port: c.pid
+            for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port in wanted
+        }
+        if not busy:
+            return
+        if time.monotonic() > deadline:
+            taken = ", ".join(f"{port} (pid {pid})" for port, pid in sorted(busy.items()))
+            raise LocalRegionError(
+                f"region {name}: ports in use after {timeout_s:.0f}s: {taken}; another "
+                "cluster or region uses this port_base"
+            )
+        time.sleep(0.2)
+
+
 def _marker(name: str) -> str:
     return f"{name}@{region_dir(name)}"
 
@@ -141,7 +172,7 @@ def _pids(name: str, region: Region) -> list[int]:
     command line catches any started otherwise."""
     import psutil
 
-    marker = _marker(name)
+    marker, state = _marker(name), f"{haproxy_dir(name)}/"
     gcs = re.compile(rf"--(gcs[-_])?address=\S+:{local_ports(region.local)['gcs']}\b")
     own = os.getpid()
     pids = []
@@ -149,7 +180,8 @@ def _pids(name: str, region: Region) -> list[int]:
         if proc.info["pid"] == own:
             continue
         try:
-            ours = proc.environ().get(MARKER) == marker
+            env = proc.environ()
+            ours = env.get(MARKER) == marker or env.get(HAPROXY_FILE, "").startswith(state)
             cmdline = " ".join(proc.info.get("cmdline") or [])
         except (psutil.Error, TypeError):
             continue

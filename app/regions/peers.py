@@ -101,14 +101,17 @@ class PeerTable:
 
     def _view(self, peer: Peer, model: str, spec_regions: list[str]) -> ReplicaView | None:
         summary = self.fresh_summary(peer)
-        if summary is None:
+        load = summary.load_of(model) if summary else None
+        if summary is not None and summary.drained:
+            return None
+        if load is None:
             if peer.region not in spec_regions:
                 return None
-            # Unknown load: try it, but as if it were full, after peers known to have room
-            # (ongoing=None would read as idle to the scorers).
+            # No fresh summary, or one from before the model's replicas reported: try it, but
+            # as if it were full, after peers known to have room (ongoing=None would read as
+            # idle to the scorers).
             return ReplicaView(peer.region, peer.region, capacity=1, ongoing=1)
-        load = summary.load_of(model)
-        if summary.drained or load is None or not load.serviceable():
+        if not load.serviceable():
             return None
         return ReplicaView(
             replica_id=peer.region,

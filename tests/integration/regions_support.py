@@ -50,7 +50,9 @@ class Regions:
         self.app("up", "--fleet", str(self.spec_path), "--region", region)
 
     def down(self, region: str) -> None:
-        self.app("down", "--fleet", str(self.spec_path), "--region", region, timeout=120)
+        """Stop the region's cluster outright (`app down --region` would first shut Serve
+        down gracefully, which only costs the tests time)."""
+        self.app("cluster", "--fleet", str(self.spec_path), "down", region, timeout=120)
 
     def drain(self, region: str, drained: bool = True) -> None:
         verb = "drain" if drained else "undrain"
@@ -139,14 +141,18 @@ def local_regions(
 
 
 def wait_federated(regions: Regions, names: list[str], timeout: float = 60) -> None:
-    """Until every region's gateway has a fresh summary of every peer in rotation."""
+    """Until every region's gateway has every peer in rotation, with a summary that lists
+    the models the spec places there."""
+    spec = yaml.safe_load(regions.spec_path.read_text())
     deadline = time.monotonic() + timeout
     while True:
         try:
             ready = all(
                 all(
-                    peer["in_rotation"] and peer["summary"] is not None
-                    for peer in regions.fleet(name)["federation"]["peers"].values()
+                    peer["in_rotation"]
+                    and peer["summary"] is not None
+                    and set(spec["regions"][region]["models"]) <= set(peer["summary"]["models"])
+                    for region, peer in regions.fleet(name)["federation"]["peers"].items()
                 )
                 for name in names
             )

@@ -207,7 +207,7 @@ def test_losing_the_peer_under_load_fails_no_request(regions: Regions) -> None:
         for thread in threads:
             thread.start()
         _wait(lambda: any(region == WEST for _, region in results), 20, "spill-over to west")
-        regions.app("cluster", "--fleet", str(regions.spec_path), "down", WEST, timeout=120)
+        regions.down(WEST)
         lost_at = len(results)
         _wait(lambda: _peer(regions, WEST)["in_rotation"] is False, 20, "west out of rotation")
         _wait(lambda: len(results) > lost_at + 20, 60, "requests after the loss")

@@ -199,19 +199,30 @@ def test_drained_peers_are_excluded() -> None:
 @pytest.mark.parametrize(
     "models",
     [
-        {},  # does not serve it
-        {"other": load()},
         {"m": load(healthy=0)},  # every replica unhealthy
         {"m": load(capacity=0)},
     ],
-    ids=["no-models", "other-model", "no-healthy", "no-capacity"],
+    ids=["no-healthy", "no-capacity"],
 )
 def test_peers_that_cannot_serve_the_model_are_excluded(models: dict[str, ModelLoad]) -> None:
     t = table()
     report_all(t)
     t.record_summary("mid", RegionSummary("mid", models=models))
-    # A fresh summary wins over the spec, which still lists `mid`.
+    # A fresh summary that reports the model unservable wins over the spec.
     assert rank(t) == ["near", "far"]
+
+
+@pytest.mark.parametrize("models", [{}, {"other": load()}], ids=["no-models", "other-model"])
+def test_a_peer_whose_summary_does_not_list_the_model_yet_is_tried_last(
+    models: dict[str, ModelLoad],
+) -> None:
+    """Its replicas may not have reported yet; the spec says it serves the model, so it is a
+    last resort, after every peer known to have room."""
+    t = table()
+    report_all(t)
+    t.record_summary("mid", RegionSummary("mid", models=models))
+    assert rank(t) == ["near", "far", "mid"]
+    assert rank(t, spec_regions=["near", "far"]) == ["near", "far"]
 
 
 def test_saturated_peers_rank_last() -> None:
