@@ -115,14 +115,20 @@ def start(name: str, region: Region, extra_env: dict[str, str] | None = None) ->
     return address(region)
 
 
-def stop(name: str, region: Region, grace_s: float = 10.0) -> int:
+def stop(name: str, region: Region, grace_s: float = 5.0) -> int:
     """End every process of the region's cluster (found by its temp dir), then its HAProxy."""
     import psutil
 
-    procs = [psutil.Process(pid) for pid in _pids(name, region) if psutil.pid_exists(pid)]
-    for proc in procs:
+    procs: dict[int, psutil.Process] = {}
+    for pid in _pids(name, region):
+        # Children too: Ray's agents retitle themselves over their command line and
+        # environment, so only their parent (the raylet) says whose they are.
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            procs.update({p.pid: p for p in [proc, *proc.children(recursive=True)]})
+    for proc in procs.values():
         _signal(proc.pid, signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace_s)
     for proc in alive:
         _signal(proc.pid, signal.SIGKILL)
     psutil.wait_procs(alive, timeout=grace_s)
