@@ -55,7 +55,10 @@ class Forwarder:
     def __init__(self, config: Federation, own_region: str, secret: bytes) -> None:
         self._region, self._secret = own_region, secret
         self._deadline_s = config.forward_timeout_s
-        self._summary_timeout = httpx.Timeout(config.summary_timeout_s)
+        # A pull never outlasts the pull period, so a dead peer is noticed every period.
+        self._summary_timeout = httpx.Timeout(
+            min(config.summary_timeout_s, config.summary_interval_s)
+        )
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(config.forward_timeout_s, connect=config.connect_timeout_s),
             limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
@@ -124,12 +127,16 @@ class Forwarder:
 def _raise_for(status: int, content: bytes) -> None:
     if status == 200:
         return
-    if status in RETRY_STATUSES:
-        raise PeerBusyError(status, content)
     try:
         body = orjson.loads(content)
     except orjson.JSONDecodeError:
         body = {}
+    if status in RETRY_STATUSES:
+        if not (isinstance(body, dict) and isinstance(body.get("error"), dict)):
+            # Not the peer gateway's answer but its proxy's error page: the gateway is down
+            # (a region going away looks like this first), so it counts against rotation.
+            raise PeerUnreachableError(f"peer's proxy answered {status}")
+        raise PeerBusyError(status, content)
     raise PeerAnswerError(status, body if isinstance(body, dict) else {})
 
 

@@ -126,13 +126,15 @@ def stop(name: str, region: Region, grace_s: float = 5.0) -> int:
         with contextlib.suppress(psutil.Error):
             proc = psutil.Process(pid)
             procs.update({p.pid: p for p in [proc, *proc.children(recursive=True)]})
+    # HAProxy first: clients and peers then see the region gone at once, not after the grace.
+    killed = kill_stray_haproxy(str(haproxy_dir(name)))
     for proc in procs.values():
         _signal(proc.pid, signal.SIGTERM)
     _, alive = psutil.wait_procs(list(procs.values()), timeout=grace_s)
     for proc in alive:
         _signal(proc.pid, signal.SIGKILL)
     psutil.wait_procs(alive, timeout=grace_s)
-    killed = kill_stray_haproxy(str(haproxy_dir(name)))
+    killed += kill_stray_haproxy(str(haproxy_dir(name)))
     deadline = time.monotonic() + grace_s
     while _pids(name, region) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -21,7 +21,6 @@ from starlette.responses import Response
 
 from app.api.errors import (
     APIError,
-    AuthenticationError,
     InvalidRequestError,
     ModelNotFoundError,
     OverloadedError,
@@ -31,7 +30,6 @@ from app.api.http import (
     CURRENT_BODY,
     CURRENT_REQUEST,
     OpenAIRoutes,
-    error_response,
     json_response,
     route_path,
 )
@@ -54,9 +52,10 @@ from app.fleet.hints import (
 )
 from app.fleet.router_actor import FleetRouterUnavailableError, router_handle
 from app.fleet.spec import FleetSpec, embedded_fleet
-from app.regions.auth import FORWARDED_FROM, SIGNATURE, verify
+from app.regions.auth import FORWARDED_FROM
 from app.regions.federation import RegionFederation
 from app.regions.forwarding import SUMMARY_PATH, PeerBusyError, PeerUnreachableError
+from app.regions.ingress import is_forwarded, peer_refusal
 from app.regions.peers import LOCAL
 
 logger = logging.getLogger(__name__)
@@ -115,25 +114,12 @@ class Gateway:
         must carry a valid federation signature, checked before anything else."""
         if self.federation is not None:
             self.federation.ensure_started()
-        if FORWARDED_FROM in request.headers or route_path(request) == SUMMARY_PATH:
-            refusal = await self._verify_peer(request)
+        if is_forwarded(request) or route_path(request) == SUMMARY_PATH:
+            secret = self.federation.secret if self.federation else None
+            refusal = await peer_refusal(request, secret)
             if refusal is not None:
                 return refusal
         return await self._routes(request)
-
-    async def _verify_peer(self, request: Request) -> Response | None:
-        body = await request.body() if request.method == "POST" else b""
-        secret = self.federation.secret if self.federation else None
-        why = verify(
-            secret,
-            request.headers.get(SIGNATURE),
-            request.headers.get(FORWARDED_FROM),
-            route_path(request),
-            body,
-        )
-        if why is None:
-            return None
-        return error_response(AuthenticationError(why))
 
     async def _summary(self, request: Request) -> Response:
         """GET /federation/summary: this region's last summary, for its peers."""
@@ -201,7 +187,8 @@ class Gateway:
             try:
                 if target == LOCAL:
                     return await self._local_call(method, req, route)
-                return await federation.forward(target, PATHS[method], *peer_request)
+                path = _model_path(req.model, method)
+                return await federation.forward(target, path, *peer_request)
             except (OverloadedError, ServiceUnavailableError) as exc:
                 failure = exc
                 _log_attempt(req.model, target, exc)
@@ -235,7 +222,8 @@ class Gateway:
                     stream = self._local_stream(method, req, route)
                     first = await anext(stream)
                 else:
-                    stream = await federation.forward_stream(target, PATHS[method], *peer_request)
+                    path = _model_path(req.model, method)
+                    stream = await federation.forward_stream(target, path, *peer_request)
                     first = await anext(stream)
             except (OverloadedError, ServiceUnavailableError) as exc:
                 failure = exc
@@ -322,6 +310,12 @@ class Gateway:
 
     async def images(self, req: ImageGenerationRequest) -> dict[str, Any]:
         return await self._call("images", req)
+
+
+def _model_path(model: str, method: str) -> str:
+    """A forward goes to the peer's per-model URL: HAProxy takes it straight to a replica,
+    one hop fewer than through the peer's gateway (BENCHMARKS.md)."""
+    return f"/models/{model}{PATHS[method]}"
 
 
 def _log_attempt(model: str, target: str, exc: BaseException) -> None:

@@ -116,6 +116,16 @@ def test_a_forward_without_a_valid_secret_is_refused(regions: Regions) -> None:
     good = sign(SECRET.encode(), EAST, "/v1/chat/completions", body)
     assert httpx.post(url, content=body, headers=headers | {SIGNATURE: good}).status_code == 200
     assert httpx.get(f"{regions.urls[WEST]}/federation/summary").status_code == 401
+    # A model's own URL, where peers forward to directly, checks the same signature.
+    model_url = f"{regions.urls[WEST]}/models/echo/v1/chat/completions"
+    assert httpx.post(model_url, content=body, headers=headers).status_code == 401
+    wrong_path = headers | {SIGNATURE: good}  # signed for the gateway's path, not this one
+    assert httpx.post(model_url, content=body, headers=wrong_path).status_code == 401
+    signed = sign(SECRET.encode(), EAST, "/models/echo/v1/chat/completions", body)
+    assert (
+        httpx.post(model_url, content=body, headers=headers | {SIGNATURE: signed}).status_code
+        == 200
+    )
 
 
 def test_a_drained_region_sends_its_traffic_to_the_peer(regions: Regions) -> None:

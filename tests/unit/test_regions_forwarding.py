@@ -144,6 +144,10 @@ def peer_app(seen: list[Seen]) -> Starlette:
         await record(request)
         return JSONResponse(PEER_SUMMARY.to_json())
 
+    async def proxy_down(request: Request) -> Response:
+        # What HAProxy answers when the gateway behind it is gone.
+        return Response(b"<html><body><h1>503 Service Unavailable</h1></body></html>", 503)
+
     async def summary_busy(request: Request) -> Response:
         return JSONResponse({"error": {"message": "busy"}}, status_code=503)
 
@@ -157,6 +161,7 @@ def peer_app(seen: list[Seen]) -> Starlette:
     return Starlette(
         routes=[
             Route("/ok", ok, methods=["POST"]),
+            Route("/proxy-down", proxy_down, methods=["POST"]),
             Route(PATH, ok, methods=["POST"]),
             Route("/sse", sse, methods=["POST"]),
             Route("/broken", broken, methods=["POST"]),
@@ -308,6 +313,16 @@ async def test_unary_busy_answers_raise_peer_busy(
         await forwarder.unary(peer.base_url, f"/status/{status}", BODY, {})
     assert caught.value.status == status
     assert caught.value.body == b'{"error":{"message":"busy"}}'
+
+
+async def test_a_proxy_error_page_means_the_peer_gateway_is_gone(
+    peer: Peer, forwarder: Forwarder
+) -> None:
+    """A 503 that is not the gateway's OpenAI body counts against the peer's rotation."""
+    with pytest.raises(PeerUnreachableError, match="proxy answered 503"):
+        await forwarder.unary(peer.base_url, "/proxy-down", BODY, {})
+    with pytest.raises(PeerUnreachableError, match="proxy answered 503"):
+        await forwarder.stream(peer.base_url, "/proxy-down", BODY, {})
 
 
 @pytest.mark.parametrize("status", [400, 404, 422])
