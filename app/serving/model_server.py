@@ -26,6 +26,8 @@ from app.cache.responses import ResponseCache
 from app.catalog.cards import ModelCard
 from app.fleet.agent import ReplicaAgent
 from app.fleet.spec import FleetSpec, embedded_fleet
+from app.regions.auth import load_secret
+from app.regions.ingress import is_forwarded, peer_refusal
 from app.serving.runners import runner_class
 from app.serving.service import ModelService
 
@@ -53,8 +55,10 @@ class ModelServer:
         self.service = ModelService(parsed, runner, response_cache=ResponseCache.for_card(parsed))
         logger.info("loaded %s on %s (%s)", parsed.id, self.loaded.device, self.loaded.dtype)
         self._routes = OpenAIRoutes(self)
+        spec = FleetSpec.model_validate(fleet) if fleet else embedded_fleet()
+        self._peer_secret = load_secret(spec.federation) if spec.own_region else None
         self.fleet = ReplicaAgent(
-            FleetSpec.model_validate(fleet) if fleet else embedded_fleet(),
+            spec,
             parsed.id,
             serve.get_replica_context().replica_id.unique_id,
             parsed.max_ongoing_requests,
@@ -95,7 +99,12 @@ class ModelServer:
     # ---- the Backend protocol (HTTP) and the handle API share these methods -----------------
 
     async def __call__(self, request: Request) -> Response:
-        """HTTP entry point (Serve's direct ingress or proxy)."""
+        """HTTP entry point (Serve's direct ingress or proxy). Peer regions' gateways forward
+        here too, signed (app.regions)."""
+        if is_forwarded(request):
+            refusal = await peer_refusal(request, self._peer_secret)
+            if refusal is not None:
+                return refusal
         return await self._routes(request)
 
     async def list_models(self) -> list[dict[str, Any]]:
