@@ -125,7 +125,10 @@ def region_loss(regions: Regions, interval: float, clients: int = 6) -> None:
         thread.start()
     time.sleep(5)
     killed_at = time.monotonic()
-    regions.app("cluster", "--fleet", str(regions.spec_path), "down", WEST, timeout=120)
+    # Stopped from another thread: the stop command itself runs for seconds (agents get a
+    # grace period), and rotation is watched from the moment it starts.
+    stopper = threading.Thread(target=regions.down, args=(WEST,))
+    stopper.start()
     out_at = None
     while time.monotonic() - killed_at < 30:
         peer = regions.fleet(EAST)["federation"]["peers"][WEST]
@@ -133,6 +136,7 @@ def region_loss(regions: Regions, interval: float, clients: int = 6) -> None:
             out_at = time.monotonic()
             break
         time.sleep(0.05)
+    stopper.join()
     time.sleep(5)
     stop.set()
     for thread in threads:
@@ -158,6 +162,11 @@ def region_loss(regions: Regions, interval: float, clients: int = 6) -> None:
         f"(= {rerouted / interval:.2f} summary intervals of {interval:g} s)"
     )
     print(f"  last response served by {WEST}: {last_west - killed_at:+.2f} s after the stop began")
+    if out_at:
+        print(
+            f"  out of rotation {out_at - last_west:.2f} s after {WEST}'s last response "
+            f"(= {(out_at - last_west) / interval:.2f} intervals)"
+        )
     lat_after = [r[3] for r in after if r[1] == 200]
     if lat_after:
         print(

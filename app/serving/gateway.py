@@ -60,6 +60,7 @@ from app.regions.peers import LOCAL
 
 logger = logging.getLogger(__name__)
 STATUS_TTL_S = 2.0
+REMOTE = "SERVED_BY_PEERS"  # a model this region forwards (its status is the peers' business)
 PATHS = {
     "chat": "/v1/chat/completions",
     "completions": "/v1/completions",
@@ -132,10 +133,11 @@ class Gateway:
 
     async def health(self) -> dict[str, Any]:
         models = await self._refresh_status()
-        running = [m for m, status in models.items() if status == "RUNNING"]
+        local = {m: status for m, status in models.items() if status != REMOTE}
+        running = [m for m, status in local.items() if status == "RUNNING"]
         if not running:
             raise ServiceUnavailableError("no model application is running", retry_after_s=5)
-        return {"status": "ok" if len(running) == len(models) else "degraded", "models": models}
+        return {"status": "ok" if len(running) == len(local) else "degraded", "models": models}
 
     def _model_status(self) -> dict[str, str]:
         """Last known application status per model, refreshed in the background when stale, so
@@ -152,6 +154,8 @@ class Gateway:
             model: apps[card.deployment_name].status.value
             if card.deployment_name in apps
             else "NOT_DEPLOYED"
+            if self.fleet.serves_here(model)
+            else REMOTE
             for model, card in self.cards.items()
         }
         self._status = (time.monotonic(), status)
