@@ -33,6 +33,10 @@ def format_fleet(view: dict[str, Any]) -> str:
             f"latency {f'{latency:.1f}ms' if latency is not None else '-':>9} "
             f"success {perf.get('success_rate', 1.0):.3f}" + (" DRAINED" if r["drained"] else "")
         )
+    if view.get("federation"):
+        from app.regions.cli import format_federation
+
+        lines.append(format_federation(view["federation"], view.get("region_drained", False)))
     return "\n".join(lines)
 
 

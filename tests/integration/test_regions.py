@@ -257,6 +257,7 @@ def test_fleet_status_shows_every_region(regions: Regions) -> None:
     assert west["summary_age_s"] < 5
     text = regions.app("region", "--fleet", str(regions.spec_path), "status", EAST).stdout
     assert WEST in text and "in rotation" in text
+    assert f"peers:\n  {WEST}" in regions.fleet_cli(EAST, "status")  # app fleet status too
     health = httpx.get(f"{regions.urls[EAST]}/healthz", timeout=10).json()
     assert health == {"status": "ok", "models": {"echo": "RUNNING", "echo-west": "SERVED_BY_PEERS"}}
     listed = {m["id"] for m in httpx.get(f"{regions.urls[EAST]}/v1/models").json()["data"]}
