@@ -10,8 +10,10 @@ from typing import Any
 
 from ray.serve import Application
 
+from app.autoscaling.serve_policy import serve_autoscaling_config
 from app.catalog.cards import Catalogue, ModelCard, load_catalogue
 from app.fleet.spec import REGION_LABEL, FleetSpec, load_fleet
+from app.regions.spec import ModelPlacement
 from app.runtime import haproxy_ingress_enabled, replica_env
 
 DEFAULT_CATALOGUE = Path(__file__).resolve().parents[2] / "models"
@@ -106,8 +108,9 @@ def replica_options(
 
 
 def replica_counts(card: ModelCard, fleet: FleetSpec) -> dict[str, Any]:
-    """num_replicas for a fixed count, else an autoscaling_config within the bounds: the spec's
-    bounds summed over this cluster's regions, or the card's for a model the spec leaves out."""
+    """num_replicas for a fixed count, else an autoscaling_config within the bounds (the spec's
+    bounds summed over this cluster's regions, or the card's for a model the spec leaves out)
+    that hands the decisions to app.autoscaling's policy with the model's merged thresholds."""
     placement = fleet.placement(card.id)
     if placement is not None:
         if not placement:
@@ -122,14 +125,30 @@ def replica_counts(card: ModelCard, fleet: FleetSpec) -> dict[str, Any]:
         initial = card.replicas.initial if card.replicas.initial is not None else low
     if high == low and low > 0:
         return {"num_replicas": low}
+    # Cards carry no autoscaling layer yet: the fleet's and the region's thresholds apply.
+    config = fleet.autoscaling_config(card.id, None)
     return {
-        "autoscaling_config": {
-            "min_replicas": low,
-            "max_replicas": high,
-            "initial_replicas": initial,
-            "target_ongoing_requests": max(1, card.max_ongoing_requests // 2),
-        }
+        "autoscaling_config": serve_autoscaling_config(
+            config,
+            model=card.id,
+            region=autoscaling_region(fleet, placement),
+            min_replicas=low,
+            max_replicas=high,
+            initial_replicas=initial,
+            max_ongoing_requests=card.max_ongoing_requests,
+        )
     }
+
+
+def autoscaling_region(fleet: FleetSpec, placement: dict[str, ModelPlacement] | None) -> str:
+    """The region a deployment's rate history and decisions are kept under: this cluster's own,
+    or in one cluster for every region the model's regions joined ("eu-west-1+us-east-1"),
+    since the deployment scales within their summed bounds."""
+    if fleet.own_region is not None:
+        return fleet.own_region
+    if not placement:
+        return fleet.home_region
+    return "+".join(sorted(placement))
 
 
 def model_application(

@@ -5,15 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
 
+from app.autoscaling.serve_policy import POLICY_FUNCTION
 from app.catalog.cards import ModelCard, load_catalogue
-from app.fleet.spec import FleetSpec
+from app.fleet.spec import FleetSpec, embedded_fleet
 from app.serving.builder import (
     GATEWAY_APP,
     ROUTER_CLASS,
     ResourceUnavailableError,
     build_all,
     fleet_routed,
+    replica_counts,
     replica_options,
 )
 
@@ -98,3 +101,77 @@ def test_fleet_routing_only_where_there_is_a_choice() -> None:
     placed, lone = card(id="placed"), card(id="lone", replicas={"min": 1, "max": 4})
     assert fleet_routed(placed, fleet)  # one replica per region, two regions
     assert not fleet_routed(lone, fleet)  # the spec pins it to one replica
+
+
+def two_region_fleet(own_region: str | None = None) -> FleetSpec:
+    spec = FleetSpec.model_validate(
+        {
+            "regions": {
+                "us-east-1": {
+                    "latitude": 39.0,
+                    "longitude": -77.5,
+                    "models": {"m": {"min_replicas": 1, "max_replicas": 4}, "fixed": 2},
+                    "autoscaling": {"target_utilization": 0.6},
+                },
+                "eu-west-1": {
+                    "latitude": 53.3,
+                    "longitude": -6.3,
+                    "models": {
+                        "m": {
+                            "min_replicas": 0,
+                            "max_replicas": 3,
+                            "autoscaling": {"upscale_cooldown_s": 10},
+                        }
+                    },
+                },
+            },
+            "default_region": "us-east-1",
+            "autoscaling": {"max_step_up": 4, "target_utilization": 0.8},
+        }
+    )
+    return spec.for_region(own_region) if own_region else spec
+
+
+def test_autoscaled_deployments_use_the_fleet_policy_without_serve_delays() -> None:
+    config = replica_options(card(replicas={"min": 1, "max": 4, "initial": 2}), 0, False)[
+        "autoscaling_config"
+    ]
+    policy = config["policy"]
+    assert policy["policy_function"] == POLICY_FUNCTION
+    kwargs = policy["policy_kwargs"]
+    assert kwargs["config"] == embedded_fleet().autoscaling_config("m", None).model_dump(
+        mode="json"
+    )
+    assert (kwargs["model"], kwargs["region"], kwargs["max_ongoing_requests"]) == ("m", "local", 64)
+    # Serve's own delays and gain factors would act on top of the policy's cooldowns and steps.
+    assert (config["upscale_delay_s"], config["downscale_delay_s"]) == (0, 0)
+    assert (config["upscaling_factor"], config["downscaling_factor"]) == (1, 1)
+    serve = ServeAutoscalingConfig.model_validate(config)  # imports and pickles the policy
+    assert (serve.min_replicas, serve.max_replicas, serve.initial_replicas) == (1, 4, 2)
+    assert serve.look_back_period_s > serve.metrics_interval_s
+
+
+def test_scale_to_zero_autoscales_and_a_fixed_count_stays_fixed() -> None:
+    to_zero = replica_counts(card(replicas={"min": 0, "max": 1}), embedded_fleet())
+    assert to_zero["autoscaling_config"]["min_replicas"] == 0
+    assert replica_counts(card(replicas={"min": 3, "max": 3}), embedded_fleet()) == {
+        "num_replicas": 3
+    }
+    assert replica_counts(card(id="fixed"), two_region_fleet("us-east-1")) == {"num_replicas": 2}
+
+
+def test_each_region_scales_within_its_own_bounds_and_thresholds() -> None:
+    eu = replica_counts(card(), two_region_fleet("eu-west-1"))["autoscaling_config"]
+    assert (eu["min_replicas"], eu["max_replicas"]) == (0, 3)
+    kwargs = eu["policy"]["policy_kwargs"]
+    assert kwargs["region"] == "eu-west-1"
+    # fleet < region < model-in-region, field by field
+    assert kwargs["config"]["upscale_cooldown_s"] == 10
+    assert kwargs["config"]["max_step_up"] == 4 and kwargs["config"]["target_utilization"] == 0.8
+    us = replica_counts(card(), two_region_fleet("us-east-1"))["autoscaling_config"]
+    assert us["policy"]["policy_kwargs"]["config"]["target_utilization"] == 0.6
+    assert us["target_ongoing_requests"] == pytest.approx(64 * 0.6)
+    # One cluster for both regions: the summed bounds, kept under both regions' name.
+    both = replica_counts(card(), two_region_fleet())["autoscaling_config"]
+    assert (both["min_replicas"], both["max_replicas"]) == (1, 7)
+    assert both["policy"]["policy_kwargs"]["region"] == "eu-west-1+us-east-1"
