@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app.autoscaling.cli import add_autoscale_commands
 from app.cache.cli import add_cache_commands
 from app.catalog.cards import Catalogue, CatalogueError, load_catalogue
 from app.fleet.cli import add_fleet_commands
@@ -291,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_models_build)
     models_sub.add_parser("list", help="list model cards").set_defaults(func=cmd_models_list)
     add_kv_commands(sub)
+    add_autoscale_commands(sub)
     add_cache_commands(sub)
     add_fleet_commands(sub)
     add_region_commands(sub)
