@@ -1,0 +1,151 @@
+"""Our Serve autoscaling policy on real Ray Serve: a model scales up under load and back down,
+and a model at zero replicas serves the request that wakes it (app.autoscaling)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import ray
+
+from app.catalog.cards import ModelCard, load_catalogue
+from app.fleet.router_actor import ensure_router, stop_router
+from app.fleet.spec import FleetSpec, LoadBalancing, Region
+from tests.integration.support import wait_until
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+BUSY, IDLE = "autoscale-busy", "autoscale-idle"
+FAST = {  # seconds instead of minutes, so a test sees whole up-and-down cycles
+    "upscale_cooldown_s": 1,
+    "downscale_cooldown_s": 3,
+    "stable_window_s": 4,
+    "panic_window_s": 2,
+    "decision_period_s": 0.5,
+    "scale_to_zero_after_s": 3,
+    "predictive": {"mode": "off"},
+}
+SPEC = FleetSpec(
+    regions={
+        "local": Region(
+            latitude=0.0,
+            longitude=0.0,
+            zones=("local-a",),
+            models={  # type: ignore[dict-item]
+                BUSY: {"min_replicas": 1, "max_replicas": 3},
+                IDLE: {"min_replicas": 0, "max_replicas": 1, "initial_replicas": 1},
+            },
+        )
+    },
+    default_region="local",
+    autoscaling=FAST,
+    load_balancing=LoadBalancing(health_check_interval_s=0.5, snapshot_interval_s=0.2),
+    router_actor="autoscale-router-tests",
+).for_region("local")  # this cluster is the region: no region label selector on replicas
+
+
+def card(model: str) -> ModelCard:
+    return ModelCard(
+        id=model,
+        task="text-generation",
+        loader="echo",
+        max_ongoing_requests=2,
+        resources={"num_cpus": 0.1},  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture(scope="module")
+def models(ray_cluster: Any, serving: str) -> Iterator[tuple[str, Any]]:
+    from ray import serve
+
+    from app.serving.builder import model_application
+    from app.serving.deploy import wait_running
+
+    router = ensure_router(SPEC)
+    catalogue = load_catalogue(ROOT / "models")
+    for model in (BUSY, IDLE):
+        app = model_application(card(model), catalogue.directory, fleet=SPEC)
+        serve.run(app, name=f"model-{model}", route_prefix=f"/models/{model}", blocking=False)
+    wait_running([f"model-{BUSY}", f"model-{IDLE}"], timeout_s=180)
+    try:
+        yield serving, router
+    finally:
+        for model in (BUSY, IDLE):
+            serve.delete(f"model-{model}")
+        stop_router(SPEC.router_actor)
+
+
+def running(model: str) -> int:
+    from ray import serve
+
+    app = serve.status().applications[f"model-{model}"]
+    deployment = next(iter(app.deployments.values()))
+    return int(deployment.replica_states.get("RUNNING", 0))
+
+
+def chat(base: str, model: str) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "scale me"}]}
+    return httpx.post(f"{base}/models/{model}/v1/chat/completions", json=body, timeout=120)
+
+
+def test_a_model_scales_up_under_load_and_back_down(models: tuple[str, Any]) -> None:
+    base, router = models
+    config = _autoscaling_config(BUSY)
+    assert config["policy"]["policy_function"].startswith("app.autoscaling.serve_policy:")
+    wait_until(lambda: _replica_id(router, BUSY) is not None, timeout=30, what="registration")
+    replica = _replica_id(router, BUSY)
+    ray.get(router.inject_fault.remote(replica, 400))  # each request holds the replica 0.4 s
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def client() -> None:
+        while not stop.is_set():
+            statuses.append(chat(base, BUSY).status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(8)]  # 4x what one replica takes
+    for thread in threads:
+        thread.start()
+    try:
+        wait_until(lambda: running(BUSY) >= 2, timeout=60, what="a scale-up under load")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+        ray.get(router.inject_fault.remote(replica, 0))
+    assert statuses and all(status == 200 for status in statuses), set(statuses)
+    wait_until(lambda: running(BUSY) == 1, timeout=90, what="the scale-down once idle")
+
+
+def test_a_model_at_zero_replicas_serves_the_request_that_wakes_it(
+    models: tuple[str, Any],
+) -> None:
+    base, _ = models
+    wait_until(lambda: running(IDLE) == 0, timeout=60, what="idle model scaled to zero")
+    started = time.monotonic()
+    response = chat(base, IDLE)
+    cold_start_s = time.monotonic() - started
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "scale me"
+    print(f"cold start from zero replicas: {cold_start_s:.2f} s")
+    assert running(IDLE) == 1
+
+
+def _replica_id(router: Any, model: str) -> str | None:
+    view = ray.get(router.fleet.remote())
+    return next((r["replica_id"] for r in view["replicas"] if r["model"] == model), None)
+
+
+def _autoscaling_config(model: str) -> dict[str, Any]:
+    from ray import serve
+
+    details = serve.status().applications[f"model-{model}"]
+    assert details.status == "RUNNING"
+    from app.serving.builder import replica_options
+
+    return dict(replica_options(card(model), 0.0, False, SPEC)["autoscaling_config"])
