@@ -95,8 +95,12 @@ def merged(*layers: dict[str, Any] | None) -> AutoscalingConfig:
 
 
 def _merge_into(base: dict[str, Any], layer: dict[str, Any]) -> None:
+    """Merge `layer` into `base`, copying nested sections: the layers are the spec's and the
+    card's own dicts, shared between models and regions, and must come out unchanged."""
     for key, value in layer.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge_into(base[key], value)
+        if isinstance(value, dict):
+            section = dict(base[key]) if isinstance(base.get(key), dict) else {}
+            _merge_into(section, value)
+            base[key] = section
         else:
             base[key] = value

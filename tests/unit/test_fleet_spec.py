@@ -299,3 +299,17 @@ def test_cluster_yaml_is_a_valid_launcher_config_with_fleet_labels() -> None:
         zone = node_type["labels"]["ray.io/availability-zone"]
         assert region in fleet.regions, name
         assert zone in fleet.regions[region].zones, name
+
+
+def test_merging_autoscaling_layers_leaves_every_layer_unchanged() -> None:
+    """One region's override must not leak into the fleet's layer (shared by every model)."""
+    from app.autoscaling.config import merged
+
+    card = {"predictive": {"buffer": 0.5}}
+    fleet = {"predictive": {"enabled": True, "horizon_s": 600}, "max_step_up": 4}
+    region = {"predictive": {"enabled": False}}
+    assert merged(card, fleet, region).predictive.enabled is False
+    assert merged(card, fleet, region).predictive.buffer == 0.5
+    assert card == {"predictive": {"buffer": 0.5}}
+    assert fleet == {"predictive": {"enabled": True, "horizon_s": 600}, "max_step_up": 4}
+    assert merged(card, fleet).predictive.enabled is True
