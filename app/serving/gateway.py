@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from ray import serve
 from ray.exceptions import RayActorError
@@ -59,6 +59,7 @@ from app.regions.ingress import is_forwarded, peer_refusal
 from app.regions.peers import LOCAL
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 STATUS_TTL_S = 2.0
 REMOTE = "SERVED_BY_PEERS"  # a model this region forwards (its status is the peers' business)
 PATHS = {
@@ -182,23 +183,17 @@ class Gateway:
 
     async def _call(self, method: str, req: Any) -> dict[str, Any]:
         route = self._route()
-        federation = self.federation
-        if federation is None:
+        if self.federation is None:
             return await self._local_call(method, req, route)
-        peer_request = self._peer_request(route)
-        failure: APIError | None = None
-        for target in federation.order(req.model, route.get("region"), forwarded=_forwarded()):
-            try:
-                if target == LOCAL:
-                    return await self._local_call(method, req, route)
-                path = _model_path(req.model, method)
-                return await federation.forward(target, path, *peer_request)
-            except (OverloadedError, ServiceUnavailableError) as exc:
-                failure = exc
-                _log_attempt(req.model, target, exc)
-            except (PeerBusyError, PeerUnreachableError) as exc:
-                _log_attempt(req.model, target, exc)
-        raise _no_region(req.model, failure)
+        federation, (body, headers) = self.federation, self._peer_request(route)
+
+        async def attempt(target: str) -> dict[str, Any]:
+            if target == LOCAL:
+                return await self._local_call(method, req, route)
+            path = _model_path(req.model, method)
+            return await federation.forward(target, path, body, headers)
+
+        return await self._across_regions(req.model, route, attempt)
 
     async def _local_call(self, method: str, req: Any, route: dict[str, Any]) -> dict[str, Any]:
         handle = await self.handle_for(req.model)
@@ -211,36 +206,43 @@ class Gateway:
 
     async def _stream(self, method: str, req: Any, route: dict[str, Any]) -> AsyncIterator[bytes]:
         """Forward SSE writes untouched (no decode and re-encode here): from this region's
-        replica, or relayed from a peer region's gateway as they arrive. A stream fails over
-        only before its first byte."""
-        federation = self.federation
-        if federation is None:
+        replica, or relayed from a peer region as they arrive. A stream fails over only
+        before its first byte."""
+        if self.federation is None:
             async for piece in self._local_stream(method, req, route):
                 yield piece
             return
-        peer_request = self._peer_request(route)
+        federation, (body, headers) = self.federation, self._peer_request(route)
+
+        async def attempt(target: str) -> tuple[bytes, AsyncIterator[bytes]]:
+            if target == LOCAL:
+                stream = self._local_stream(method, req, route)
+            else:
+                path = _model_path(req.model, method)
+                stream = await federation.forward_stream(target, path, body, headers)
+            return await anext(stream), stream
+
+        first, rest = await self._across_regions(req.model, route, attempt)
+        yield first
+        async for piece in rest:
+            yield piece
+
+    async def _across_regions(
+        self, model: str, route: dict[str, Any], attempt: Callable[[str], Awaitable[T]]
+    ) -> T:
+        """Try this region and its peers in the federation's order until one answers; a
+        local 429/503 or a busy or unreachable peer moves on to the next."""
+        assert self.federation is not None
         failure: APIError | None = None
-        for target in federation.order(req.model, route.get("region"), forwarded=_forwarded()):
+        for target in self.federation.order(model, route.get("region"), forwarded=_forwarded()):
             try:
-                if target == LOCAL:
-                    stream = self._local_stream(method, req, route)
-                    first = await anext(stream)
-                else:
-                    path = _model_path(req.model, method)
-                    stream = await federation.forward_stream(target, path, *peer_request)
-                    first = await anext(stream)
+                return await attempt(target)
             except (OverloadedError, ServiceUnavailableError) as exc:
                 failure = exc
-                _log_attempt(req.model, target, exc)
-                continue
+                _log_attempt(model, target, exc)
             except (PeerBusyError, PeerUnreachableError, StopAsyncIteration) as exc:
-                _log_attempt(req.model, target, exc)
-                continue
-            yield first
-            async for piece in stream:
-                yield piece
-            return
-        raise _no_region(req.model, failure)
+                _log_attempt(model, target, exc)
+        raise _no_region(model, failure)
 
     async def _local_stream(
         self, method: str, req: Any, route: dict[str, Any]
