@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from app.autoscaling.cli import add_autoscale_commands
@@ -30,6 +29,7 @@ from app.runtime import (
     cluster_env,
     driver_env,
     kill_stray_haproxy,
+    ray_executable,
 )
 
 
@@ -46,8 +46,7 @@ def _catalogue(args: argparse.Namespace) -> Catalogue:
 
 
 def _ray(*arguments: str) -> subprocess.CompletedProcess[str]:
-    ray_bin = Path(sys.executable).with_name("ray")
-    command = [str(ray_bin) if ray_bin.exists() else "ray", *arguments]
+    command = [ray_executable(), *arguments]
     return subprocess.run(command, capture_output=True, text=True, env=os.environ | cluster_env())
 
 

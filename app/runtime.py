@@ -5,9 +5,17 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+from pathlib import Path
 
 DEFAULT_HTTP_HOST = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8000
+
+
+def ray_executable() -> str:
+    """The `ray` command of this interpreter's environment (the virtualenv's), else PATH's."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    return str(ray_bin) if ray_bin.exists() else "ray"
 
 
 def ingress_mode() -> str:

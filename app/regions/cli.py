@@ -14,6 +14,7 @@ from typing import Any
 from app.fleet.spec import FleetSpec, FleetSpecError, load_fleet
 from app.regions import local
 from app.regions.spec import Cloud
+from app.runtime import ray_executable
 
 RENDERED_DIR = Path(os.environ.get("APP_RENDERED_DIR", ".app/clusters"))
 
@@ -57,8 +58,7 @@ def _launcher(args: argparse.Namespace, verb: str) -> int:
     if spec.regions[args.region].cloud is Cloud.KUBERNETES:
         command = ["kubectl", "apply" if verb == "up" else "delete", "-f", str(path)]
     else:
-        ray_bin = Path(sys.executable).with_name("ray")
-        command = [str(ray_bin) if ray_bin.exists() else "ray", verb, "-y", str(path)]
+        command = [ray_executable(), verb, "-y", str(path)]
     print(f"$ {' '.join(command)}", flush=True)
     return subprocess.run(command).returncode
 
@@ -70,7 +70,7 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
         return _launcher(args, "up")
     address = local.start(args.region, region)
     print(f"region {args.region}: Ray at {address}; HTTP will be on {region.base_url()}")
-    print(f"deploy it with: app --fleet {_spec_path(args)} up --region {args.region}")
+    print(f"deploy it with: app up --fleet {_spec_path(args)} --region {args.region}")
     return 0
 
 

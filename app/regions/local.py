@@ -11,13 +11,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from app.fleet.spec import REGION_LABEL, ZONE_LABEL
 from app.regions.spec import Cloud, Region, local_ports
-from app.runtime import cluster_env, haproxy_env, kill_stray_haproxy
+from app.runtime import cluster_env, haproxy_env, kill_stray_haproxy, ray_executable
 
 MARKER = "APP_LOCAL_REGION"  # set in every process of a local region's cluster
 HAPROXY_FILE = "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"  # also set in each, under haproxy_dir()
@@ -66,9 +65,8 @@ def environment(name: str, region: Region) -> dict[str, str]:
 def start_command(name: str, region: Region) -> list[str]:
     ports = local_ports(region.local)
     zone = region.zones[0] if region.zones else f"{name}-a"
-    ray_bin = Path(sys.executable).with_name("ray")
     command = [
-        str(ray_bin) if ray_bin.exists() else "ray",
+        ray_executable(),
         "start",
         "--head",
         "--disable-usage-stats",
