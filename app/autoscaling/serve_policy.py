@@ -68,6 +68,7 @@ def replica_stats(
     }
     for name, value in (
         (ReplicaMetric.LATENCY_P50, perf.p50_ms),
+        (ReplicaMetric.LATENCY_P95, perf.p95_ms),
         (ReplicaMetric.LATENCY_P99, perf.p99_ms),
         (ReplicaMetric.BATCH_FILL, batch_fill),
     ):

@@ -21,12 +21,14 @@ class PerfSnapshot:
     throughput: float  # completed requests per second over the window
     completed: int  # in the window
     failed: int  # in the window
+    p95_ms: float | None = None  # the autoscaler's latency signal (its SLO is a p95)
 
     def as_dict(self) -> dict[str, float | int | None]:
         return {
             "latency_ms": self.latency_ms,
             "p50_ms": self.p50_ms,
             "p99_ms": self.p99_ms,
+            "p95_ms": self.p95_ms,
             "success_rate": self.success_rate,
             "throughput": self.throughput,
             "completed": self.completed,
@@ -82,6 +84,7 @@ class PerfTracker:
             latency_ms=ema if latencies else None,
             p50_ms=percentile(latencies, 50),
             p99_ms=percentile(latencies, 99),
+            p95_ms=percentile(latencies, 95),
             success_rate=(len(samples) - failed) / len(samples) if samples else 1.0,
             throughput=len(samples) / span,
             completed=len(samples),

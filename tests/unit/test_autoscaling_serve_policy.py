@@ -136,6 +136,7 @@ def test_replica_stats_are_numbers_serve_accepts_and_the_policy_reads() -> None:
         throughput=2.5,
         completed=8,
         failed=2,
+        p95_ms=250.0,
     )
     stats = replica_stats(perf, ongoing=3, capacity=CAP, batch_fill=0.5)
     # Serve disables a replica's stats when any value is not an int or float.
@@ -146,6 +147,7 @@ def test_replica_stats_are_numbers_serve_accepts_and_the_policy_reads() -> None:
         "requests_per_s": 2.5,
         "error_rate": 0.25,
         "latency_p50_ms": 80.0,
+        "latency_p95_ms": 250.0,
         "latency_p99_ms": 400.0,
         "batch_fill": 0.5,
     }

@@ -272,7 +272,7 @@ def test_perf_tracker_window_percentiles_and_success_rate() -> None:
         tracker.record(ms / 1000)
     tracker.record(1.0, ok=False)
     snap = tracker.snapshot()
-    assert snap.p50_ms == 20 and snap.p99_ms == 40
+    assert snap.p50_ms == 20 and snap.p99_ms == 40 and snap.p95_ms == 40
     assert snap.success_rate == pytest.approx(4 / 5)
     assert snap.latency_ms == pytest.approx(((10 + 20) / 2 + 30) / 2 / 2 + 20)
     now[0] += 20  # everything falls out of the window
