@@ -15,6 +15,7 @@ from app.autoscaling.config import AutoscalingConfig
 from app.autoscaling.decision import Decision
 from app.autoscaling.floors import MINUTE_S, Forecast
 from app.autoscaling.forecast import Forecaster
+from app.autoscaling.metrics import AutoscalingMetrics
 from app.autoscaling.policy import AutoscalingCore
 from app.autoscaling.signals import Signals
 from app.autoscaling.store import AutoscaleStore, shared_store
@@ -241,6 +242,7 @@ class FleetAutoscalingPolicy:
         self.state = self.core.new_state()
         self.store = store if store is not None else shared_store(kv_name, kv_namespace)
         self.rate = MinuteRate()
+        self.metrics = AutoscalingMetrics(model, region)
         self.starts = StartTimer()
         self.last_decision: Decision | None = None
         self.last_cold_start_s: float | None = None
@@ -342,6 +344,7 @@ class FleetAutoscalingPolicy:
         """Logs a decision that acts or says something new; writes the status every
         STATUS_PERIOD_S and with every logged decision."""
         self.last_decision = decision
+        self.metrics.observe(decision, signals)
         shadow = decision.shadow.target_replicas if decision.shadow else None
         said = (decision.target_replicas, decision.rule, shadow)
         logged = decision.changed or said != self._logged

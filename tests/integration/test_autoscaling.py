@@ -120,6 +120,20 @@ def test_a_model_scales_up_under_load_and_back_down(models: tuple[str, Any]) -> 
         ray.get(router.inject_fault.remote(replica, 0))
     assert statuses and all(status == 200 for status in statuses), set(statuses)
     wait_until(lambda: running(BUSY) == 1, timeout=90, what="the scale-down once idle")
+    wait_until(
+        lambda: f'model="{BUSY}"' in _decision_metrics(),
+        timeout=60,
+        what="the policy's decisions on the Prometheus endpoint",
+    )
+    exported = _decision_metrics()
+    assert 'direction="up"' in exported and 'direction="down"' in exported
+
+
+def _decision_metrics() -> str:
+    """The autoscaling_decisions lines of this node's Prometheus endpoint."""
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return "\n".join(line for line in text.splitlines() if "autoscaling_decisions" in line)
 
 
 def test_a_model_at_zero_replicas_serves_the_request_that_wakes_it(
