@@ -125,6 +125,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     from app.serving.deploy import deploy, start_serve
 
     start_serve(args.host, args.port, args.request_timeout)
+    if args.kv:
+        from app.kv import KVConfig, start_kv
+
+        # The region's own state store: autoscaling history and decisions live here, so they
+        # survive a Serve controller restart (app.autoscaling.store).
+        kv = start_kv(KVConfig(detached=True))
+        say(f"KV store {kv.config.name!r} in namespace {kv.config.namespace!r} is running")
     gpus = float(ray.cluster_resources().get("GPU", 0))
     specs = build_all(catalogue, cluster_gpus=gpus, force_cpu=args.cpu, fleet=fleet)
     deploy(specs, timeout_s=args.timeout, progress=say, fleet=fleet)
@@ -154,6 +161,10 @@ def cmd_down(args: argparse.Namespace) -> int:
         say("shutting down Serve applications")
         serve.shutdown()
         stop_router()
+        from app.kv import shutdown_kv
+
+        if shutdown_kv():
+            say("stopped the KV store")
         ray.shutdown()
     if not args.keep_ray:
         say("stopping the local Ray node")
@@ -182,9 +193,12 @@ def _down_region(args: argparse.Namespace) -> int:
         else:
             from ray import serve
 
+            from app.kv import shutdown_kv
+
             say(f"region {args.region}: shutting down Serve applications")
             serve.shutdown()
             stop_router(fleet.router_actor)
+            shutdown_kv()
             ray.shutdown()
     if is_local and not args.keep_ray:
         stopped = local_region.stop(args.region, region)
@@ -263,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, help=f"HTTP port (default {DEFAULT_HTTP_PORT}; a local region's own)"
     )
     up.add_argument("--region", help="deploy this region of the fleet spec as its own cluster")
+    up.add_argument(
+        "--no-kv",
+        dest="kv",
+        action="store_false",
+        help="do not start the region's KV store (autoscaling history then stays in memory)",
+    )
     up.add_argument("--num-cpus", type=int, help="logical CPUs for a new local head node")
     up.add_argument("--cpu", action="store_true", help="run GPU cards on CPU (APP_FORCE_CPU=1)")
     up.add_argument("--timeout", type=float, default=600, help="seconds to wait until healthy")

@@ -29,7 +29,8 @@ FAST = {  # seconds instead of minutes, so a test sees whole up-and-down cycles
     "panic_window_s": 2,
     "decision_period_s": 0.5,
     "scale_to_zero_after_s": 3,
-    "predictive": {"mode": "off"},
+    # Forecasts are made and recorded, never applied: the test reads them to see the history.
+    "predictive": {"mode": "forecast_only", "season_s": 600, "min_history_s": 60},
 }
 SPEC = FleetSpec(
     regions={
@@ -61,12 +62,15 @@ def card(model: str) -> ModelCard:
 
 
 @pytest.fixture(scope="module")
-def models(ray_cluster: Any, serving: str) -> Iterator[tuple[str, Any]]:
+def models(ray_cluster: Any, serving: str) -> Iterator[tuple[str, Any, Any]]:
     from ray import serve
 
+    from app.kv import KVConfig, shutdown_kv, start_kv
     from app.serving.builder import model_application
     from app.serving.deploy import wait_running
 
+    # The region's KV store under the name the policy looks for, as `app up` starts it.
+    kv = start_kv(KVConfig())
     router = ensure_router(SPEC)
     catalogue = load_catalogue(ROOT / "models")
     for model in (BUSY, IDLE):
@@ -74,11 +78,12 @@ def models(ray_cluster: Any, serving: str) -> Iterator[tuple[str, Any]]:
         serve.run(app, name=f"model-{model}", route_prefix=f"/models/{model}", blocking=False)
     wait_running([f"model-{BUSY}", f"model-{IDLE}"], timeout_s=180)
     try:
-        yield serving, router
+        yield serving, router, kv
     finally:
         for model in (BUSY, IDLE):
             serve.delete(f"model-{model}")
         stop_router(SPEC.router_actor)
+        shutdown_kv()
 
 
 def running(model: str) -> int:
@@ -94,8 +99,8 @@ def chat(base: str, model: str) -> httpx.Response:
     return httpx.post(f"{base}/models/{model}/v1/chat/completions", json=body, timeout=120)
 
 
-def test_a_model_scales_up_under_load_and_back_down(models: tuple[str, Any]) -> None:
-    base, router = models
+def test_a_model_scales_up_under_load_and_back_down(models: tuple[str, Any, Any]) -> None:
+    base, router, _ = models
     config = _autoscaling_config(BUSY)
     assert config["policy"]["policy_function"].startswith("app.autoscaling.serve_policy:")
     wait_until(lambda: _replica_id(router, BUSY) is not None, timeout=30, what="registration")
@@ -137,9 +142,9 @@ def _decision_metrics() -> str:
 
 
 def test_a_model_at_zero_replicas_serves_the_request_that_wakes_it(
-    models: tuple[str, Any],
+    models: tuple[str, Any, Any],
 ) -> None:
-    base, _ = models
+    base, _, _ = models
     wait_until(lambda: running(IDLE) == 0, timeout=60, what="idle model scaled to zero")
     started = time.monotonic()
     response = chat(base, IDLE)
@@ -163,3 +168,46 @@ def _autoscaling_config(model: str) -> dict[str, Any]:
     from app.serving.builder import replica_options
 
     return dict(replica_options(card(model), 0.0, False, SPEC)["autoscaling_config"])
+
+
+def test_history_and_decisions_survive_a_serve_controller_restart(
+    models: tuple[str, Any, Any],
+) -> None:
+    """The policy keeps its per-minute request history, decision log and status in the KV
+    store; a new controller's policy reads the history back and forecasts from it."""
+    from ray import serve
+
+    base, _, kv = models
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            chat(base, BUSY)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:  # a finished minute of traffic reaches the store at the next minute's first decision
+        wait_until(lambda: bool(_keys(kv, f"autoscale:rate:{BUSY}:")), 130, "a minute of history")
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert _keys(kv, f"autoscale:log:{BUSY}:"), "the decision log is in the KV store"
+    before = kv.get(f"autoscale:status:{BUSY}:local")
+    assert before is not None and before["store"] == "kv"
+
+    controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+    ray.kill(controller, no_restart=False)
+
+    def restored() -> bool:
+        status = kv.get(f"autoscale:status:{BUSY}:local") or {}
+        forecast = status.get("forecast") or {}
+        return status.get("at_s", 0) > before["at_s"] and forecast.get("history_s", 0) > 0
+
+    wait_until(restored, timeout=90, what="the restarted controller's policy forecasting")
+    assert serve.status().applications[f"model-{BUSY}"].status == "RUNNING"
+    assert chat(base, BUSY).status_code == 200
+
+
+def _keys(kv: Any, prefix: str) -> list[str]:
+    return [key for key, _ in kv.scan_iter(prefix)]
