@@ -117,14 +117,14 @@ def test_a_model_scales_up_under_load_and_back_down(models: tuple[str, Any, Any]
     for thread in threads:
         thread.start()
     try:
-        wait_until(lambda: running(BUSY) >= 2, timeout=60, what="a scale-up under load")
+        wait_until(lambda: running(BUSY) >= 2, timeout=90, what="a scale-up under load")
     finally:
         stop.set()
         for thread in threads:
             thread.join(timeout=120)
         ray.get(router.inject_fault.remote(replica, 0))
     assert statuses and all(status == 200 for status in statuses), set(statuses)
-    wait_until(lambda: running(BUSY) == 1, timeout=90, what="the scale-down once idle")
+    wait_until(lambda: running(BUSY) == 1, timeout=120, what="the scale-down once idle")
     wait_until(
         lambda: f'model="{BUSY}"' in _decision_metrics(),
         timeout=60,
