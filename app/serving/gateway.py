@@ -297,7 +297,23 @@ class Gateway:
             ) from exc
         if self.federation is not None:
             view["federation"] = self.federation.status()
+        view["autoscaling"] = await self._autoscaling_view()
         return json_response(view)
+
+    async def _autoscaling_view(self) -> list[dict[str, Any]] | None:
+        """Per model: replicas, signals, forecast and recent decisions, as the policies left
+        them in the region's KV store (None when no store runs; `app autoscale status` shows
+        the same)."""
+        from app.autoscaling.store import kv_connector, read_summaries
+
+        def read() -> list[dict[str, Any]]:
+            return read_summaries(kv_connector()(), decisions=3)
+
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(read), timeout=5)
+        except Exception as exc:  # the fleet view must not fail for want of a KV store
+            logger.info("no autoscaling view for /v1/fleet: %r", exc)
+            return None
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
         return await self._call("chat", req)
