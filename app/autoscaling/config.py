@@ -64,9 +64,30 @@ class AutoscalingConfig(_Strict):
     max_queued_per_replica: float = Field(2.0, ge=0, description="Queue depth that scales up.")
     slo_p95_ms: float | None = Field(None, gt=0, description="p95 latency target (scales up).")
     max_step_up: int = Field(10, ge=1)
-    max_step_down: int = Field(1, ge=1)
-    upscale_cooldown_s: float = Field(30, ge=0)
-    downscale_cooldown_s: float = Field(600, ge=0)
+    # Was 1: one replica per cooldown took hours to leave a burst (1.26 x Serve's
+    # replica-hours in BENCHMARKS.md); the rate below is now the bound that matters.
+    max_step_down: int = Field(
+        10, ge=1, description="Replicas one scale-down removes at most (with the rate below)."
+    )
+    max_scale_down_rate: float = Field(
+        2.0,
+        gt=1,
+        description="A scale-down keeps at least current / this many (Knative's "
+        "max-scale-down-rate; 2 halves the replicas at most per step).",
+    )
+    upscale_cooldown_s: float = Field(30, ge=0, description="Between consecutive scale-ups.")
+    downscale_cooldown_s: float = Field(
+        600,
+        ge=0,
+        description="No scale-down this long after the last scale-up (or the first tick), so "
+        "load that comes back within it finds its replicas.",
+    )
+    downscale_interval_s: float | None = Field(
+        None,
+        ge=0,
+        description="Between consecutive scale-downs (default: stable_window_s, so each step "
+        "is judged on a whole window at the size the last one left).",
+    )
     stable_window_s: float = Field(60, gt=0)
     panic_window_s: float = Field(6, gt=0)
     panic_threshold: float = Field(2.0, gt=1, description="Panic at this multiple of target.")

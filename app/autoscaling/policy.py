@@ -80,8 +80,9 @@ class AutoscalingCore:
         """One tick. `current` is the target last asked for (Serve's target_num_replicas);
         `signals.running_replicas` counts those already up. The bounds are inclusive."""
         self._observe_service_time(signals, state)
+        service_s = None if state.service_time_ms is None else state.service_time_ms / 1000
         reactive = self.reactive.propose(
-            signals, now, current, min_replicas, max_replicas, state.reactive
+            signals, now, current, min_replicas, max_replicas, state.reactive, service_s=service_s
         )
         high = max(min_replicas, max_replicas)
         floors = [

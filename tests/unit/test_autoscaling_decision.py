@@ -25,9 +25,14 @@ def config(**overrides: Any) -> AutoscalingConfig:
 
 
 def sig(
-    t: float, total: float, queued: float = 0, running: int = 4, p95: float | None = None
+    t: float,
+    total: float,
+    queued: float = 0,
+    running: int = 4,
+    p95: float | None = None,
+    p50: float | None = None,
 ) -> Signals:
-    return Signals(t, running, total, queued, CAP, p95_latency_ms=p95)
+    return Signals(t, running, total, queued, CAP, p50_latency_ms=p50, p95_latency_ms=p95)
 
 
 def steady_then_decide(
@@ -42,9 +47,13 @@ def steady_then_decide(
     low: int = 1,
     high: int = 50,
     ticks: int = 11,
+    watched_since: float | None = -100.0,
 ) -> Decision:
-    """The same load for `ticks` seconds (t = 0 ..), then the decision of the last tick."""
+    """The same load for `ticks` seconds (t = 0 ..), then the decision of the last tick; the
+    controller has watched since `watched_since` (long enough for the down cooldown)."""
     run = current if running is None else running
+    if watched_since is not None and state.observing_since_s is None:
+        state.observing_since_s = watched_since
     for t in range(ticks - 1):
         rules.propose(sig(t, total, queued, run, p95), t, current, low, high, state)
     last = ticks - 1
@@ -126,7 +135,7 @@ THRESHOLDS = [
         0,
         800,
         (1, 50),
-        3,
+        2,
         Rule.UTILIZATION_DOWN,
     ),
     ("utilisation at the down threshold holds", {}, 4, 4, 14, 0, None, (1, 50), 4, Rule.STEADY),
@@ -139,7 +148,7 @@ THRESHOLDS = [
         0,
         None,
         (1, 50),
-        3,
+        2,
         Rule.UTILIZATION_DOWN,
     ),
     ("a queue blocks scale-down", {}, 4, 4, 13, 1, None, (1, 50), 4, Rule.STEADY),
@@ -155,10 +164,33 @@ THRESHOLDS = [
         7,
         Rule.UTILIZATION_DOWN,
     ),
-    ("larger step down", {"max_step_down": 5}, 8, 8, 0, 0, None, (1, 50), 3, Rule.UTILIZATION_DOWN),
+    (
+        "larger step down",
+        {"max_step_down": 5, "max_scale_down_rate": 10},
+        8,
+        8,
+        0,
+        0,
+        None,
+        (1, 50),
+        3,
+        Rule.UTILIZATION_DOWN,
+    ),
+    (
+        "step down bounded by max_scale_down_rate (halves by default)",
+        {"max_step_down": 10},
+        8,
+        8,
+        0,
+        0,
+        None,
+        (1, 50),
+        4,
+        Rule.UTILIZATION_DOWN,
+    ),
     (
         "step down no further than the load needs",
-        {"max_step_down": 10},
+        {"max_step_down": 10, "max_scale_down_rate": 10},
         8,
         8,
         13,
@@ -221,11 +253,15 @@ def test_threshold_rules(
 
 
 def test_no_scale_down_before_a_full_stable_window() -> None:
-    rules = ReactiveRules(config())
-    early = steady_then_decide(rules, rules.new_state(), current=4, total=0, ticks=10)
+    rules = ReactiveRules(config(downscale_cooldown_s=0))
+    early = steady_then_decide(
+        rules, rules.new_state(), current=4, total=0, ticks=10, watched_since=None
+    )
     assert (early.target_replicas, early.rule) == (4, Rule.STEADY)
-    full = steady_then_decide(rules, rules.new_state(), current=4, total=0, ticks=11)
-    assert (full.target_replicas, full.rule) == (3, Rule.UTILIZATION_DOWN)
+    full = steady_then_decide(
+        rules, rules.new_state(), current=4, total=0, ticks=11, watched_since=None
+    )
+    assert (full.target_replicas, full.rule) == (2, Rule.UTILIZATION_DOWN)
 
 
 @pytest.mark.parametrize(
@@ -250,9 +286,13 @@ def test_upscale_cooldown(
     ("last_up", "last_down", "target", "rule"),
     [
         (-9.0, None, 4, Rule.DOWN_COOLDOWN),  # 19 s after a scale-up, cooldown 20 s
-        (None, -9.0, 4, Rule.DOWN_COOLDOWN),  # 19 s after a scale-down
-        (-10.0, None, 3, Rule.UTILIZATION_DOWN),
-        (None, -10.0, 3, Rule.UTILIZATION_DOWN),
+        (-10.0, None, 2, Rule.UTILIZATION_DOWN),
+        # A scale-down starts only the shorter interval (the stable window, 10 s): another
+        # step down is no flap.
+        (None, -9.0, 2, Rule.UTILIZATION_DOWN),
+        (None, 1.0, 4, Rule.DOWN_COOLDOWN),  # 9 s after a scale-down
+        (None, 0.0, 2, Rule.UTILIZATION_DOWN),
+        (-12.0, 0.0, 2, Rule.UTILIZATION_DOWN),  # both waits passed
     ],
 )
 def test_downscale_cooldown(
@@ -335,7 +375,7 @@ def test_panic_sizes_on_a_growing_backlog_only(queued_now: float, target: int, h
 
 
 def test_panic_holds_scale_down_for_a_stable_window_after_it_ends() -> None:
-    rules = ReactiveRules(config(downscale_cooldown_s=0, max_step_down=50))
+    rules = ReactiveRules(config(downscale_cooldown_s=0, max_step_down=50, max_scale_down_rate=50))
     state = rules.new_state()
     burst(rules, state, peak=100)
     rules_seen: dict[int, Rule] = {}
@@ -348,6 +388,83 @@ def test_panic_holds_scale_down_for_a_stable_window_after_it_ends() -> None:
     # No scale-down while t < 10 + stable window (10 s); then at once to what the load needs.
     assert all(rules_seen[t] == Rule.PANIC_HOLD for t in range(11, 20)), rules_seen
     assert rules_seen[20] == Rule.UTILIZATION_DOWN and current == 1
+
+
+def test_the_down_cooldown_counts_from_the_first_tick() -> None:
+    """No scale-up on record stands in for one at the first tick: a deployment's initial size,
+    or the size a restarted controller finds, was asked for by someone."""
+    rules = ReactiveRules(config())  # stable window 10 s, down cooldown 20 s
+    state = rules.new_state()
+    decisions = [rules.decide(sig(t, 0), t, 4, 1, 50, state) for t in range(21)]
+    assert decisions[10].rule == Rule.DOWN_COOLDOWN, decisions[10].reason
+    assert (decisions[20].target_replicas, decisions[20].rule) == (2, Rule.UTILIZATION_DOWN)
+
+
+def test_consecutive_scale_downs_are_a_stable_window_apart_and_halve() -> None:
+    rules = ReactiveRules(config(max_step_down=100))
+    state = rules.new_state()
+    current, steps = 16, []
+    for t in range(55):
+        decision = rules.decide(sig(t, 0, running=current), t, current, 1, 50, state)
+        if decision.changed:
+            steps.append((t, decision.target_replicas))
+        current = decision.target_replicas
+    # The first once the down cooldown (20 s) from the first tick has passed; then one per
+    # stable window (10 s), not one per cooldown; each keeps half.
+    assert steps == [(20, 8), (30, 4), (40, 2), (50, 1)]
+
+
+def test_a_new_panic_sizes_on_arrivals_and_the_backlog_to_clear_by_the_next_tick() -> None:
+    rules = ReactiveRules(config())
+    state = rules.new_state()
+    for t in range(10):  # 2 replicas at 50 %, a request takes 100 ms
+        rules.decide(sig(t, 10, running=2, p50=100), t, 2, 1, 50, state)
+    decision = rules.decide(sig(10, 100, queued=80, running=2, p50=100), 10, 2, 1, 50, state)
+    # In flight 20 (every slot) + the queue's growth 80/s x 0.1 s = 28, and the 80 queued
+    # cleared within the 1 s decision period: 8 more; 36 / 7 a replica. Counting the 80
+    # queued as in flight (100 / 7) would ask for 15.
+    assert (decision.target_replicas, decision.rule) == (6, Rule.PANIC), decision.reason
+
+
+def test_a_held_panic_follows_the_arrivals_not_the_queue() -> None:
+    rules = ReactiveRules(config())
+    state = rules.new_state()
+    for t in range(10):
+        rules.decide(sig(t, 10, running=2, p50=100), t, 2, 1, 50, state)
+    rules.decide(sig(10, 100, queued=80, running=2, p50=100), 10, 2, 1, 50, state)
+    # The queue keeps growing by 320/s while the 6 asked for start: the arrivals now keep
+    # 20 + 32 = 52 in flight, 8 replicas; the 400 requests in the system would ask for 58.
+    grown = rules.decide(sig(11, 420, queued=400, running=2, p50=100), 11, 6, 1, 50, state)
+    assert (grown.target_replicas, grown.rule) == (8, Rule.PANIC), grown.reason
+    # A queue that no longer grows is left to the head-room: no more replicas.
+    flat = rules.decide(sig(12, 420, queued=400, running=2, p50=100), 12, 8, 1, 50, state)
+    assert (flat.target_replicas, flat.rule) == (8, Rule.PANIC), flat.reason
+
+
+def test_a_panic_holds_its_size_while_replicas_join() -> None:
+    rules = ReactiveRules(config())
+    state = rules.new_state()
+    for t in range(10):
+        rules.decide(sig(t, 10, running=2, p50=100), t, 2, 1, 50, state)
+    rules.decide(sig(10, 100, queued=80, running=2, p50=100), 10, 2, 1, 50, state)
+    # 4 more running: Serve's two averages straddle the join, and their difference (400
+    # in flight on 60 slots) says nothing; the size holds until the next tick.
+    joined = rules.decide(sig(11, 800, queued=400, running=6, p50=100), 11, 6, 1, 50, state)
+    assert (joined.target_replicas, joined.rule) == (6, Rule.PANIC)
+    assert "joining" in joined.reason
+
+
+def test_an_ordinary_scale_up_sizes_on_arrivals_not_a_draining_backlog() -> None:
+    rules = ReactiveRules(config(max_queued_per_replica=100))
+    state = rules.new_state()
+    for t in range(8):  # 10 replicas at 50 %, a request takes 100 ms
+        rules.decide(sig(t, 50, running=10, p50=100), t, 10, 1, 50, state)
+    rules.decide(sig(8, 150, queued=100, running=10, p50=100), 8, 10, 1, 50, state)
+    rules.decide(sig(9, 120, queued=70, running=10, p50=100), 9, 10, 1, 50, state)
+    decision = rules.decide(sig(10, 60, queued=10, running=10, p50=100), 10, 10, 1, 50, state)
+    # The 2 s panic window averages 90 requests (90 %, over 77 %), but the arrivals keep
+    # about 45 in flight: the queue drains, and more replicas would be idle once it has.
+    assert (decision.target_replicas, decision.rule) == (10, Rule.STEADY), decision.reason
 
 
 def test_idle_replicas_scale_to_zero_after_the_idle_time() -> None:

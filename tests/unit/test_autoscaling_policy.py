@@ -71,7 +71,7 @@ def test_forecast_floor_raises_the_target_ahead_of_load() -> None:
     [
         (20, 140, 4200, 20, Rule.STEADY),  # load needs 20: a floor of 12 does not cut it
         (20, 140, 0, 20, Rule.STEADY),  # the forecast falls to nothing: still 20
-        (13, 0, 4200, 12, Rule.UTILIZATION_DOWN),  # the reactive step down meets the floor
+        (13, 0, 4200, 12, "forecast_floor"),  # the reactive step down (to 7) stops at it
         (12, 0, 4200, 12, "forecast_floor"),  # ... and stops there
     ],
 )
