@@ -1,5 +1,5 @@
 """The reactive rules: utilisation, queue and latency thresholds, step bounds, cooldowns, the panic
-window, and scaling to and from zero; and the `Decision` every rule returns.
+window, and scaling to and from zero (each returns a `Decision`, app.autoscaling.state).
 
 Two choices rest on the simulator (benchmarks/autoscale_bench.py, BENCHMARKS.md):
 
