@@ -313,3 +313,11 @@ def test_merging_autoscaling_layers_leaves_every_layer_unchanged() -> None:
     assert card == {"predictive": {"buffer": 0.5}}
     assert fleet == {"predictive": {"enabled": True, "horizon_s": 600}, "max_step_up": 4}
     assert merged(card, fleet).predictive.enabled is True
+
+
+def test_shipped_local_regions_spec_is_two_federated_local_clusters() -> None:
+    spec = load_fleet(ROOT / "deployments" / "local-regions.yaml")
+    east, west = spec.for_region("east"), spec.for_region("west")
+    assert {r.cloud for r in spec.regions.values()} == {"local"}
+    assert east.peers()["west"].base_url() == "http://127.0.0.1:23001"
+    assert not east.serves_here("tiny-llama") and west.serves_here("tiny-llama")
