@@ -52,6 +52,10 @@ def environment(name: str, region: Region) -> dict[str, str]:
     return (
         cluster_env()
         | {MARKER: _marker(name)}
+        # Ray turns token auth on by itself when ~/.ray/auth_token exists; a region on this
+        # machine listens on loopback only, so it says what it wants rather than inherit that
+        # (RAY_AUTH_MODE=token in the environment still turns it on).
+        | {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
         | haproxy_env(str(state), ports["haproxy_stats"], ports["haproxy_metrics"])
         | {
             "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(ports["direct_ingress_http_min"]),
