@@ -52,7 +52,6 @@ from app.fleet.hints import (
 )
 from app.fleet.router_actor import FleetRouterUnavailableError, router_handle
 from app.fleet.spec import FleetSpec, embedded_fleet
-from app.regions.auth import FORWARDED_FROM
 from app.regions.federation import RegionFederation
 from app.regions.forwarding import SUMMARY_PATH, PeerBusyError, PeerUnreachableError
 from app.regions.ingress import is_forwarded, peer_refusal
@@ -348,7 +347,7 @@ def _log_attempt(model: str, target: str, exc: BaseException) -> None:
 
 def _forwarded() -> bool:
     request = CURRENT_REQUEST.get()
-    return request is not None and FORWARDED_FROM in request.headers
+    return request is not None and is_forwarded(request)
 
 
 def _no_region(model: str, failure: APIError | None) -> APIError:

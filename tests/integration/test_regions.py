@@ -17,6 +17,7 @@ from openai import OpenAI
 
 from app.regions.auth import FORWARDED_FROM, SIGNATURE, sign
 from tests.integration.regions_support import SECRET, Regions, local_regions, wait_federated
+from tests.integration.support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -216,11 +217,11 @@ def test_losing_the_peer_under_load_fails_no_request(regions: Regions) -> None:
         time.sleep(1.0)
         for thread in threads:
             thread.start()
-        _wait(lambda: any(region == WEST for _, region in results), 20, "spill-over to west")
+        wait_until(lambda: any(r == WEST for _, r in results), 20, "spill-over to west")
         regions.down(WEST)
         lost_at = len(results)
-        _wait(lambda: _peer(regions, WEST)["in_rotation"] is False, 20, "west out of rotation")
-        _wait(lambda: len(results) > lost_at + 20, 60, "requests after the loss")
+        wait_until(lambda: _peer(regions, WEST)["in_rotation"] is False, 20, "west out of rotation")
+        wait_until(lambda: len(results) > lost_at + 20, 60, "requests after the loss")
     finally:
         stop.set()
         for thread in threads:
@@ -238,14 +239,6 @@ def test_losing_the_peer_under_load_fails_no_request(regions: Regions) -> None:
 def _peer(regions: Regions, region: str) -> dict[str, Any]:
     peer: dict[str, Any] = regions.fleet(EAST)["federation"]["peers"][region]
     return peer
-
-
-def _wait(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_fleet_status_shows_every_region(regions: Regions) -> None:
