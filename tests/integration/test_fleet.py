@@ -115,9 +115,11 @@ def fleet(ray_cluster: Any, serving: str) -> Iterator[Fleet]:
     wait_running([CARD.deployment_name, "fleet-gateway"], timeout_s=180)
     result = Fleet(base=f"{serving}/fleet/v1", nodes=nodes, router=router)
     wait_until(
-        lambda: len([r for r in result.view()["replicas"] if r["model"] == MODEL]) == 3,
+        lambda: (
+            len([r for r in result.view()["replicas"] if r["model"] == MODEL and r["healthy"]]) == 3
+        ),
         timeout=30,
-        what="three replicas registered with the router actor",
+        what="three healthy replicas registered with the router actor",
     )
     try:
         yield result
