@@ -133,4 +133,7 @@ class ReplicaAgent:
             except Exception as exc:  # no router actor (yet): routing works without it
                 self._actor = None
                 logger.debug("fleet heartbeat failed: %s", exc)
-            await asyncio.sleep(self.spec.load_balancing.health_check_interval_s)
+            # Two beats per check: the router actor marks a replica down only after
+            # 2.5 intervals of silence twice running, so one slow beat on a busy machine
+            # (a GC pause, a starved core) is absorbed instead of failing the replica over.
+            await asyncio.sleep(self.spec.load_balancing.health_check_interval_s / 2)

@@ -147,7 +147,9 @@ def test_replicas_are_placed_one_per_region_by_label(fleet: Fleet) -> None:
 @pytest.mark.parametrize("region", sorted(REGIONS))
 def test_handle_client_lands_in_its_own_region(fleet: Fleet, region: str) -> None:
     client = InferenceClient(region=region, fleet=SPEC)
-    assert {region_of(chat(client)) for _ in range(10)} == {region}
+    served = [region_of(chat(client)) for _ in range(10)]
+    view = fleet.view()
+    assert set(served) == {region}, (served, view["replicas"], view["events"])
 
 
 def test_http_client_region_header_and_geoip(fleet: Fleet) -> None:
