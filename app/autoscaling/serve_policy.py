@@ -1,6 +1,6 @@
 """Ray Serve's side of the autoscaler: `FleetAutoscalingPolicy`, the class a deployment's
-`autoscaling_config.policy` names, turns each `AutoscalingContext` into Signals for the core;
-`replica_stats` is what each replica reports for it through `record_autoscaling_stats`."""
+`autoscaling_config.policy` names, turns each `AutoscalingContext` into Signals for the core
+(what replicas report for it is app.autoscaling.report)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from app.autoscaling.config import AutoscalingConfig
@@ -17,13 +16,12 @@ from app.autoscaling.floors import MINUTE_S, Forecast
 from app.autoscaling.forecast import Forecaster
 from app.autoscaling.metrics import AutoscalingMetrics
 from app.autoscaling.policy import AutoscalingCore
+from app.autoscaling.report import ReplicaMetric
 from app.autoscaling.signals import Signals
 from app.autoscaling.store import AutoscaleStore, shared_store
 
 if TYPE_CHECKING:
     from ray.serve.config import AutoscalingContext
-
-    from app.fleet.stats import PerfSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -38,44 +36,6 @@ MIN_MINUTE_COVERAGE_S = 15.0
 MAX_TICK_GAP_S = 5.0
 # Weight of a new measured replica start time in the lead time's average.
 START_TIME_EWMA = 0.3
-
-
-class ReplicaMetric(StrEnum):
-    """Names of the figures replicas report; Serve hands each to the policy, averaged over its
-    look-back window, as ctx.aggregated_metrics[name][replica_id]."""
-
-    ONGOING = "ongoing_requests"
-    CAPACITY = "capacity"
-    LATENCY_P50 = "latency_p50_ms"
-    LATENCY_P95 = "latency_p95_ms"
-    LATENCY_P99 = "latency_p99_ms"
-    ERROR_RATE = "error_rate"
-    REQUESTS_PER_S = "requests_per_s"
-    TOKENS_PER_S = "tokens_per_s"
-    IMAGES_PER_S = "images_per_s"
-    BATCH_FILL = "batch_fill"
-
-
-def replica_stats(
-    perf: PerfSnapshot, ongoing: int, capacity: int, batch_fill: float | None = None
-) -> dict[str, float]:
-    """One replica's report from its PerfTracker window. Serve takes numbers only, so figures
-    not measured (no request in the window) are left out rather than sent as None."""
-    stats = {
-        ReplicaMetric.ONGOING.value: float(ongoing),
-        ReplicaMetric.CAPACITY.value: float(capacity),
-        ReplicaMetric.REQUESTS_PER_S.value: float(perf.throughput),
-        ReplicaMetric.ERROR_RATE.value: 1.0 - perf.success_rate,
-    }
-    for name, value in (
-        (ReplicaMetric.LATENCY_P50, perf.p50_ms),
-        (ReplicaMetric.LATENCY_P95, perf.p95_ms),
-        (ReplicaMetric.LATENCY_P99, perf.p99_ms),
-        (ReplicaMetric.BATCH_FILL, batch_fill),
-    ):
-        if value is not None and math.isfinite(value):
-            stats[name.value] = float(value)
-    return stats
 
 
 def signals_from_context(

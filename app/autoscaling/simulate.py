@@ -33,7 +33,7 @@ CONTROL_LOOP_S = 0.1
 RECORD_INTERVAL_FACTOR = 0.2
 # The window of app.fleet.stats.PerfTracker behind each replica's requests_per_s and p50.
 PERF_WINDOW_S = 30.0
-# The names app.autoscaling.serve_policy.ReplicaMetric gives the figures replicas report.
+# The names app.autoscaling.report.ReplicaMetric gives the figures replicas report.
 REQUESTS_PER_S = "requests_per_s"
 LATENCY_P50_MS = "latency_p50_ms"
 

@@ -22,7 +22,7 @@ from app.api.schemas import (
     ImageGenerationRequest,
 )
 from app.api.sse import Chunk, SSEStream
-from app.autoscaling.serve_policy import replica_stats
+from app.autoscaling.report import WorkRates, replica_stats
 from app.cache.responses import ResponseCache
 from app.catalog.cards import ModelCard
 from app.fleet.agent import ReplicaAgent
@@ -64,7 +64,7 @@ class ModelServer:
             serve.get_replica_context().replica_id.unique_id,
             parsed.max_ongoing_requests,
         )
-        self._batch_mark = (0, 0)  # (batches, requests) at the last autoscaling report
+        self._work = WorkRates(parsed.batching.max_batch_size)
 
     # ---- fleet hooks: Serve calls these periodically ----------------------------------------
 
@@ -82,22 +82,12 @@ class ModelServer:
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve calls this on an autoscaled deployment's replicas every metrics interval; the
         controller averages each figure over the look-back window into the policy's
-        ctx.aggregated_metrics (app.autoscaling.serve_policy). The figures are the ones the
-        fleet already measures for routing, not a second count."""
+        ctx.aggregated_metrics (app.autoscaling.serve_policy). Load and latency are the figures
+        the fleet already measures for routing, not a second count."""
+        work = self._work.advance(self.service.work_totals())
         return replica_stats(
-            self.fleet.perf.snapshot(), self.fleet.ongoing, self.fleet.capacity, self._batch_fill()
+            self.fleet.perf.snapshot(), self.fleet.ongoing, self.fleet.capacity, work
         )
-
-    def _batch_fill(self) -> float | None:
-        """Mean batch size since the last report against the card's max_batch_size."""
-        service = self.service
-        batches, requests = service.batches, service.batched_requests
-        last_batches, last_requests = self._batch_mark
-        self._batch_mark = (batches, requests)
-        if batches <= last_batches:
-            return None
-        mean = (requests - last_requests) / (batches - last_batches)
-        return mean / service.card.batching.max_batch_size
 
     def __del__(self) -> None:
         """Serve calls this when it stops the replica: leave the fleet at once, rather than

@@ -30,6 +30,7 @@ from app.api.schemas import (
     ImageGenerationRequest,
 )
 from app.api.sse import Chunk
+from app.autoscaling.report import WorkTotals
 from app.catalog.cards import ModelCard, Task
 from app.serving.runners.base import (
     EmbeddingRunner,
@@ -70,6 +71,8 @@ class ModelService:
         self.batches = 0
         self.batched_requests = 0
         self.largest_batch = 0
+        self.generated_tokens = 0  # produced here, not served from the response cache
+        self.generated_images = 0
 
     # serve.batch needs a replica context, so the batchers are made on first use (inside Serve);
     # they are per instance because serve.batch on a method would share one queue per class.
@@ -102,7 +105,15 @@ class ModelService:
             "batches": self.batches,
             "batched_requests": self.batched_requests,
             "largest_batch": self.largest_batch,
+            "generated_tokens": self.generated_tokens,
+            "generated_images": self.generated_images,
         }
+
+    def work_totals(self) -> WorkTotals:
+        """Running totals for the autoscaling report (app.autoscaling.report)."""
+        return WorkTotals(
+            self.batches, self.batched_requests, self.generated_tokens, self.generated_images
+        )
 
     # ---- admission and identity -------------------------------------------------------------
 
@@ -195,10 +206,12 @@ class ModelService:
                 # No model compute to amortise: batching would only add queueing.
                 for (delta,) in self._text.generate([request]):
                     if delta is not None:
+                        self.generated_tokens += delta.tokens
                         yield delta
                 return
             async for delta in self._decode(request):
                 if delta is not None:
+                    self.generated_tokens += delta.tokens
                     yield delta
         except (InvalidRequestError, OverloadedError):
             raise
@@ -378,7 +391,9 @@ class ModelService:
     async def _draw_batch(self, batch: list[ImageRequest]) -> list[list[bytes]]:
         assert isinstance(self.runner, ImageRunner)
         self._count_batch(len(batch))
-        return await asyncio.to_thread(self.runner.generate, batch)
+        images = await asyncio.to_thread(self.runner.generate, batch)
+        self.generated_images += sum(len(drawn) for drawn in images)
+        return images
 
     def _image_request(self, req: ImageGenerationRequest) -> ImageRequest:
         width, height = req.dimensions() or parse_size(self.card.image.size)

@@ -19,7 +19,8 @@ from ray.serve.config import AggregationFunction
 from ray.serve.config import AutoscalingConfig as ServeConfig
 
 from app.autoscaling import simulate
-from app.autoscaling.serve_policy import FleetAutoscalingPolicy, ReplicaMetric
+from app.autoscaling.report import ReplicaMetric
+from app.autoscaling.serve_policy import FleetAutoscalingPolicy
 from app.autoscaling.simulate import (
     Deployment,
     HandleMetrics,

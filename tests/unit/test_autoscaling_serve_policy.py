@@ -15,13 +15,12 @@ from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
 from ray.serve.config import AutoscalingContext
 
 from app.autoscaling.config import AutoscalingConfig
+from app.autoscaling.report import ReplicaMetric, replica_stats
 from app.autoscaling.serve_policy import (
     POLICY_FUNCTION,
     FleetAutoscalingPolicy,
     MinuteRate,
-    ReplicaMetric,
     StartTimer,
-    replica_stats,
     serve_autoscaling_config,
     signals_from_context,
 )
@@ -138,7 +137,7 @@ def test_replica_stats_are_numbers_serve_accepts_and_the_policy_reads() -> None:
         failed=2,
         p95_ms=250.0,
     )
-    stats = replica_stats(perf, ongoing=3, capacity=CAP, batch_fill=0.5)
+    stats = replica_stats(perf, ongoing=3, capacity=CAP, work={ReplicaMetric.BATCH_FILL: 0.5})
     # Serve disables a replica's stats when any value is not an int or float.
     assert all(isinstance(v, float) for v in stats.values())
     assert stats == {

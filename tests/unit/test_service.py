@@ -83,3 +83,11 @@ async def test_merge_streams_interleaves_and_propagates_errors() -> None:
 
     with pytest.raises(ValueError, match="bad"):
         _ = [item async for item in merge_streams([failing(), ticks("b", 0.01, 5)])]
+
+
+async def test_generated_tokens_count_unary_and_streamed_work() -> None:
+    svc = service()
+    reply = await svc.chat(chat(n=2, max_tokens=3))
+    streamed = [c async for c in svc.chat_stream(chat(max_tokens=2, stream=True))]
+    assert streamed and svc.generated_tokens == reply["usage"]["completion_tokens"] + 2 == 8
+    assert svc.work_totals().tokens == 8 and svc.work_totals().images == 0
