@@ -228,8 +228,13 @@ def render_launcher(
 
 def render(spec: FleetSpec, region: str, *, spec_path: str = DEFAULT_SPEC_PATH) -> dict[str, Any]:
     """The file that starts a region's cluster: a launcher config, or a RayService on
-    kubernetes. A local region has none: `app cluster up` starts it on this machine."""
+    kubernetes. A local region has none (`app cluster up` starts it on this machine) unless it
+    runs Ray's autoscaler: then its fake multi-node config (app.regions.fake)."""
     config = region_of(spec, region)
+    if config.cloud is Cloud.LOCAL and config.local.autoscaler:
+        from app.regions.fake import render_fake  # fake imports this module
+
+        return render_fake(region, config)
     if config.cloud is Cloud.LOCAL:
         raise LauncherError(
             f"region {region!r} is local: `app cluster up {region}` starts it on this machine; "

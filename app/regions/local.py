@@ -90,9 +90,33 @@ def start_command(name: str, region: Region) -> list[str]:
         f"--max-worker-port={ports['max_worker']}",
         f"--labels={REGION_LABEL}={name},{ZONE_LABEL}={zone}",
     ]
-    if region.local.num_cpus is not None:
+    if region.local.autoscaler:
+        from app.regions.fake import head_cpus
+
+        command.append(f"--num-cpus={head_cpus(region)}")
+        command.append(f"--autoscaling-config={autoscaler_config_path(name)}")
+    elif region.local.num_cpus is not None:
         command.append(f"--num-cpus={region.local.num_cpus}")
     return command
+
+
+def autoscaler_config_path(name: str) -> Path:
+    return region_dir(name) / "autoscaler.yaml"
+
+
+def _write_autoscaler_config(name: str, region: Region) -> dict[str, str]:
+    """With local.autoscaler: the fake provider's config next to the region's temp dir, and the
+    environment variable the provider insists on (app.regions.fake)."""
+    if not region.local.autoscaler:
+        return {}
+    import yaml
+
+    from app.regions.fake import FAKE_CLUSTER_ENV, render_fake
+
+    path = autoscaler_config_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(render_fake(name, region), sort_keys=False))
+    return FAKE_CLUSTER_ENV
 
 
 def running(name: str, region: Region) -> bool:
@@ -105,7 +129,8 @@ def start(name: str, region: Region, extra_env: dict[str, str] | None = None) ->
         raise LocalRegionError(f"region {name!r} is on {region.cloud}, not local")
     if not running(name, region):
         _wait_ports_free(name, region)
-        env = os.environ | environment(name, region) | (extra_env or {})
+        fake = _write_autoscaler_config(name, region)
+        env = os.environ | environment(name, region) | fake | (extra_env or {})
         result = subprocess.run(
             start_command(name, region), capture_output=True, text=True, env=env
         )

@@ -108,7 +108,18 @@ class LocalCluster(StrictModel):
     port_base: int = Field(
         20000, ge=1024, le=62000, description="GCS port; the others follow (see local_ports)."
     )
-    num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of the head node.")
+    num_cpus: int | None = Field(
+        None, ge=0, description="Logical CPUs of the head node (0: it takes no replicas)."
+    )
+    autoscaler: bool = Field(
+        False,
+        description="Run Ray's autoscaler over the region's node_types with its fake multi-node "
+        "provider: worker nodes are raylets on this machine, added when replicas do not fit "
+        "and removed when idle, as a cloud region's are (app.regions.fake).",
+    )
+    idle_timeout_s: float = Field(
+        60, gt=0, le=3600, description="With autoscaler: how long a node may idle before it goes."
+    )
 
 
 class Kubernetes(StrictModel):
@@ -161,6 +172,8 @@ class Region(StrictModel):
                 raise ValueError(f"node_types.{name}.zones: {sorted(unknown)} not in zones")
         if self.autoscaling:
             merged(self.autoscaling)
+        if self.local.autoscaler and not self.node_types:
+            raise ValueError("local.autoscaler needs node_types: the nodes it may add")
         return self
 
     def base_url(self) -> str | None:

@@ -125,13 +125,23 @@ def test_a_model_scales_up_under_load_and_back_down(models: tuple[str, Any, Any]
         ray.get(router.inject_fault.remote(replica, 0))
     assert statuses and all(status == 200 for status in statuses), set(statuses)
     wait_until(lambda: running(BUSY) == 1, timeout=120, what="the scale-down once idle")
+    # Ray's metrics agent exports every few seconds: the scale-down's count may arrive after
+    # the replica is gone, so wait for both directions rather than read once.
     wait_until(
-        lambda: f'model="{BUSY}"' in _decision_metrics(),
+        lambda: _decision_directions() == {"up", "down"},
         timeout=60,
-        what="the policy's decisions on the Prometheus endpoint",
+        what="the policy's up and down decisions on the Prometheus endpoint",
     )
-    exported = _decision_metrics()
-    assert 'direction="up"' in exported and 'direction="down"' in exported
+
+
+def _decision_directions() -> set[str]:
+    """The directions of the busy model's exported autoscaling_decisions samples."""
+    return {
+        direction
+        for line in _decision_metrics().splitlines()
+        for direction in ("up", "down")
+        if f'direction="{direction}"' in line and f'model="{BUSY}"' in line
+    }
 
 
 def _decision_metrics() -> str:
