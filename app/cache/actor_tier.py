@@ -41,7 +41,7 @@ def shard_handles(config: CacheConfig) -> list[Any]:
             num_cpus=config.shard_num_cpus,
             max_restarts=-1,
             max_concurrency=10_000,
-        ).remote(config.model_dump(mode="json"), i)
+        ).remote(config.shard_settings(), i)
         for i in range(config.num_shards)
     ]
 

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import pickle
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from itertools import islice
 from typing import Any, TypeVar
 
+from app.cache import codec
 from app.cache.config import CacheConfig, TierKind
 from app.cache.invalidation import Invalidation, Scope, invalidation
 from app.cache.lru import CacheArgumentError, LRUStore
-from app.cache.stats import CacheStats, Event, MetricsExporter
-from app.cache.tiers import Found, Tier
+from app.cache.stats import CacheStats, Event, MetricsExporter, WarningLimiter
+from app.cache.tiers import Found, Refused, Tier
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class Cache:
         self._starting: asyncio.Task[None] | None = None
         self._exporter = MetricsExporter(self.config.name)
         self._exported_at = 0.0
+        self._warnings = WarningLimiter(logger, clock=clock)
         self._closed = False
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -195,7 +196,9 @@ class Cache:
             if outcome is not _MISSING:
                 found, token = outcome
                 if found is not None:
-                    return self._hit(lead, key, found, generation)
+                    value = self._hit(lead, key, found, generation)
+                    if value is not _MISSING:
+                        return value  # else undecodable: load, and overwrite it everywhere
                 self.stats.add(self.tiers[lead].kind, Event.MISS)
                 value = await self._get_l2(key, lead + 1, generation, fill_token=token)
                 if value is not None:
@@ -208,7 +211,7 @@ class Cache:
                 await self._call(lead, self.tiers[lead].release(key, token))
             raise
         self.stats.add(LOADER, Event.LOAD)
-        blob = pickle.dumps(value, protocol=5)
+        blob = codec.encode(value)
         await self._write(key, blob, ttl_s, lead, token)
         self._fill_l1(key, value, len(blob), ttl_s, generation)
         return value
@@ -224,6 +227,8 @@ class Cache:
                 self.stats.add(self.tiers[i].kind, Event.MISS)
                 continue
             value = self._hit(i, key, found, generation)
+            if value is _MISSING:
+                continue
             for upper in range(i):  # backfill the faster tiers (the lead ends its lease)
                 if self._usable(upper):
                     token = fill_token if upper == start - 1 else None
@@ -232,9 +237,16 @@ class Cache:
         return None
 
     def _hit(self, i: int, key: str, found: Found, generation: int) -> Any:
+        """The value of a tier's blob (filling L1), or _MISSING when it does not decode."""
         blob, ttl_s = found
-        self.stats.add(self.tiers[i].kind, Event.HIT)
-        value = pickle.loads(blob)
+        kind = self.tiers[i].kind
+        try:
+            value = codec.decode(blob)
+        except codec.UndecodableValue as exc:
+            self.stats.add(kind, Event.REJECTED)
+            self._warnings.warn(key, "cache: %s value of key %.200r unused: %s", kind, key, exc)
+            return _MISSING
+        self.stats.add(kind, Event.HIT)
         self._fill_l1(key, value, len(blob), ttl_s, generation)
         return value
 
@@ -243,7 +255,7 @@ class Cache:
     async def set(self, key: str, value: Any, ttl_s: float | None = _MISSING) -> None:
         """Store a new value everywhere; other processes drop their L1 copy of the key."""
         ttl = self._ttl(ttl_s)
-        blob = pickle.dumps(value, protocol=5)
+        blob = codec.encode(value)
         self.l1.set(check_key(key), value, len(blob), self._l1_ttl(ttl))
         self.stats.add(L1, Event.SET)
         puts = [
@@ -416,6 +428,9 @@ class Cache:
                 return await op
         except asyncio.CancelledError:
             raise
+        except Refused as exc:  # one value, not the tier: it stays up
+            self.stats.add(self.tiers[i].kind, exc.event)
+            return _MISSING
         except Exception as exc:
             self._failed(i, exc)
             return _MISSING
@@ -428,7 +443,7 @@ class Cache:
                 "cache tier %s failed (%s: %s); skipping it for %.1fs",
                 tier.kind,
                 type(exc).__name__,
-                exc,
+                tier.redact(str(exc)),
                 self.config.retry_after_s,
             )
         self._down_until[i] = time.monotonic() + self.config.retry_after_s

@@ -4,20 +4,30 @@ load leases as SET NX keys, and the invalidation log as a capped Redis stream.
 The log's keys share the hash tag {<cache name>}, so they live on one cluster slot and append
 atomically through one script. Each entry carries a sequence number, so a reader that finds a
 gap (trimmed entries) or a new epoch (Redis restarted empty) knows to flush its L1.
+
+Whoever can write to Redis must not run code in the replicas: every value is sealed (HMAC,
+app/cache/sealing.py) or, without a signing key, plain JSON; a value that fails the check is a
+miss, deleted, counted as `rejected` and logged (rate-limited), never decoded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import redis.asyncio as aredis
 from redis.asyncio.cluster import RedisCluster
 
 from app.cache.config import CacheConfig
 from app.cache.invalidation import Invalidation, Scope
-from app.cache.tiers import Found, Tier
+from app.cache.sealing import BrokenSeal, Seal, load_signing_key
+from app.cache.stats import Event, WarningLimiter
+from app.cache.tiers import Found, Refused, Tier
+
+logger = logging.getLogger(__name__)
 
 # KEYS: seq counter, log stream. ARGV: scope, text, origin, capacity.
 APPEND_LOG = """
@@ -26,7 +36,8 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*',
            'seq', seq, 'scope', ARGV[1], 'text', ARGV[2], 'origin', ARGV[3])
 return seq
 """
-# KEYS: lease. ARGV: token. Deletes the lease only when the caller holds it.
+# KEYS: lease (or value). ARGV: token (or the value read). Deletes the key only while it holds
+# ARGV[1]: a lease the caller still holds, a rejected value nobody has replaced since.
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -43,6 +54,38 @@ def redis_glob(entry: Invalidation) -> str:
     return entry.text
 
 
+def redis_client(config: CacheConfig) -> Any:
+    """A redis-py client for `redis_url`; rediss:// speaks TLS (verified with
+    `redis_ssl_ca_certs` when set, else the system's CAs). Connects on first use."""
+    options: dict[str, Any] = {
+        "socket_timeout": config.poll_wait_s + config.op_timeout_s,
+        "socket_connect_timeout": config.op_timeout_s,
+    }
+    if config.redis_ssl_ca_certs:
+        options["ssl_ca_certs"] = config.redis_ssl_ca_certs
+    url = config.redis_url.get_secret_value()
+    if config.redis_cluster:
+        return RedisCluster.from_url(url, **options)
+    return aredis.Redis.from_url(url, **options)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (in the user part or a password= parameter) shown as ***."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    query = [(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query, True)]
+    return parts._replace(query=urlencode(query, safe="*")).geturl()
+
+
+def url_secrets(url: str) -> list[str]:
+    """Every spelling of the URL's password that an error message might quote, longest first."""
+    parts = urlsplit(url)
+    found = [parts.password or ""] + [v for k, v in parse_qsl(parts.query) if k == "password"]
+    return sorted({s for p in found for s in (p, unquote(p)) if s}, key=len, reverse=True)
+
+
 class RedisTier(Tier):
     kind = "redis"
     channels = 1
@@ -50,6 +93,9 @@ class RedisTier(Tier):
     def __init__(self, config: CacheConfig, client: Any = None) -> None:
         self.config = config
         self._client = client
+        self._seal = Seal(load_signing_key(config))
+        self._warnings = WarningLimiter(logger)
+        self._secrets = url_secrets(config.redis_url.get_secret_value())
         tag = "{" + config.name + "}"
         self._seq_key, self._log_key, self._epoch_key = f"{tag}:seq", f"{tag}:log", f"{tag}:epoch"
         self._prefix = f"{config.name}:v:"
@@ -59,17 +105,23 @@ class RedisTier(Tier):
         self._last_seq = 0
         self._append: Any = None
         self._release: Any = None
+        self._announce()
+
+    def _announce(self) -> None:
+        url = redact_url(self.config.redis_url.get_secret_value())
+        if self._seal.signed:
+            logger.info("cache %s: Redis at %s, values sealed", self.config.name, url)
+        else:
+            logger.warning(
+                "cache %s: Redis at %s holds unsigned JSON and no pickled values; set "
+                "APP_CACHE_REDIS_SIGNING_KEY (or _FILE) so altered values are refused",
+                self.config.name,
+                url,
+            )
 
     async def connect(self) -> None:
         if self._client is None:
-            options: dict[str, Any] = {
-                "socket_timeout": self.config.poll_wait_s + self.config.op_timeout_s,
-                "socket_connect_timeout": self.config.op_timeout_s,
-            }
-            if self.config.redis_cluster:
-                self._client = RedisCluster.from_url(self.config.redis_url, **options)
-            else:
-                self._client = aredis.Redis.from_url(self.config.redis_url, **options)
+            self._client = redis_client(self.config)
         self._append = self._client.register_script(APPEND_LOG)
         self._release = self._client.register_script(RELEASE)
         await self._client.set(self._epoch_key, uuid.uuid4().hex, nx=True)
@@ -79,24 +131,61 @@ class RedisTier(Tier):
             await self._client.aclose()
 
     async def get(self, key: str) -> Found | None:
+        """Raises Refused (a miss to the client) for a value whose seal fails, deleting it."""
         name = self._prefix + key
         async with self._client.pipeline(transaction=False) as pipe:
-            blob, pttl = await pipe.get(name).pttl(name).execute()
-        if blob is None:
+            stored, pttl = await pipe.get(name).pttl(name).execute()
+        if stored is None:
             return None
+        try:
+            blob = self._seal.unseal(name, stored)
+        except BrokenSeal as exc:
+            await self._release(keys=[name], args=[stored])  # unless replaced meanwhile
+            self._warnings.warn(
+                key,
+                "cache %s: refused the Redis value of key %.200r (%s); deleted it, a miss",
+                self.config.name,
+                key,
+                exc,
+            )
+            raise Refused(str(exc), Event.REJECTED) from None
         return blob, (pttl / 1000 if pttl > 0 else None)
 
     async def set(self, key: str, blob: bytes, ttl_s: float | None, token: str | None) -> bool:
-        if token is not None and not await self._release(
-            keys=[self._lease_prefix + key], args=[token]
-        ):
-            return False  # the lease expired or an invalidation ended it: the value is stale
-        await self._client.set(self._prefix + key, blob, px=_px(ttl_s))
+        name, lease = self._prefix + key, self._lease_prefix + key
+        stored = self._seal.seal(name, blob)
+        if stored is None:
+            if token is not None:
+                await self._release(keys=[lease], args=[token])
+            raise self._unsigned(key)
+        await self._client.set(name, stored, px=_px(ttl_s))
+        # The lease goes only after the value is in, so a waiter never finds neither and loads
+        # too. A lease that ended meanwhile (expired, or an invalidation) makes the value stale.
+        if token is not None and not await self._release(keys=[lease], args=[token]):
+            await self._release(keys=[name], args=[stored])  # unless replaced since
+            return False
         return True
 
     async def put(self, key: str, blob: bytes, ttl_s: float | None, origin: str) -> None:
-        await self._client.set(self._prefix + key, blob, px=_px(ttl_s))
+        name = self._prefix + key
+        stored = self._seal.seal(name, blob)
+        if stored is None:
+            await self._client.unlink(name)  # the old value must not outlive the new one
+        else:
+            await self._client.set(name, stored, px=_px(ttl_s))
         await self._log(Invalidation(Scope.KEY, key, origin))
+        if stored is None:
+            raise self._unsigned(key)
+
+    def _unsigned(self, key: str) -> Refused:
+        self._warnings.warn(
+            "\0unsigned",  # one warning a window for all such keys: it is a setting to change
+            "cache %s: the value of key %.200r needs pickle, and without "
+            "APP_CACHE_REDIS_SIGNING_KEY no pickle goes to Redis; kept out of it",
+            self.config.name,
+            key,
+        )
+        return Refused("pickled values need a signing key", Event.DROPPED_WRITE)
 
     async def get_or_lease(self, key: str, wait_s: float) -> tuple[Found | None, str | None]:
         loop = asyncio.get_running_loop()
@@ -108,11 +197,24 @@ class RedisTier(Tier):
                 return found, None
             token = uuid.uuid4().hex
             if await self._client.set(self._lease_prefix + key, token, nx=True, px=lease_ms):
-                return None, token
+                return await self._recheck(key, token)
             if loop.time() >= deadline:
                 return None, None
             await asyncio.sleep(pause)  # Redis has no wake-up here: poll with backoff
             pause = min(pause * 2, 0.1)
+
+    async def _recheck(self, key: str, token: str) -> tuple[Found | None, str | None]:
+        """A new lease's holder looks once more: a loader may have stored the value (and then
+        released its lease) between this caller's read and its lease."""
+        try:
+            found = await self.get(key)
+        except Refused:
+            await self.release(key, token)
+            raise
+        if found is None:
+            return None, token
+        await self.release(key, token)
+        return found, None
 
     async def release(self, key: str, token: str) -> None:
         await self._release(keys=[self._lease_prefix + key], args=[token])
@@ -189,6 +291,11 @@ class RedisTier(Tier):
     async def stats(self) -> list[dict[str, object]]:
         info = await self._client.info("memory")
         return [{"tier": "redis", "used_memory": info.get("used_memory"), "seq": self._last_seq}]
+
+    def redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
 
 def _px(ttl_s: float | None) -> int | None:

@@ -1,4 +1,5 @@
-"""Cache statistics: cheap in-process counters per tier and event, exported as Ray metrics.
+"""Cache statistics: cheap in-process counters per tier and event, exported as Ray metrics, and
+rate-limited warnings for events that could otherwise flood the log.
 
 Counting is a dict increment on the hot path; `MetricsExporter.flush` turns the deltas into
 ray.util.metrics counters from the cache's background loop, so a hit never touches the metrics
@@ -7,7 +8,10 @@ agent. Without a Ray connection (unit tests, tools) flushing does nothing.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import Counter
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
@@ -25,6 +29,7 @@ class Event(StrEnum):
     INVALIDATION = "invalidation"
     FLUSH = "flush"
     WAITED = "waited"
+    REJECTED = "rejected"  # a value that failed verification or decoding: a miss, never used
 
 
 class CacheStats:
@@ -78,3 +83,42 @@ class MetricsExporter:
                 self._sent[key] = total
                 moved += 1
         return moved
+
+
+class WarningLimiter:
+    """Logs a warning at most once per key per window and `burst` times per window in all; what
+    it holds back is counted into the next warning. Whoever can write bad values to a shared
+    tier must not be able to flood every replica's log."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        window_s: float = 60.0,
+        burst: int = 10,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.window_s = window_s
+        self.burst = burst
+        self.held_back = 0
+        self._clock = clock
+        self._window_start = -window_s
+        self._keys: set[str] = set()  # warned this window: at most `burst` of them
+
+    def warn(self, key: str, message: str, *args: object) -> bool:
+        """Log `message % args` unless `key` was warned about this window or the window's
+        budget is spent; returns whether it logged."""
+        now = self._clock()
+        if now - self._window_start >= self.window_s:
+            self._window_start = now
+            self._keys.clear()
+        if key in self._keys or len(self._keys) >= self.burst:
+            self.held_back += 1
+            return False
+        self._keys.add(key)
+        if self.held_back:
+            message, args = message + " (%d similar warnings held back)", (*args, self.held_back)
+            self.held_back = 0
+        self.logger.warning(message, *args)
+        return True

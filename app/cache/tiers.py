@@ -6,9 +6,20 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from app.cache.invalidation import Invalidation
+from app.cache.stats import Event
 
 Found = tuple[bytes, float | None]
 """A value and its remaining TTL in seconds (None: no expiry)."""
+
+
+class Refused(Exception):
+    """A tier would not serve or store one value (it failed verification, or may not go there).
+    Not a failure of the tier: the client counts `event` for it and carries on (a refused read
+    is a miss, a refused write a dropped write), without marking the tier down."""
+
+    def __init__(self, reason: str, event: Event) -> None:
+        super().__init__(reason)
+        self.event = event
 
 
 class Tier(ABC):
@@ -57,3 +68,7 @@ class Tier(ABC):
 
     async def stats(self) -> list[dict[str, object]]:
         return []
+
+    def redact(self, text: str) -> str:
+        """`text` (an error message) without the tier's secrets, before it is logged."""
+        return text

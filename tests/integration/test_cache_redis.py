@@ -1,15 +1,20 @@
 """Redis as an L2 tier, against a real redis-server this module starts on a free port: single
-flight and invalidation through Redis, Redis behind the actors, and Redis stopped mid-test."""
+flight and invalidation through Redis, Redis behind the actors, Redis stopped mid-test, and
+values written to Redis by someone else (refused, never unpickled)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import pickle
 import shutil
 import subprocess
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -24,7 +29,8 @@ pytestmark = pytest.mark.skipif(REDIS is None, reason="needs redis-server (apt-g
 
 
 class RedisServer:
-    def __init__(self) -> None:
+    def __init__(self, password: str | None = None) -> None:
+        self.password = password
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="redis-cache-tests-")
         self.process: subprocess.Popen[bytes] | None = None
@@ -47,10 +53,11 @@ class RedisServer:
                 "no",
                 "--dir",
                 self.dir,
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port)
+        client = redis.Redis(port=self.port, password=self.password)
         wait_until(lambda: _pings(client), timeout=10, what="redis-server to answer")
 
     def stop(self) -> None:
@@ -185,6 +192,156 @@ async def test_redis_stopped_mid_test_fails_no_request() -> None:
     finally:
         await cache.close()
         server.stop()
+
+
+SIGNING_KEY = "cache-signing-key-for-the-tests"
+RESPONSE = {"object": "list", "data": [{"index": 0, "embedding": [0.5, -0.25]}]}
+
+
+class Boom:
+    """Unpickling this creates a file: proof that bytes read from Redis were executed."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return open, (str(self.marker), "w")
+
+
+@pytest.fixture(params=["signed", "unsigned"])
+async def cache(redis_server: RedisServer, request: pytest.FixtureRequest) -> AsyncIterator[Cache]:
+    extra = {"redis_signing_key": SIGNING_KEY} if request.param == "signed" else {}
+    cache = Cache(redis_config(redis_server.url, **extra))
+    await cache.start()
+    yield cache
+    await cache.close()
+
+
+async def test_a_poisoned_pickle_in_redis_is_never_executed_and_is_a_miss(
+    cache: Cache, redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = tmp_path / "executed"
+    poison = pickle.dumps(Boom(marker))
+    raw, name = redis.Redis(port=redis_server.port), f"{cache.config.name}:v:resp:k"
+    payloads = [poison, b"P" + poison, b"S1" + bytes(32) + b"P" + poison]
+    with caplog.at_level(logging.WARNING, logger="app.cache.redis_tier"):
+        for payload in payloads:
+            raw.set(name, payload)
+            assert await cache.get("resp:k") is None
+            assert raw.get(name) is None  # deleted
+    assert not marker.exists()
+    assert cache.stats.get("redis", Event.REJECTED) == len(payloads)
+    refused = [r for r in caplog.records if "refused the Redis value" in r.getMessage()]
+    assert len(refused) == 1  # one key: one warning a window
+
+    async def loader() -> dict[str, object]:
+        return RESPONSE
+
+    raw.set(name, poison)
+    assert await cache.get_or_load("resp:k", loader) == RESPONSE  # loaded, and overwritten
+    cache.l1.clear()
+    assert await cache.get("resp:k") == RESPONSE and not marker.exists()
+    assert cache.snapshot()["down"] == []
+
+
+async def test_values_written_by_the_tier_round_trip(pair_by_mode: tuple[Cache, Cache]) -> None:
+    a, b = pair_by_mode
+    raw = redis.Redis(port=_port(a))
+    signed = a.config.redis_signing_key is not None
+    await a.set("resp", RESPONSE)
+    await a.set("tuple", (1, b"raw"))
+    assert await b.get("resp") == RESPONSE
+    stored = raw.get(f"{a.config.name}:v:resp")
+    assert stored is not None and stored.startswith(b"S1" if signed else b'J{"object"')
+    if signed:
+        assert await b.get("tuple") == (1, b"raw")
+    else:  # pickle needs a seal: the value stays out of Redis (and in a's L1)
+        assert await b.get("tuple") is None and raw.get(f"{a.config.name}:v:tuple") is None
+        assert a.stats.get("redis", Event.DROPPED_WRITE) == 1
+        assert await a.get("tuple") == (1, b"raw")
+
+
+@pytest.fixture(params=["signed", "unsigned"])
+async def pair_by_mode(
+    redis_server: RedisServer, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[Cache, Cache]]:
+    extra = {"redis_signing_key": SIGNING_KEY} if request.param == "signed" else {}
+    cfg = redis_config(redis_server.url, **extra)
+    a, b = Cache(cfg), Cache(cfg)
+    await a.start()
+    await b.start()
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+async def test_a_tampered_seal_a_moved_value_or_an_unsealed_one_is_a_miss(
+    redis_server: RedisServer,
+) -> None:
+    cache = Cache(redis_config(redis_server.url, redis_signing_key=SIGNING_KEY))
+    await cache.start()
+    raw, prefix = redis.Redis(port=redis_server.port), f"{cache.config.name}:v:"
+    try:
+        await cache.set("k", {"price": 1})
+        await cache.set("other", {"price": 1000})
+        sealed = raw.get(prefix + "k")
+        assert sealed is not None
+        forged = [
+            sealed[:2] + bytes([sealed[2] ^ 1]) + sealed[3:],  # the tag
+            sealed.replace(b"1}", b"9}"),  # the value under an intact tag
+            raw.get(prefix + "other"),  # a value sealed for another key
+            b'J{"price":0}',  # no seal at all
+        ]
+        for value in forged:
+            assert value is not None
+            raw.set(prefix + "k", value)
+            cache.l1.clear()
+            assert await cache.get("k") is None
+            assert raw.get(prefix + "k") is None
+        assert cache.stats.get("redis", Event.REJECTED) == len(forged)
+    finally:
+        await cache.close()
+
+
+async def test_the_redis_password_stays_out_of_logs_and_reprs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    password, wrong = "s3cret-Redis-pass", "not-the-pass-4242"
+    server = RedisServer(password=password)
+    server.start()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="app.cache"):
+            url = f"redis://:{password}@127.0.0.1:{server.port}/0"
+            cache = Cache(redis_config(url, redis_signing_key=SIGNING_KEY))
+            await cache.start()
+            await cache.set("k", RESPONSE)
+            cache.l1.clear()
+            assert await cache.get("k") == RESPONSE
+            await cache.close()
+            denied = Cache(redis_config(url.replace(password, wrong)))
+            await denied.start()  # refused by Redis: logged, and no request fails
+            assert "redis" in denied.snapshot()["down"]
+            assert await denied.get_or_load("k", _constant) == "loaded"
+            await denied.close()
+        texts = [caplog.text, repr(cache.config), str(denied.config), repr(denied.tiers[0].config)]
+        assert (
+            "cache tier redis failed" in caplog.text
+            and f":***@127.0.0.1:{server.port}" in caplog.text
+        )
+        for text in texts:
+            assert password not in text and wrong not in text
+    finally:
+        server.stop()
+
+
+async def _constant() -> str:
+    return "loaded"
+
+
+def _port(cache: Cache) -> int:
+    port = urlsplit(cache.config.redis_url.get_secret_value()).port
+    assert port is not None
+    return port
 
 
 def _entry(key: str) -> object:

@@ -4,6 +4,8 @@ Tier subclass, so single flight, invalidation and degradation run their real cod
 from __future__ import annotations
 
 import asyncio
+import pickle
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +15,7 @@ from app.cache.config import CacheConfig
 from app.cache.invalidation import Cursor, Invalidation
 from app.cache.lru import CacheArgumentError
 from app.cache.stats import Event
-from app.cache.tiers import Found, Tier
+from app.cache.tiers import Found, Refused, Tier
 
 CONFIG = CacheConfig(name="unit", poll_wait_s=0.05, retry_after_s=0.05, op_timeout_s=0.5)
 
@@ -64,7 +66,7 @@ class LocalTier(Tier):
 
 
 def shards() -> list[CacheShard]:
-    return [CacheShard(CONFIG.model_dump(mode="json"), i) for i in range(2)]
+    return [CacheShard(CONFIG.shard_settings(), i) for i in range(2)]
 
 
 async def started(shared: list[CacheShard]) -> tuple[Cache, LocalTier]:
@@ -203,6 +205,50 @@ async def test_bad_keys_and_ttls_are_rejected() -> None:
         await cache.set("k", 1, ttl_s=-1)
     with pytest.raises(CacheArgumentError, match="empty prefix"):
         await cache.invalidate_prefix("")
+
+
+class Boom:
+    """Unpickling this creates a file: proof that bytes were executed."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return open, (str(self.marker), "w")
+
+
+async def test_a_blob_in_no_known_format_is_a_miss_never_unpickled(tmp_path: Path) -> None:
+    cache, tier = await started(shards())
+    marker = tmp_path / "executed"
+    await tier.set("k", pickle.dumps(Boom(marker)), None, None)  # an older release's format
+    assert await cache.get("k") is None
+    assert cache.stats.get("actors", Event.REJECTED) == 1
+
+    async def loader() -> dict[str, list[float]]:
+        return {"embedding": [0.5]}
+
+    assert await cache.get_or_load("k", loader) == {"embedding": [0.5]}
+    assert cache.stats.get("actors", Event.REJECTED) == 2 and not marker.exists()
+    found = await tier.get("k")  # overwritten with the loaded value, as JSON
+    assert found is not None and found[0] == b'J{"embedding":[0.5]}'
+    assert cache.snapshot()["down"] == []
+    await cache.close()
+
+
+async def test_a_refused_value_is_a_miss_and_leaves_the_tier_up() -> None:
+    class RefusingTier(LocalTier):
+        async def get(self, key: str) -> Found | None:
+            raise Refused("the seal does not match", Event.REJECTED)
+
+    shared = shards()
+    cache = Cache(CONFIG, tiers=[RefusingTier(shared)])
+    await cache.start()
+    await cache.set("k", (1, 2))  # pickle: the actors may hold it
+    cache.l1.clear()
+    assert await cache.get("k") is None
+    assert cache.stats.get("actors", Event.REJECTED) == 1
+    assert cache.stats.get("actors", Event.ERROR) == 0 and cache.snapshot()["down"] == []
+    await cache.close()
 
 
 async def _until(condition: object, timeout: float = 2.0) -> None:
