@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from app.kv.client import KVClient, ScanPage
 from app.kv.cluster import shutdown_kv, start_kv
-from app.kv.config import KVConfig, ReadConcern, WriteConcern
+from app.kv.config import KVConfig, ReadConcern, WALSync, WriteConcern
 from app.kv.errors import (
     ClusterNotFoundError,
+    DurabilityError,
     InvalidArgumentError,
     InvalidKeyError,
     KeyTooLargeError,
@@ -21,6 +22,7 @@ from app.kv.slots import NUM_SLOTS, key_slot
 __all__ = [
     "NUM_SLOTS",
     "ClusterNotFoundError",
+    "DurabilityError",
     "InvalidArgumentError",
     "InvalidKeyError",
     "KVClient",
@@ -33,6 +35,7 @@ __all__ = [
     "UnknownConsistencyError",
     "ValueNotSerializableError",
     "ValueTooLargeError",
+    "WALSync",
     "WriteConcern",
     "key_slot",
     "shutdown_kv",

@@ -17,6 +17,7 @@ from app.kv import protocol
 from app.kv.config import KVConfig, ReadConcern, WriteConcern, read_code, write_code
 from app.kv.direct import AsyncDirectClient, DirectClient
 from app.kv.errors import ClusterNotFoundError, InvalidArgumentError
+from app.kv.frames import max_frame_bytes
 from app.kv.pipeline import ReadMany, ReadPipeline
 from app.kv.protocol import Call, MapView
 from app.kv.routing import Backoff, Op, Router
@@ -66,7 +67,12 @@ class KVClient:
         # (app.kv.direct): one blocking client for the synchronous methods, one per event
         # loop for the asyncio ones (their connections belong to that loop).
         self._call_timeout = config.write_timeout_s + config.health_check_timeout_s
-        self._direct = DirectClient(self._call_timeout) if config.direct_transport else None
+        self._max_frame = max_frame_bytes(config.max_value_bytes)
+        self._direct = (
+            DirectClient(self._call_timeout, max_frame=self._max_frame)
+            if config.direct_transport
+            else None
+        )
         self._adirect: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncDirectClient] = (
             weakref.WeakKeyDictionary()
         )
@@ -177,7 +183,9 @@ class KVClient:
             # own: the clients of loops closed since (each asyncio.run) are closed here.
             for old in [old for old in self._adirect if old.is_closed()]:
                 self._adirect.pop(old).close()
-            direct = self._adirect[loop] = AsyncDirectClient(self._call_timeout)
+            direct = self._adirect[loop] = AsyncDirectClient(
+                self._call_timeout, max_frame=self._max_frame
+            )
         return direct.call(call)
 
     async def _amget(self, primary: Any, keys: list[str]) -> list[Any]:

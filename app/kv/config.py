@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.kv import protocol
 from app.kv.errors import UnknownConsistencyError
@@ -17,6 +17,13 @@ class WriteConcern(StrEnum):
     ONE = "one"
     MAJORITY = "majority"
     ALL = "all"
+
+
+class WALSync(StrEnum):
+    """When a member's write-ahead log is fsynced (see app.kv.wal)."""
+
+    COMMIT = "commit"  # before the write that logged a record is acknowledged
+    NONE = "none"  # never: records reach the OS only
 
 
 class ReadConcern(StrEnum):
@@ -98,7 +105,12 @@ class KVConfig(BaseModel):
     max_key_bytes: int = Field(
         default=1024, ge=1, le=1 << 20, description="Longest key, UTF-8 bytes."
     )
-    max_value_bytes: int = Field(default=512 << 20, ge=1, description="Largest serialised value.")
+    max_value_bytes: int = Field(
+        default=512 << 20,
+        ge=1,
+        description="Largest serialised value; also bounds a direct-transport frame (this "
+        "plus app.kv.frames.FRAME_OVERHEAD): larger calls go through Ray.",
+    )
     max_page_size: int = Field(
         default=1000, ge=1, description="Largest page a prefix scan may ask for."
     )
@@ -149,8 +161,14 @@ class KVConfig(BaseModel):
     data_dir: str | None = Field(
         default=None, description="Directory of WAL and snapshots (durable)."
     )
-    wal_fsync: bool = Field(
-        default=False, description="fsync the WAL on every write (else flush only)."
+    wal_fsync: WALSync = Field(
+        default=WALSync.COMMIT,
+        description="When the WAL is fsynced (durable clusters). 'commit' (default): before "
+        "a write is acknowledged (a primary before answering, a replica before reporting a "
+        "batch applied; the records of one call share one fsync), so an acknowledged write "
+        "survives a power cut or kernel crash. 'none': records are only handed to the OS, "
+        "which survives the member's process dying but not the node; faster, opt in only. "
+        "true/false are read as commit/none.",
     )
     snapshot_every_ops: int = Field(
         default=10_000, ge=1, description="Take a snapshot after this many WAL records."
@@ -170,6 +188,14 @@ class KVConfig(BaseModel):
     shard_num_cpus: float = Field(
         default=0.0, ge=0, description="Logical CPUs reserved per shard actor."
     )
+
+    @field_validator("wal_fsync", mode="before")
+    @classmethod
+    def _fsync_from_bool(cls, value: Any) -> Any:
+        # The field was a bool: true meant fsync every write, false flush only.
+        if isinstance(value, bool):
+            return WALSync.COMMIT if value else WALSync.NONE
+        return value
 
     @model_validator(mode="after")
     def _durable_needs_dir(self) -> KVConfig:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -22,6 +21,8 @@ from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from app.kv.config import KVConfig
+from app.kv.disk import private_dir, write_private_text
+from app.kv.errors import DurabilityError
 from app.kv.membership import Group, Member, alive_nodes, kill
 from app.kv.placement import effective_replication, place_group, place_member
 from app.kv.protocol import GroupView, MapView
@@ -187,7 +188,7 @@ class Coordinator(RestartMixin, RebalanceMixin):
             return False
         try:
             await asyncio.wait_for(member.handle.ping.remote(), timeout)
-        except RayActorError:
+        except (RayActorError, DurabilityError):  # dead, or its log failed (it takes no writes)
             return False
         except TimeoutError:
             self._misses[member.mid] += 1
@@ -389,14 +390,12 @@ class Coordinator(RestartMixin, RebalanceMixin):
         path = self._meta_path()
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         data = {
             "slots": self.slots.to_dict(),
             "terms": {str(gid): g.term for gid, g in self.groups.items()},
         }
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
+        write_private_text(path, json.dumps(data))
 
 
 CoordinatorActor = ray.remote(Coordinator)

@@ -37,3 +37,11 @@ class KVUnavailableError(KVError):
 
 class ClusterNotFoundError(KVError):
     """No KV coordinator with the given name runs in the given namespace."""
+
+
+class DurabilityError(KVError):
+    """A member could not make a write durable (its write-ahead log or snapshot failed on disk).
+
+    The write is not acknowledged, and the member takes no more writes: it answers this to every
+    later one and to health checks, so the coordinator replaces it and the client retries on the
+    group's next primary."""

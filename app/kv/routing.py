@@ -19,13 +19,15 @@ from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
 from app.kv import protocol
 from app.kv.codec import decode_inline, encode
 from app.kv.config import KVConfig
-from app.kv.errors import InvalidArgumentError, KVUnavailableError
+from app.kv.errors import DurabilityError, InvalidArgumentError, KVUnavailableError
 from app.kv.pipeline import ReadMany
 from app.kv.protocol import REDIRECTS, Ask, ByValue, Call, MapView, Moved, TryAgain
 from app.kv.slots import NUM_SLOTS, key_slot
 
 Op = Generator[Any, Any, Any]
-RETRYABLE = (RayActorError, GetTimeoutError, TimeoutError, ObjectLostError)
+# A DurabilityError comes from a member whose log failed: the coordinator replaces it, and the
+# write, never acknowledged, is retried on the next primary (its request id makes that safe).
+RETRYABLE = (RayActorError, GetTimeoutError, TimeoutError, ObjectLostError, DurabilityError)
 _REDIRECT_TYPES = frozenset(REDIRECTS)
 MISSING = object()
 

@@ -22,9 +22,11 @@ from typing import Any
 import ray
 
 from app.kv import protocol
-from app.kv.config import KVConfig
-from app.kv.direct import DirectClient, DirectServer, Endpoint
-from app.kv.errors import InvalidArgumentError
+from app.kv.config import KVConfig, WALSync
+from app.kv.direct import DirectClient
+from app.kv.direct_server import DirectServer, Endpoint
+from app.kv.errors import DurabilityError, InvalidArgumentError
+from app.kv.frames import max_frame_bytes
 from app.kv.protocol import USE_RAY, Ask, ByValue, Moved, NotPrimary, TryAgain
 from app.kv.recovery import MemberReport
 from app.kv.replication import CommitTracker, ReplicaStream
@@ -37,6 +39,7 @@ from app.kv.store import (
     ShardStore,
     StoreSnapshot,
 )
+from app.kv.tls import ray_tls
 from app.kv.wal import LargeBlob, WriteAheadLog, prune_logs
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,8 @@ class ShardBase:
     """One member of a shard group. Large values are held as `[ref, size, value]` (see
     `_take`; `ref` is None for a value that arrived whole, ByValue, until a Ray reader needs
     one, see `wire`) until a member re-owns them as `[ObjectRef, size]` (see `_reown`)."""
+
+    wal_class: type[WriteAheadLog] = WriteAheadLog
 
     def __init__(
         self,
@@ -102,7 +107,17 @@ class ShardBase:
 
     @ray.method(concurrency_group="control")
     def ping(self) -> int:
+        """This member's term; DurabilityError once its log failed, so the coordinator's health
+        check replaces it."""
+        self._check_durable()
         return self.term
+
+    def _check_durable(self) -> None:
+        """Raise DurabilityError when this member's write-ahead log has failed: it takes no more
+        writes, and fails health checks until the coordinator replaces it."""
+        wal = self.wal
+        if wal is not None and wal.failed is not None:
+            raise DurabilityError(f"kv member {self.member} stopped: {wal.failed}")
 
     @ray.method(concurrency_group="control")
     def endpoint(self) -> Endpoint | None:
@@ -114,8 +129,15 @@ class ShardBase:
             if self._closed:
                 return None
             if self._direct is None:
-                host = ray.util.get_node_ip_address()
-                self._direct = DirectServer(self._direct_call, host)
+                tls = ray_tls()
+                if not tls.usable:  # Ray runs with TLS we cannot use: no plain-text socket
+                    return None
+                self._direct = DirectServer(
+                    self._direct_call,
+                    ray.util.get_node_ip_address(),
+                    max_frame=max_frame_bytes(self.cfg.max_value_bytes),
+                    tls=tls.server,
+                )
             return self._direct.endpoint
 
     def _direct_call(self, method: str, args: tuple[Any, ...]) -> Any:
@@ -197,28 +219,38 @@ class ShardBase:
         result: Any = None,
         blob: bytes | None = None,
     ) -> int:
-        """Apply one write locally, queue it for every replica and the WAL; returns its seq."""
+        """Log one write to the WAL (large values as their bytes), then apply it locally and
+        queue it for every replica; returns its seq. The WAL comes first: a write the disk
+        refuses raises DurabilityError with nothing applied or replicated."""
         op = Op(self.store.seq + 1, kind, key, slot, payload, version, expires_at, rid, result)
+        large = kind == OP_PUT and type(payload) is list
+        if self.wal is not None:
+            self.wal.append(op._replace(payload=LargeBlob(blob or b"")) if large else op)
         self.store.apply(op)
         self.tracker.wrote(op.seq, key)
-        large = kind == OP_PUT and type(payload) is list
         if self.streams:
             sent = op._replace(payload=self._replicated(payload)) if large else op
             for stream in self.streams.values():
                 stream.push(sent)
-        if self.wal is not None:
-            self._wal_append(op._replace(payload=LargeBlob(blob or b"")) if large else op)
+        self._snapshot_if_due()
         return op.seq
 
-    def _wal_append(self, op: Op) -> None:
-        """Log `op` (large values as their bytes) to this member's WAL, snapshotting when due."""
-        assert self.wal is not None
-        self.wal.append(op)
-        if self.wal.snapshot_due:
+    def _snapshot_if_due(self) -> None:
+        """Snapshot the store (as it is now, the latest op applied) when the WAL asks for one."""
+        if self.wal is not None and self.wal.snapshot_due:
             self.wal.write_snapshot(self._disk_snapshot())
 
+    def _commit(self) -> None:
+        """Make the records logged so far durable before acknowledging them (one fsync for
+        all of a call's records; see app.kv.wal); DurabilityError if that fails, or failed."""
+        if self.wal is not None:
+            self.wal.commit()
+
     def _ack(self, seq: int, code: int, result: Any) -> Any:
-        """`result` once `seq` meets write concern `code`, else TryAgain (the client retries)."""
+        """`result` once `seq` is durable here and meets write concern `code`, else TryAgain
+        (the client retries). Never acknowledges a write this member failed to make durable:
+        DurabilityError instead."""
+        self._commit()
         if code == protocol.WRITE_ONE or self.tracker.satisfied(seq, code):
             return result
         if self.tracker.wait(seq, code, self.cfg.write_timeout_s):
@@ -306,9 +338,8 @@ class ShardBase:
         replica taking its primary's snapshot). A primary also removes the logs of former
         members (not in `members`): its new snapshot supersedes them."""
         if self.wal is None:
-            self.wal = WriteAheadLog(
-                self.member_dir(), self.cfg.wal_fsync, self.cfg.snapshot_every_ops
-            )
+            fsync = self.cfg.wal_fsync == WALSync.COMMIT
+            self.wal = self.wal_class(self.member_dir(), fsync, self.cfg.snapshot_every_ops)
         self.wal.begin_term(self.term, self._disk_snapshot())
         if self.primary:
             prune_logs(self.group_dir(), {self.member, *members}, self.term)

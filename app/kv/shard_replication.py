@@ -10,11 +10,12 @@ from typing import Any
 import ray
 
 from app.kv.direct import DirectClient
+from app.kv.frames import max_frame_bytes
 from app.kv.protocol import Call
 from app.kv.replication import CommitTracker, ReplicaStream
 from app.kv.shard_base import ShardBase, large_value_op, wire
 from app.kv.store import Op, StoreSnapshot
-from app.kv.wal import LargeBlob, WriteAheadLog, best_log
+from app.kv.wal import LargeBlob, best_log, member_logs, read_log
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,10 @@ class ReplicationMixin(ShardBase):
         """Apply a batch from the primary of `term`; returns the seq applied so far.
 
         A batch from an older term comes from a deposed primary and is refused (-1), which
-        fences it off once the coordinator has started a promotion.
+        fences it off once the coordinator has started a promotion. Each op is logged before it
+        is applied, and the batch is made durable before its seq is reported (the primary
+        counts that report towards the write concern); a member whose log failed answers
+        DurabilityError, which ends the primary's stream to it.
         """
         large = [i for i, op in enumerate(ops) if large_value_op(op)]
         disk: dict[int, Op] = {}  # what the WAL gets for large values: their bytes
@@ -42,12 +46,15 @@ class ReplicationMixin(ShardBase):
         with self.lock:
             if term < self.term or self.primary:
                 return -1
+            self._check_durable()
             self.term = term
             for i, op in enumerate(ops):
                 if op.seq > self.store.seq:
-                    self.store.apply(op)
                     if self.wal is not None:
-                        self._wal_append(disk.get(i, op))
+                        self.wal.append(disk.get(i, op))
+                    self.store.apply(op)
+                    self._snapshot_if_due()
+            self._commit()
             if self.store.seq >= head:
                 self.caught_up_at = sent_at
             return self.store.seq
@@ -64,6 +71,7 @@ class ReplicationMixin(ShardBase):
         with self.lock:
             if term < self.term or self.primary:
                 return -1
+            self._check_durable()
             self.term = term
             self.store.install(snap)
             self.caught_up_at = sent_at
@@ -89,6 +97,7 @@ class ReplicationMixin(ShardBase):
         it, because this member cannot know which of its entries the old primary had committed.
         """
         with self.lock:
+            self._check_durable()
             self.term = term
             self.primary = True
             if recover:
@@ -164,7 +173,10 @@ class ReplicationMixin(ShardBase):
         if not self.cfg.direct_transport:
             return None
         if self._peer_client is None:
-            self._peer_client = DirectClient(self.cfg.health_check_timeout_s)
+            self._peer_client = DirectClient(
+                self.cfg.health_check_timeout_s,
+                max_frame=max_frame_bytes(self.cfg.max_value_bytes),
+            )
         return self._peer_client
 
     def _stream_failed(self, member: str, exc: BaseException) -> None:
@@ -179,8 +191,10 @@ class ReplicationMixin(ShardBase):
         """Load the group's furthest member log (this member is new: its own is empty)."""
         source = best_log(self.group_dir())
         if source is None:
+            if any(next(d.glob("snap-*"), None) for d in member_logs(self.group_dir())):
+                log.error("kv group %s: no intact log to recover from; it starts empty", self.gid)
             return
-        snap, ops, _ = WriteAheadLog(source).recover()
+        snap, ops, _ = read_log(source)
         if snap is None:
             return
         started = time.monotonic()

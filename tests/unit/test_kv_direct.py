@@ -1,4 +1,4 @@
-"""The direct transport on real sockets, without Ray: frames, the token, replies, failures."""
+"""The direct transport on real sockets, without Ray: frames, the handshake, replies, failures."""
 
 from __future__ import annotations
 
@@ -13,11 +13,8 @@ import numpy as np
 import pytest
 import ray
 
-from app.kv import direct
+from app.kv import endpoints
 from app.kv.direct import (
-    MAGIC,
-    MAX_IDLE_PER_ENDPOINT,
-    MAX_IDLE_S,
     AsyncDirectClient,
     DirectClient,
     DirectServer,
@@ -27,7 +24,9 @@ from app.kv.direct import (
     recv_frame,
     send_frame,
 )
+from app.kv.endpoints import MAX_IDLE_PER_ENDPOINT, MAX_IDLE_S
 from app.kv.errors import InvalidArgumentError
+from app.kv.handshake import MAGIC
 from app.kv.protocol import USE_RAY, ByValue, Call, Moved
 from app.kv.shard_base import by_value
 
@@ -138,7 +137,7 @@ def test_concurrent_calls_use_separate_connections(server: Any) -> None:
     assert len(srv._conns) == 2
 
 
-def test_a_wrong_token_is_refused_before_anything_is_read(server: Any) -> None:
+def test_a_client_with_a_wrong_secret_uses_ray_and_garbage_is_dropped(server: Any) -> None:
     srv, member = server
     forged = Endpoint(srv.endpoint.host, srv.endpoint.port, b"\x00" * 32)
     client = client_for(forged)
@@ -156,7 +155,7 @@ def test_no_endpoint_or_dead_endpoint_means_ray(server: Any) -> None:
     dead = socket.create_server(("127.0.0.1", 0))
     port = dead.getsockname()[1]
     dead.close()
-    client = client_for(Endpoint("127.0.0.1", port, srv.token))
+    client = client_for(Endpoint("127.0.0.1", port, srv.endpoint.secret))
     assert client.send("h", "get", ("k",)) is None
     assert client.fallbacks == 1
 
@@ -186,7 +185,7 @@ def test_reply_timeout_is_a_transport_error(server: Any) -> None:
 def test_magic_is_checked(server: Any) -> None:
     srv, member = server
     with socket.create_connection((srv.endpoint.host, srv.endpoint.port)) as raw:
-        raw.sendall(b"X" * len(MAGIC) + srv.token)
+        raw.sendall(b"X" * len(MAGIC) + srv.endpoint.secret)
         assert closed_without_reply(raw)
     assert member.calls == 0
 
@@ -384,9 +383,9 @@ def test_connections_of_closed_event_loops_are_ended(server: Any) -> None:
     assert _wait(lambda: len(srv._conns) == 0)
 
 
-def test_the_member_ends_connections_left_idle(server: Any, monkeypatch: Any) -> None:
-    srv, _ = server
-    monkeypatch.setattr(direct, "MAX_IDLE_S", 0.1)
+def test_the_member_ends_connections_left_idle(monkeypatch: Any) -> None:
+    srv = DirectServer(Member(), "127.0.0.1", idle_timeout_s=0.2)
+    monkeypatch.setattr(endpoints, "MAX_IDLE_S", 0.1)
     client = client_for(srv.endpoint)
     pending = client.send("h", "put", ("k", 1))
     assert pending is not None and client.receive(pending) == 1
@@ -396,6 +395,7 @@ def test_the_member_ends_connections_left_idle(server: Any, monkeypatch: Any) ->
     pending = client.send("h", "get", ("k",))
     assert pending is not None and client.receive(pending) == 1
     assert client.fallbacks == 0
+    srv.close()
 
 
 def test_a_forked_child_does_not_share_its_parents_connections(server: Any) -> None:
