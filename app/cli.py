@@ -124,7 +124,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     from app.serving.builder import build_all
     from app.serving.deploy import deploy, start_serve
 
-    start_serve(args.host, args.port, args.request_timeout)
+    own = fleet.regions.get(fleet.own_region or "")
+    one_machine = own is not None and own.cloud is Cloud.LOCAL and own.local.autoscaler
+    start_serve(
+        args.host, args.port, args.request_timeout, "HeadOnly" if one_machine else "EveryNode"
+    )
     if args.kv:
         from app.kv import KVConfig, start_kv
 

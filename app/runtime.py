@@ -10,6 +10,10 @@ from pathlib import Path
 
 DEFAULT_HTTP_HOST = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8000
+# Platform actors that hold state but no replica work (the fleet router, the cache shards) ask
+# for a sliver of the resource every Ray head has, as Serve's controller does: on a worker node
+# they would keep it busy, so the cluster autoscaler could never remove it when idle.
+ON_HEAD_NODE = {"node:__internal_head__": 0.001}
 
 
 def ray_executable() -> str:

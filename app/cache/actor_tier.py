@@ -14,6 +14,7 @@ from app.cache.config import CacheConfig
 from app.cache.invalidation import Cursor, Invalidation, Scope
 from app.cache.tiers import Found, Tier
 from app.kv.slots import NUM_SLOTS, key_slot
+from app.runtime import ON_HEAD_NODE
 
 CONNECT_TIMEOUT_S = 60.0
 
@@ -39,6 +40,7 @@ def shard_handles(config: CacheConfig) -> list[Any]:
             lifetime="detached",
             get_if_exists=True,
             num_cpus=config.shard_num_cpus,
+            resources=ON_HEAD_NODE,  # soft state: not a reason to keep a worker node up
             max_restarts=-1,
             max_concurrency=10_000,
         ).remote(config.shard_settings(), i)

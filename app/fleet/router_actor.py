@@ -19,6 +19,7 @@ import ray
 
 from app.fleet.spec import FleetSpec, node_locality
 from app.regions.summary import summarize
+from app.runtime import ON_HEAD_NODE
 
 logger = logging.getLogger(__name__)
 
@@ -386,6 +387,7 @@ def router_actor_class() -> Any:
     # ray.remote's type stubs do not know max_concurrency.
     return cast(Any, ray.remote)(
         num_cpus=0,
+        resources=ON_HEAD_NODE,
         max_restarts=-1,
         max_task_retries=-1,
         max_concurrency=64,

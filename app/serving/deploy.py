@@ -16,8 +16,13 @@ class DeployError(RuntimeError):
     """An application failed to deploy or did not become healthy in time."""
 
 
-def start_serve(host: str, port: int, request_timeout_s: float | None = None) -> None:
-    options: dict[str, object] = {"host": host, "port": port, "location": "EveryNode"}
+def start_serve(
+    host: str, port: int, request_timeout_s: float | None = None, location: str = "EveryNode"
+) -> None:
+    """Serve's HTTP proxies: on every node by default; "HeadOnly" where every node shares one
+    machine (a local region whose autoscaler adds raylets there: their proxies would contend
+    for the head's port and HAProxy files)."""
+    options: dict[str, object] = {"host": host, "port": port, "location": location}
     if request_timeout_s is not None:
         options["request_timeout_s"] = request_timeout_s
     serve.start(http_options=options)
