@@ -10,9 +10,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MAX_STOP_SEQUENCES = 4
+# Wire ceilings: what any request may carry whatever the model. Each card's `limits` (see
+# app.catalog.cards) sets the usual, lower bounds and may raise them up to these.
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 1024  # characters in one stop sequence
 MAX_EMBEDDING_INPUTS = 2048
 MAX_N = 16
+MAX_SEED = 2**63 - 1  # torch generators take signed 64-bit seeds
 
 
 class _Request(BaseModel):
@@ -62,7 +66,7 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, description="Sampling seed, from 0 to 2^63 - 1.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logprobs: bool | int | None = None
@@ -72,7 +76,15 @@ class _Sampling(_Request):
     def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        stops = [value] if isinstance(value, str) else value or []
+        if any(len(stop) > MAX_STOP_LENGTH for stop in stops):
+            raise ValueError(f"a stop sequence may have at most {MAX_STOP_LENGTH} characters")
         return value
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_range(cls, value: Any) -> Any:
+        return check_seed(value)
 
     @field_validator("logprobs")
     @classmethod
@@ -164,9 +176,14 @@ class ImageGenerationRequest(_Request):
     n: int = Field(1, ge=1, le=MAX_N)
     size: str | None = Field(None, pattern=r"^\d{1,4}x\d{1,4}$")
     response_format: Literal["b64_json", "url"] = "b64_json"
-    negative_prompt: str | None = None
+    negative_prompt: str | None = Field(None, max_length=4000)
     num_inference_steps: int | None = Field(None, ge=1, le=200)
-    seed: int | None = None
+    seed: int | None = Field(None, description="Latent noise seed, from 0 to 2^63 - 1.")
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed_range(cls, value: Any) -> Any:
+        return check_seed(value)
 
     @model_validator(mode="after")
     def _b64_only(self) -> ImageGenerationRequest:
@@ -179,6 +196,14 @@ class ImageGenerationRequest(_Request):
             return None
         width, height = self.size.split("x")
         return int(width), int(height)
+
+
+def check_seed(value: Any) -> Any:
+    """Seeds above 2^63 - 1 overflow torch's generators; negative ones mean nothing here.
+    Checked before the int conversion, so a huge JSON number gets this message too."""
+    if isinstance(value, int | float) and not 0 <= value <= MAX_SEED:
+        raise ValueError(f"seed must be an integer from 0 to {MAX_SEED} (2^63 - 1)")
+    return value
 
 
 REQUEST_TYPES: dict[str, type[_Request]] = {

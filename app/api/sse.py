@@ -60,6 +60,17 @@ class SSEStream:
         return self
 
     async def __anext__(self) -> bytes:
+        try:
+            return await self._next()
+        except StopAsyncIteration:
+            raise
+        except BaseException:
+            # The reader failed or went away (a cancelled relay, a client gone): stop producing,
+            # so the model stops generating for nobody.
+            await self.aclose()
+            raise
+
+    async def _next(self) -> bytes:
         if self._task is None:
             try:
                 first = await anext(self._chunks)
@@ -79,6 +90,10 @@ class SSEStream:
     async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        else:
+            closer = getattr(self._chunks, "aclose", None)
+            if closer is not None:
+                await closer()
 
     async def _pump(self, chunks: AsyncIterator[Chunk]) -> None:
         try:

@@ -18,11 +18,16 @@ from pydantic import (
     model_validator,
 )
 
+from app.api.schemas import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES
 from app.cache.config import ResponseCachePolicy
 from app.catalog.loaders import loader_task
 from app.catalog.tasks import Task  # re-exported: `from app.catalog.cards import Task` still works
 
 MODEL_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+MAX_IMAGE_SIDE = 1024  # pixels; larger images take minutes and gigabytes even on a GPU
+# Characters of prompt text accepted per context token before tokenising, unless
+# limits.max_input_chars says otherwise: far above any real tokenizer's average.
+INPUT_CHARS_PER_TOKEN = 16
 
 
 class Dtype(StrEnum):
@@ -85,6 +90,59 @@ class ImageDefaults(_Strict):
     max_images: int = Field(4, ge=1, le=16, description="Largest n a request may ask for.")
 
 
+class Limits(_Strict):
+    """What one request may ask of a replica, so no request's cost is unbounded.
+
+    A request over a limit gets a 400 that names the parameter, the limit and this field.
+    Image limits left unset are the card's image defaults: a card serves its default size and
+    step count unless it raises them here.
+    """
+
+    max_prompts: int = Field(
+        16, ge=1, le=4096, description="Prompts one completions request may list."
+    )
+    max_sequences: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description=(
+            "Sequences one text-generation request decodes (prompts times n). Each holds one of "
+            "the replica's max_ongoing_requests slots, so the smaller of the two applies."
+        ),
+    )
+    max_messages: int = Field(256, ge=1, le=100_000, description="Messages in one chat request.")
+    max_stop_sequences: int = Field(
+        4, ge=0, le=MAX_STOP_SEQUENCES, description="Stop sequences one request may give."
+    )
+    max_stop_length: int = Field(
+        64, ge=1, le=MAX_STOP_LENGTH, description="Characters in one stop sequence."
+    )
+    max_input_chars: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Characters of prompt text (all messages, or all prompts, together) accepted before "
+            f"tokenising; default {INPUT_CHARS_PER_TOKEN} * generation.max_context_tokens."
+        ),
+    )
+    max_image_size: str | None = Field(
+        None,
+        pattern=r"^\d+x\d+$",
+        description=(
+            "Largest image as WIDTHxHEIGHT: a request may ask for at most as many pixels "
+            "(for example 64x64 also allows 32x128); default image.size."
+        ),
+    )
+    max_inference_steps: int | None = Field(
+        None,
+        ge=1,
+        le=200,
+        description=(
+            "Most denoising steps a request may ask for; default image.num_inference_steps."
+        ),
+    )
+
+
 class BuildRecipe(_Strict):
     """How `app models build` can generate a card's local source when it is missing."""
 
@@ -117,6 +175,7 @@ class ModelCard(_Strict):
     replicas: Replicas = Replicas()
     generation: GenerationDefaults = GenerationDefaults()
     image: ImageDefaults = ImageDefaults()
+    limits: Limits = Limits()
     build: BuildRecipe | None = Field(
         None, description="Recipe that generates `source` locally (offline catalogue only)."
     )
@@ -140,6 +199,44 @@ class ModelCard(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _limits_cover_defaults(self) -> ModelCard:
+        width, height = parse_size(self.image.size)
+        if max(width, height) > MAX_IMAGE_SIDE:
+            raise ValueError(f"image.size {self.image.size} has a side over {MAX_IMAGE_SIDE}")
+        max_width, max_height = self.image_size_limit
+        if max_width * max_height < width * height:
+            raise ValueError(
+                f"limits.max_image_size ({max_width}x{max_height}) is smaller than the default "
+                f"image.size ({self.image.size})"
+            )
+        if self.inference_step_limit < self.image.num_inference_steps:
+            raise ValueError(
+                f"limits.max_inference_steps ({self.inference_step_limit}) is below the default "
+                f"image.num_inference_steps ({self.image.num_inference_steps})"
+            )
+        return self
+
+    @property
+    def input_char_limit(self) -> int:
+        """Characters of prompt text one request may carry (limits.max_input_chars)."""
+        default = INPUT_CHARS_PER_TOKEN * self.generation.max_context_tokens
+        return self.limits.max_input_chars or default
+
+    @property
+    def sequence_limit(self) -> int:
+        """Sequences one request may decode: limits.max_sequences within the replica's slots."""
+        return min(self.limits.max_sequences, self.max_ongoing_requests)
+
+    @property
+    def image_size_limit(self) -> tuple[int, int]:
+        """The size whose pixel count bounds a request's images (limits.max_image_size)."""
+        return parse_size(self.limits.max_image_size or self.image.size)
+
+    @property
+    def inference_step_limit(self) -> int:
+        return self.limits.max_inference_steps or self.image.num_inference_steps
+
     @property
     def deployment_name(self) -> str:
         """Serve deployment (and application) name for this model id."""
@@ -159,6 +256,12 @@ class ModelCard(_Strict):
         if self.source.startswith((".", "/", "~")) or path.exists():
             return str(path.resolve())
         return self.source
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'WIDTHxHEIGHT' as two ints (the pattern was checked when the card loaded)."""
+    width, height = size.split("x")
+    return int(width), int(height)
 
 
 def deployment_name(model_id: str) -> str:

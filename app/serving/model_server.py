@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +85,10 @@ class ModelServer:
         ctx.aggregated_metrics (app.autoscaling.serve_policy). Load and latency are the figures
         the fleet already measures for routing, not a second count."""
         work = self._work.advance(self.service.work_totals())
-        return replica_stats(
-            self.fleet.perf.snapshot(), self.fleet.ongoing, self.fleet.capacity, work
-        )
+        # Load in admission slots (sequences and images), not requests: a request for 8
+        # sequences loads the replica as 8 would.
+        load = max(self.fleet.ongoing, self.service.inflight)
+        return replica_stats(self.fleet.perf.snapshot(), load, self.fleet.capacity, work)
 
     def __del__(self) -> None:
         """Serve calls this when it stops the replica: leave the fleet at once, rather than
@@ -145,10 +146,10 @@ class ModelServer:
         self, req: ChatCompletionRequest | dict[str, Any], route: RouteArg = None
     ) -> AsyncIterator[Chunk]:
         """Chunk dicts, for Python callers (`handle.options(stream=True)`)."""
-        async with self._serving():
-            async for chunk in self.service.chat_stream(
-                validate_request(req, ChatCompletionRequest)
-            ):
+        request = validate_request(req, ChatCompletionRequest)
+        # aclosing: a consumer that stops early frees its slots and stops decoding at once.
+        async with self._serving(), aclosing(self.service.chat_stream(request)) as chunks:
+            async for chunk in chunks:
                 yield chunk
 
     def chat_sse(self, req: ChatCompletionRequest | dict[str, Any]) -> SSEStream:
@@ -173,10 +174,9 @@ class ModelServer:
     async def completions_stream(
         self, req: CompletionRequest | dict[str, Any], route: RouteArg = None
     ) -> AsyncIterator[Chunk]:
-        async with self._serving():
-            async for chunk in self.service.completions_stream(
-                validate_request(req, CompletionRequest)
-            ):
+        request = validate_request(req, CompletionRequest)
+        async with self._serving(), aclosing(self.service.completions_stream(request)) as chunks:
+            async for chunk in chunks:
                 yield chunk
 
     def completions_sse(self, req: CompletionRequest | dict[str, Any]) -> SSEStream:

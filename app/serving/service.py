@@ -1,28 +1,25 @@
 """The OpenAI operations of one model: validation against its card, batching into its runner,
-and the response and stream-chunk objects. No Ray and no HTTP here, so it is tested directly."""
+and the response and stream-chunk objects. No Ray and no HTTP here, so it is tested directly.
+
+Cost: a request is checked against its card's limits (app.serving.limits) before any tokeniser
+call and holds one admission slot per sequence or image (app.serving.admission). Cancellation:
+when the task awaiting an operation is cancelled or its stream is closed (what Serve does when a
+client disconnects), each sequence's or image's cancel event is set, the runner drops it at its
+next decode or denoising step (app.serving.decoding), and its slots are released on the way out.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import AbstractContextManager
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from ray import serve
-
-from app.api.errors import InternalError, InvalidRequestError, ModelNotFoundError, OverloadedError
-from app.api.responses import (
-    chat_choice,
-    encode_vector,
-    model_object,
-    new_id,
-    parse_size,
-    text_choice,
-    usage,
-)
+from app.api.errors import InternalError, InvalidRequestError, ModelNotFoundError
+from app.api.responses import chat_choice, encode_vector, model_object, new_id, text_choice, usage
 from app.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -32,21 +29,25 @@ from app.api.schemas import (
 from app.api.sse import Chunk
 from app.autoscaling.report import WorkTotals
 from app.catalog.cards import ModelCard, Task
+from app.serving.admission import Admission
+from app.serving.batching import Batcher, ServeBatcher
+from app.serving.decoding import SequenceDecoder, runner_failure, tokenizer_call
+from app.serving.limits import check_chat, check_completion, image_request
 from app.serving.runners.base import (
     EmbeddingRunner,
     GenerationRequest,
     ImageRequest,
     ImageRunner,
+    RowError,
     Runner,
     TextGenerationRunner,
-    TokenDelta,
 )
-from app.serving.streams import merge_streams
+from app.serving.streams import closing, gather_all, merge_streams
 
 if TYPE_CHECKING:
     from app.cache.responses import ResponseCache
 
-MAX_IMAGE_SIDE = 1024
+SEED_SPACE = 2**63  # sequence i of a seeded request samples with (seed + i) mod this
 
 
 class ModelService:
@@ -59,6 +60,7 @@ class ModelService:
         *,
         clock: Callable[[], float] = time.time,
         response_cache: ResponseCache | None = None,
+        batcher: Batcher | None = None,
     ) -> None:
         self.card = card
         self.runner = runner
@@ -66,33 +68,35 @@ class ModelService:
         # here when cached; streams are always computed (see README, "Cache").
         self.response_cache = response_cache
         self._clock = clock
-        self._inflight = 0
+        self._batcher = batcher or ServeBatcher(
+            card.batching.max_batch_size, card.batching.wait_timeout_s
+        )
+        self._admission = Admission(card.id, card.max_ongoing_requests)
+        self._decoder = (
+            SequenceDecoder(runner, self._batcher, self._count_batch)
+            if isinstance(runner, TextGenerationRunner)
+            else None
+        )
         self.created = int(clock())
         self.batches = 0
         self.batched_requests = 0
         self.largest_batch = 0
-        self.generated_tokens = 0  # produced here, not served from the response cache
         self.generated_images = 0
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens produced here, not served from the response cache."""
+        return self._decoder.generated_tokens if self._decoder else 0
 
     # serve.batch needs a replica context, so the batchers are made on first use (inside Serve);
     # they are per instance because serve.batch on a method would share one queue per class.
     @cached_property
-    def _decode(self) -> Callable[[GenerationRequest], AsyncIterator[TokenDelta | None]]:
-        return self._batcher()(self._decode_batch)
-
-    @cached_property
     def _embed(self) -> Callable[[str], Awaitable[list[float]]]:
-        return self._batcher()(self._embed_batch)
+        return self._batcher.wrap(self._embed_batch)
 
     @cached_property
-    def _draw(self) -> Callable[[ImageRequest], Awaitable[list[bytes]]]:
-        return self._batcher()(self._draw_batch)
-
-    def _batcher(self) -> Callable[[Callable[..., Any]], Any]:
-        return serve.batch(
-            max_batch_size=self.card.batching.max_batch_size,
-            batch_wait_timeout_s=self.card.batching.wait_timeout_s,
-        )
+    def _draw(self) -> Callable[[ImageRequest], Awaitable[list[bytes] | RowError]]:
+        return self._batcher.wrap(self._draw_batch)
 
     def _count_batch(self, size: int) -> None:
         self.batches += 1
@@ -101,7 +105,7 @@ class ModelService:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "inflight": self._inflight,
+            "inflight": self.inflight,
             "batches": self.batches,
             "batched_requests": self.batched_requests,
             "largest_batch": self.largest_batch,
@@ -117,24 +121,15 @@ class ModelService:
 
     # ---- admission and identity -------------------------------------------------------------
 
-    @contextmanager
-    def admit(self) -> Iterator[None]:
-        """Count a request in flight; beyond the card's max_ongoing_requests answer 429."""
-        if self._inflight >= self.card.max_ongoing_requests:
-            raise OverloadedError(
-                f"model {self.card.id!r} is at capacity "
-                f"({self.card.max_ongoing_requests} requests in flight); retry shortly",
-                retry_after_s=1,
-            )
-        self._inflight += 1
-        try:
-            yield
-        finally:
-            self._inflight -= 1
+    def admit(self, slots: int = 1) -> AbstractContextManager[None]:
+        """Hold a request's first slot (429 when the replica's max_ongoing_requests slots are
+        taken); the operation inside claims one more per further sequence or image."""
+        return self._admission.admit(slots)
 
     @property
     def inflight(self) -> int:
-        return self._inflight
+        """Slots in use: sequences being decoded and images being drawn."""
+        return self._admission.inflight
 
     def model_info(self) -> dict[str, Any]:
         return model_object(self.card, self.created)
@@ -160,10 +155,23 @@ class ModelService:
         assert isinstance(self.runner, TextGenerationRunner)
         return self.runner
 
-    def _generation_requests(
+    @property
+    def _sequences(self) -> SequenceDecoder:
+        assert self._decoder is not None
+        return self._decoder
+
+    async def _render(self, req: ChatCompletionRequest) -> str:
+        messages = req.message_dicts()
+        chars = sum(len(m["content"]) for m in messages)
+        try:
+            return await tokenizer_call(chars, self._text.render_chat, messages)
+        except ValueError as exc:  # e.g. a chat template that rejects the roles' order
+            raise InvalidRequestError(str(exc), param="messages") from exc
+
+    async def _generation_requests(
         self, prompt: str, req: ChatCompletionRequest | CompletionRequest, param: str
     ) -> tuple[int, list[GenerationRequest]]:
-        prompt_tokens = self._text.count_tokens(prompt)
+        prompt_tokens = await tokenizer_call(len(prompt), self._text.count_tokens, prompt)
         max_tokens = req.token_limit() or self.card.generation.max_tokens
         limit = self.card.generation.max_context_tokens
         if prompt_tokens + max_tokens > limit:
@@ -180,53 +188,11 @@ class ModelService:
                 temperature=req.temperature,
                 top_p=req.top_p,
                 stop=req.stop_sequences(),
-                seed=None if req.seed is None else req.seed + i,
+                seed=None if req.seed is None else (req.seed + i) % SEED_SPACE,
             )
             for i in range(req.n)
         ]
         return prompt_tokens, requests
-
-    async def _decode_batch(self, batch: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
-        self._count_batch(len(batch))
-        steps = self._text.generate(batch)
-        finished = [False] * len(batch)
-        while True:
-            step = await asyncio.to_thread(next, steps, None)
-            if step is None:
-                return
-            out: list[Any] = []
-            for i, delta in enumerate(step):
-                out.append(StopIteration if finished[i] else delta)
-                finished[i] = finished[i] or (delta is not None and delta.finish_reason is not None)
-            yield out
-
-    async def _deltas(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
-        try:
-            if not self.runner.blocking:
-                # No model compute to amortise: batching would only add queueing.
-                for (delta,) in self._text.generate([request]):
-                    if delta is not None:
-                        self.generated_tokens += delta.tokens
-                        yield delta
-                return
-            async for delta in self._decode(request):
-                if delta is not None:
-                    self.generated_tokens += delta.tokens
-                    yield delta
-        except (InvalidRequestError, OverloadedError):
-            raise
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc)) from exc
-        except Exception as exc:
-            raise InternalError(f"generation failed: {type(exc).__name__}: {exc}") from exc
-
-    async def _collect(self, request: GenerationRequest) -> tuple[str, int, str]:
-        text, tokens, finish = [], 0, "stop"
-        async for delta in self._deltas(request):
-            text.append(delta.text)
-            tokens += delta.tokens
-            finish = delta.finish_reason or finish
-        return "".join(text), tokens, finish
 
     async def _cached(
         self, operation: str, req: Any, compute: Callable[[], Awaitable[dict[str, Any]]]
@@ -237,12 +203,14 @@ class ModelService:
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
         self._check(req.model, Task.TEXT_GENERATION, "chat completions")
+        check_chat(self.card, req)
         return await self._cached("chat", req, lambda: self._chat(req))
 
     async def _chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
-        prompt = self._text.render_chat(req.message_dicts())
-        prompt_tokens, requests = self._generation_requests(prompt, req, "messages")
-        results = await asyncio.gather(*(self._collect(r) for r in requests))
+        with self._admission.hold(req.n):
+            prompt = await self._render(req)
+            prompt_tokens, requests = await self._generation_requests(prompt, req, "messages")
+            results = await gather_all([self._sequences.collect(r) for r in requests])
         choices = [
             {
                 "index": i,
@@ -263,14 +231,17 @@ class ModelService:
             "system_fingerprint": None,
         }
 
-    async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[Chunk]:
+    async def chat_stream(self, req: ChatCompletionRequest) -> AsyncGenerator[Chunk, None]:
         """Chunks in OpenAI's chat.completion.chunk format; validation errors raise on the first
         iteration, before any chunk, so the caller can still answer with an HTTP error."""
         self._check(req.model, Task.TEXT_GENERATION, "chat completions")
-        prompt = self._text.render_chat(req.message_dicts())
-        prompt_tokens, requests = self._generation_requests(prompt, req, "messages")
-        async for chunk in self._chat_chunks(req, prompt_tokens, requests):
-            yield chunk
+        check_chat(self.card, req)
+        with self._admission.hold(req.n):
+            prompt = await self._render(req)
+            prompt_tokens, requests = await self._generation_requests(prompt, req, "messages")
+            async with closing(self._chat_chunks(req, prompt_tokens, requests)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
 
     async def _chat_chunks(
         self, req: ChatCompletionRequest, prompt_tokens: int, requests: list[GenerationRequest]
@@ -285,23 +256,30 @@ class ModelService:
         for i in range(len(requests)):
             yield base | {"choices": [chat_choice(i, {"role": "assistant", "content": ""})]}
         completion_tokens = 0
-        async for i, delta in merge_streams([self._deltas(r) for r in requests]):
-            completion_tokens += delta.tokens
-            if delta.text:
-                yield base | {"choices": [chat_choice(i, {"content": delta.text})]}
-            if delta.finish_reason:
-                yield base | {"choices": [chat_choice(i, {}, delta.finish_reason)]}
+        merged = merge_streams([self._sequences.deltas(r) for r in requests])
+        async with closing(merged):
+            async for i, delta in merged:
+                completion_tokens += delta.tokens
+                if delta.text:
+                    yield base | {"choices": [chat_choice(i, {"content": delta.text})]}
+                if delta.finish_reason:
+                    yield base | {"choices": [chat_choice(i, {}, delta.finish_reason)]}
         if req.include_usage:
             yield base | {"choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
     async def completions(self, req: CompletionRequest) -> dict[str, Any]:
         self._check(req.model, Task.TEXT_GENERATION, "completions")
+        check_completion(self.card, req)
         return await self._cached("completions", req, lambda: self._completions(req))
 
+    async def _plans(self, req: CompletionRequest) -> list[tuple[int, list[GenerationRequest]]]:
+        return [await self._generation_requests(p, req, "prompt") for p in req.prompts()]
+
     async def _completions(self, req: CompletionRequest) -> dict[str, Any]:
-        plans = [self._generation_requests(p, req, "prompt") for p in req.prompts()]
-        requests = [r for _, rs in plans for r in rs]
-        results = await asyncio.gather(*(self._collect(r) for r in requests))
+        with self._admission.hold(len(req.prompts()) * req.n):
+            plans = await self._plans(req)
+            requests = [r for _, rs in plans for r in rs]
+            results = await gather_all([self._sequences.collect(r) for r in requests])
         choices = [
             {
                 "index": i,
@@ -321,11 +299,14 @@ class ModelService:
             "system_fingerprint": None,
         }
 
-    async def completions_stream(self, req: CompletionRequest) -> AsyncIterator[Chunk]:
+    async def completions_stream(self, req: CompletionRequest) -> AsyncGenerator[Chunk, None]:
         self._check(req.model, Task.TEXT_GENERATION, "completions")
-        plans = [self._generation_requests(p, req, "prompt") for p in req.prompts()]
-        async for chunk in self._completion_chunks(req, plans):
-            yield chunk
+        check_completion(self.card, req)
+        with self._admission.hold(len(req.prompts()) * req.n):
+            plans = await self._plans(req)
+            async with closing(self._completion_chunks(req, plans)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
 
     async def _completion_chunks(
         self, req: CompletionRequest, plans: list[tuple[int, list[GenerationRequest]]]
@@ -342,9 +323,11 @@ class ModelService:
             for i, r in enumerate(requests):
                 yield base | {"choices": [text_choice(i, r.prompt)]}
         completion_tokens = 0
-        async for i, delta in merge_streams([self._deltas(r) for r in requests]):
-            completion_tokens += delta.tokens
-            yield base | {"choices": [text_choice(i, delta.text, delta.finish_reason)]}
+        merged = merge_streams([self._sequences.deltas(r) for r in requests])
+        async with closing(merged):
+            async for i, delta in merged:
+                completion_tokens += delta.tokens
+                yield base | {"choices": [text_choice(i, delta.text, delta.finish_reason)]}
         if req.include_usage:
             prompt_tokens = sum(p for p, _ in plans)
             yield base | {"choices": [], "usage": usage(prompt_tokens, completion_tokens)}
@@ -371,10 +354,11 @@ class ModelService:
             )
         texts = req.inputs()
         try:
-            vectors = await asyncio.gather(*(self._embed(text) for text in texts))
+            vectors = await gather_all([self._embed(text) for text in texts])
         except Exception as exc:
             raise InternalError(f"embedding failed: {type(exc).__name__}: {exc}") from exc
-        tokens = sum(runner.count_tokens(text) for text in texts)
+        chars = sum(len(text) for text in texts)
+        tokens = await tokenizer_call(chars, _count_all, runner, texts)
         data = [
             {"object": "embedding", "index": i, "embedding": encode_vector(v, req.encoding_format)}
             for i, v in enumerate(vectors)
@@ -388,46 +372,33 @@ class ModelService:
 
     # ---- images -----------------------------------------------------------------------------
 
-    async def _draw_batch(self, batch: list[ImageRequest]) -> list[list[bytes]]:
+    async def _draw_batch(self, batch: list[ImageRequest]) -> list[list[bytes] | RowError]:
         assert isinstance(self.runner, ImageRunner)
         self._count_batch(len(batch))
-        images = await asyncio.to_thread(self.runner.generate, batch)
-        self.generated_images += sum(len(drawn) for drawn in images)
-        return images
-
-    def _image_request(self, req: ImageGenerationRequest) -> ImageRequest:
-        width, height = req.dimensions() or parse_size(self.card.image.size)
-        for side, name in ((width, "width"), (height, "height")):
-            if side % 8 or not 8 <= side <= MAX_IMAGE_SIDE:
-                raise InvalidRequestError(
-                    f"image {name} must be a multiple of 8 between 8 and {MAX_IMAGE_SIDE}; "
-                    f"got size {width}x{height}",
-                    param="size",
-                )
-        if req.n > self.card.image.max_images:
-            raise InvalidRequestError(
-                f"model {self.card.id!r} draws at most {self.card.image.max_images} images "
-                f"per request; got n={req.n}",
-                param="n",
-            )
-        return ImageRequest(
-            prompt=req.prompt,
-            n=req.n,
-            width=width,
-            height=height,
-            num_inference_steps=req.num_inference_steps or self.card.image.num_inference_steps,
-            seed=req.seed,
-            negative_prompt=req.negative_prompt,
-        )
+        outcomes = await asyncio.to_thread(self.runner.generate, batch)
+        self.generated_images += sum(len(o) for o in outcomes if not isinstance(o, RowError))
+        return outcomes
 
     async def images(self, req: ImageGenerationRequest) -> dict[str, Any]:
         self._check(req.model, Task.TEXT_TO_IMAGE, "image generation")
-        request = self._image_request(req)
-        try:
-            pngs = await self._draw(request)
-        except Exception as exc:
-            raise InternalError(f"image generation failed: {type(exc).__name__}: {exc}") from exc
+        request = image_request(self.card, req)
+        with self._admission.hold(request.n):
+            try:
+                outcome = await self._draw(request)
+                if isinstance(outcome, RowError):
+                    raise outcome.error
+            except Exception as exc:
+                error = runner_failure(exc, "image generation")
+                if error is exc:
+                    raise
+                raise error from exc
+            finally:
+                request.cancel.set()  # a cancelled caller stops the pipeline at its next step
         return {
             "created": int(self._clock()),
-            "data": [{"b64_json": base64.b64encode(png).decode("ascii")} for png in pngs],
+            "data": [{"b64_json": base64.b64encode(png).decode("ascii")} for png in outcome],
         }
+
+
+def _count_all(runner: EmbeddingRunner, texts: list[str]) -> int:
+    return sum(runner.count_tokens(text) for text in texts)

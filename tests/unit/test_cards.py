@@ -86,3 +86,39 @@ def test_select_unknown_model_lists_known() -> None:
 def test_deployment_names_are_serve_safe() -> None:
     assert deployment_name("all-minilm-l6-v2") == "model-all-minilm-l6-v2"
     assert deployment_name("org.model_v1") == "model-org-model-v1"
+
+
+def test_limits_default_to_the_cards_own_defaults() -> None:
+    card = ModelCard(id="m", task="text-generation", loader="echo", max_ongoing_requests=8)
+    assert card.limits.max_prompts == 16 and card.limits.max_stop_sequences == 4
+    assert card.sequence_limit == 8  # max_sequences (16) within the replica's 8 slots
+    assert card.input_char_limit == 16 * card.generation.max_context_tokens
+    pics = ModelCard(id="p", task="text-to-image", loader="diffusers-stable-diffusion")
+    assert pics.image_size_limit == (64, 64) and pics.inference_step_limit == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ("image: {size: 128x128}\nlimits: {max_image_size: 64x64}\n", "max_image_size"),
+        ("image: {num_inference_steps: 8}\nlimits: {max_inference_steps: 4}\n", "max_inference"),
+        ("limits: {max_image_size: big}\n", "limits.max_image_size"),
+        ("image: {size: 2048x64}\n", "image.size"),
+    ],
+)
+def test_invalid_image_limits_name_the_field(tmp_path: Path, body: str, field: str) -> None:
+    head = "id: m\ntask: text-to-image\nloader: diffusers-stable-diffusion\n"
+    write(tmp_path, "m.yaml", head + body)
+    with pytest.raises(CatalogueError) as caught:
+        load_catalogue(tmp_path)
+    assert field in str(caught.value)
+
+
+def test_text_limits_stay_within_the_wire_ceilings(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        "m.yaml",
+        "id: m\ntask: text-generation\nloader: echo\nlimits: {max_stop_sequences: 99}\n",
+    )
+    with pytest.raises(CatalogueError, match=r"limits\.max_stop_sequences"):
+        load_catalogue(tmp_path)

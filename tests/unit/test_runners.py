@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,8 +13,10 @@ import pytest
 from app.catalog.cards import ModelCard, load_catalogue
 from app.catalog.recipes import build_card
 from app.serving.runners import (
+    GenerationCancelled,
     GenerationRequest,
     ImageRequest,
+    RowError,
     TextGenerationRunner,
     TokenDelta,
     runner_class,
@@ -71,6 +74,7 @@ def _run(
     for step in runner.generate(batch):
         assert len(step) == len(batch)
         for row, delta in zip(deltas, step, strict=True):
+            assert not isinstance(delta, RowError), delta
             if delta is not None:
                 assert not (row and row[-1].finish_reason), "delta after the final one"
                 row.append(delta)
@@ -148,8 +152,8 @@ def test_load_reports_and_empty_batch(llama: TransformersCausalLMRunner) -> None
     assert (info.device, info.dtype) == ("cpu", "float32")
     assert 50_000 < info.parameters < 1_000_000
     assert list(llama.generate([])) == []
-    with pytest.raises(ValueError, match="max_tokens"):
-        llama.generate([_greedy("hi", 0)])
+    (step,) = list(llama.generate([_greedy("hi", 0)]))
+    assert isinstance(step[0], RowError) and "max_tokens" in str(step[0].error)
 
 
 def test_stop_sequence_is_honoured_and_never_emitted(llama: TransformersCausalLMRunner) -> None:
@@ -186,11 +190,12 @@ def test_incremental_decode_never_splits_characters(llama: TransformersCausalLMR
     ids = llama.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > len(text)  # some characters span several byte tokens
     row = _Row(_greedy("", len(ids)), [], None, llama._decode)
-    deltas = [row.advance(token, False) for token in ids]
-    pieces = [d.text for d in deltas if d is not None]
+    deltas = [d for d in (row.advance(token, False) for token in ids) if d is not None]
+    assert all(isinstance(d, TokenDelta) for d in deltas)
+    pieces = [d.text for d in deltas if isinstance(d, TokenDelta)]
     assert "".join(pieces) == text
     assert not any("\ufffd" in piece for piece in pieces)
-    assert sum(d.tokens for d in deltas if d is not None) == len(ids)
+    assert sum(d.tokens for d in deltas if isinstance(d, TokenDelta)) == len(ids)
 
 
 def test_render_chat_uses_the_template(
@@ -207,17 +212,59 @@ def test_render_chat_uses_the_template(
     assert llama.render_chat(messages) == "system: Be brief.\nuser: Hi\nassistant:"
 
 
-def test_too_long_prompt_is_a_value_error(llama: TransformersCausalLMRunner) -> None:
+def _first_error(runner: TextGenerationRunner, request: GenerationRequest) -> Exception:
+    entry = next(iter(runner.generate([request])))[0]
+    assert isinstance(entry, RowError)
+    return entry.error
+
+
+def test_too_long_prompt_fails_only_its_row(llama: TransformersCausalLMRunner) -> None:
     limit = llama.card.generation.max_context_tokens
     long_prompt = "word " * limit
     assert llama.count_tokens(long_prompt) > limit - 8
-    with pytest.raises(ValueError, match=rf"max_context_tokens={limit}"):
-        llama.generate([_greedy("fine", 4), _greedy(long_prompt, 8)])
+    steps = list(llama.generate([_greedy("fine", 4), _greedy(long_prompt, 8)]))
+    failed = steps[0][1]
+    assert isinstance(failed, RowError) and isinstance(failed.error, ValueError)
+    assert f"max_context_tokens={limit}" in str(failed.error)
+    assert all(step[1] is None for step in steps[1:])
+    fine = [step[0] for step in steps if isinstance(step[0], TokenDelta)]
+    assert sum(d.tokens for d in fine) == 4 and fine[-1].finish_reason == "length"
     fits = llama.tokenizer.decode(llama.tokenizer("word " * 40)["input_ids"][1:])
     allowed = llama.count_tokens(fits)
     assert _tokens(_run(llama, [_greedy(fits, limit - allowed)])[0]) == limit - allowed
-    with pytest.raises(ValueError, match="at most"):
-        llama.generate([_greedy(fits, limit - allowed + 1)])
+    error = _first_error(llama, _greedy(fits, limit - allowed + 1))
+    assert isinstance(error, ValueError) and "at most" in str(error)
+
+
+def test_a_seed_torch_cannot_take_fails_only_its_row(llama: TransformersCausalLMRunner) -> None:
+    bad = GenerationRequest("Tell me", 4, temperature=0.8, seed=2**70)
+    good = GenerationRequest("Tell me", 4, temperature=0.8, seed=3)
+    steps = list(llama.generate([bad, good]))
+    assert isinstance(steps[0][0], RowError)
+    alone = _text(_run(llama, [good])[0])
+    assert "".join(s[1].text for s in steps if isinstance(s[1], TokenDelta)) == alone
+
+
+def test_rows_leave_the_batch_as_they_finish(llama: TransformersCausalLMRunner) -> None:
+    """Finished rows are cut from the batch and its KV cache; the rest decode as if alone."""
+    batch = [_greedy("Hello there", 2), _greedy("The weather today", 12), _greedy("a", 6)]
+    batched = [_text(d) for d in _run(llama, batch)]
+    assert batched == [_text(_run(llama, [request])[0]) for request in batch]
+
+
+def test_a_cancelled_row_stops_within_one_step(llama: TransformersCausalLMRunner) -> None:
+    long, short = _greedy("Once upon a time", 200), _greedy("The sky", 10)
+    steps = llama.generate([long, short])
+    for _ in range(3):
+        next(steps)
+    long.cancel.set()
+    rest = list(steps)
+    assert all(step[0] is None for step in rest)  # nothing more for the cancelled row
+    assert len(rest) == 10 - 3  # the batch ends with its live neighbour
+    finished = [step[1] for step in rest if isinstance(step[1], TokenDelta)]
+    assert finished[-1].finish_reason == "length"
+    short.cancel.set()
+    assert list(llama.generate([short])) == []  # nothing to do for a cancelled request
 
 
 # --- stop scanner and echo ---------------------------------------------------------------------
@@ -233,6 +280,46 @@ def test_stop_scanner_holds_back_partial_matches() -> None:
     assert scanner.stopped
     assert StopScanner([]).feed("anything") == "anything"
     assert StopScanner(["!!"]).feed("wow!", final=True) == "wow!"
+
+
+def _reference_cut(text: str, stops: Sequence[str]) -> str:
+    found = [text.find(stop) for stop in stops if stop in text]
+    return text[: min(found)] if found else text
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stop_scanner_matches_a_plain_search(seed: int) -> None:
+    rng = random.Random(seed)
+    text = "".join(rng.choice("ab ") for _ in range(300))
+    stops = ["".join(rng.choice("ab ") for _ in range(rng.randint(1, 9))) for _ in range(3)]
+    scanner, out, end = StopScanner(stops), [], 0
+    while end < len(text) and not scanner.stopped:
+        end = min(len(text), end + rng.randint(1, 5))
+        out.append(scanner.feed(text[:end], final=end == len(text)))
+    assert "".join(out) == _reference_cut(text, stops)
+
+
+class _WindowScanner(StopScanner):
+    windows: list[int]
+
+    def _scan(self, window: str) -> tuple[int | None, int]:
+        self.windows.append(len(window))
+        return super()._scan(window)
+
+
+def test_stop_scanner_scans_only_the_tail() -> None:
+    """Each feed looks at the held-back text, the new text and one stop's length before them,
+    whatever the completion's length: linear per token, also for a long stop that keeps
+    partly matching."""
+    stop = "a" * 999 + "b"
+    scanner = _WindowScanner([stop])
+    scanner.windows = []
+    text = ""
+    for _ in range(2000):
+        text += "aa"
+        scanner.feed(text)
+    assert not scanner.stopped and scanner.emitted == len(text) - (len(stop) - 1)
+    assert max(scanner.windows) <= 2 * len(stop) + 2
 
 
 def test_echo_max_tokens_and_finish_reasons() -> None:
@@ -298,13 +385,18 @@ def _size(png: bytes) -> tuple[int, int]:
         return image.size
 
 
+def _images(outcome: list[bytes] | RowError) -> list[bytes]:
+    assert isinstance(outcome, list), outcome
+    return outcome
+
+
 def test_images_are_pngs_of_the_requested_size(tiny_sd: StableDiffusionRunner) -> None:
     batch = [
         ImageRequest("a red cat", n=2, seed=1),
         ImageRequest("a dog", n=1, width=32, height=48, seed=2, negative_prompt="blurry"),
         ImageRequest("the sky", n=1, seed=3),
     ]
-    results = tiny_sd.generate(batch)
+    results = [_images(outcome) for outcome in tiny_sd.generate(batch)]
     assert [len(images) for images in results] == [2, 1, 1]
     assert [_size(png) for png in results[0] + results[2]] == [(64, 64)] * 3
     assert _size(results[1][0]) == (32, 48)
@@ -316,9 +408,10 @@ def test_image_seeds_are_reproducible(tiny_sd: StableDiffusionRunner) -> None:
     from PIL import Image
 
     request = ImageRequest("a cat", n=1, seed=7, num_inference_steps=1)
-    alone = tiny_sd.generate([request])[0][0]
-    assert tiny_sd.generate([request])[0][0] == alone
-    batched = tiny_sd.generate([ImageRequest("a dog", seed=8, num_inference_steps=1), request])[1]
+    alone = _images(tiny_sd.generate([request])[0])[0]
+    assert _images(tiny_sd.generate([request])[0])[0] == alone
+    pair = tiny_sd.generate([ImageRequest("a dog", seed=8, num_inference_steps=1), request])
+    batched = _images(pair[1])
 
     def pixels(png: bytes) -> np.ndarray:
         return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
@@ -337,8 +430,34 @@ def test_image_seeds_are_reproducible(tiny_sd: StableDiffusionRunner) -> None:
         ImageRequest("x", num_inference_steps=0),
     ],
 )
-def test_invalid_image_requests_are_value_errors(
+def test_invalid_image_requests_fail_alone(
     tiny_sd: StableDiffusionRunner, request_: ImageRequest
 ) -> None:
-    with pytest.raises(ValueError):
-        tiny_sd.generate([request_])
+    failed, drawn = tiny_sd.generate([request_, ImageRequest("y", num_inference_steps=1)])
+    assert isinstance(failed, RowError) and isinstance(failed.error, ValueError)
+    assert isinstance(drawn, list) and len(drawn) == 1
+
+
+class _CancellingSD(StableDiffusionRunner):
+    """Cancels every request after the first denoising step and records the steps run."""
+
+    steps: list[int]
+
+    def _on_step_end(self, requests: list[ImageRequest], step: int) -> None:
+        self.steps.append(step)
+        for request in requests:
+            request.cancel.set()
+        super()._on_step_end(requests, step)
+
+
+def test_a_cancelled_image_stops_at_the_next_step(tiny_sd: StableDiffusionRunner) -> None:
+    runner = _CancellingSD(tiny_sd.card, tiny_sd.source)
+    runner.pipeline, runner.steps = tiny_sd.pipeline, []
+    (outcome,) = runner.generate([ImageRequest("x", num_inference_steps=2)])
+    assert isinstance(outcome, RowError) and isinstance(outcome.error, GenerationCancelled)
+    assert runner.steps == [0]
+    early = ImageRequest("y", num_inference_steps=2)
+    early.cancel.set()
+    runner.steps = []
+    (outcome,) = runner.generate([early])
+    assert isinstance(outcome, RowError) and runner.steps == []

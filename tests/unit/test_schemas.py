@@ -41,7 +41,11 @@ def parse(data: Any, schema: type[Any] = ChatCompletionRequest) -> Any:
         ({"messages": []}, "messages"),
         ({"messages": "hi"}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
-        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": ["s"] * 17}, "stop"),  # the wire ceiling; cards set lower limits
+        ({"stop": "x" * 1025}, "stop"),
+        ({"seed": 2**63}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 1e30}, "seed"),
         ({"model": 7}, "model"),
         ({"stream": "yes please"}, "stream"),
         ({"logprobs": True}, "logprobs"),
@@ -105,6 +109,18 @@ def test_completion_embedding_image_rules() -> None:
     assert caught.value.param == "size"
     req = parse({"model": "m", "prompt": "cat", "size": "128x64"}, ImageGenerationRequest)
     assert req.dimensions() == (128, 64)
+
+
+def test_seed_bounds_are_named_and_explained() -> None:
+    assert parse(CHAT | {"seed": 2**63 - 1}).seed == 2**63 - 1
+    for seed in (b"9223372036854775808", b"18446744073709551616", b"1e40"):
+        body = b'{"model": "m", "prompt": "cat", "seed": ' + seed + b"}"
+        with pytest.raises(InvalidRequestError, match=r"from 0 to 9223372036854775807") as caught:
+            parse_request(body, ImageGenerationRequest)
+        assert caught.value.param == "seed"
+    with pytest.raises(InvalidRequestError) as caught:
+        parse({"model": "m", "prompt": "a", "seed": -5}, CompletionRequest)
+    assert caught.value.param == "seed"
 
 
 def test_error_bodies_and_retry_after_survive_pickling() -> None:

@@ -3,12 +3,15 @@
 from app.serving.runners import echo, embedding, image, text  # noqa: F401
 from app.serving.runners.base import (
     EmbeddingRunner,
+    GenerationCancelled,
     GenerationRequest,
     ImageRequest,
     ImageRunner,
     LoadedInfo,
+    RowError,
     Runner,
     RunnerError,
+    StepEntry,
     TextGenerationRunner,
     TokenDelta,
     UnknownLoaderError,
@@ -17,12 +20,15 @@ from app.serving.runners.base import (
 
 __all__ = [
     "EmbeddingRunner",
+    "GenerationCancelled",
     "GenerationRequest",
     "ImageRequest",
     "ImageRunner",
     "LoadedInfo",
+    "RowError",
     "Runner",
     "RunnerError",
+    "StepEntry",
     "TextGenerationRunner",
     "TokenDelta",
     "UnknownLoaderError",

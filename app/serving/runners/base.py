@@ -2,14 +2,20 @@
 
 Runners know nothing about Ray or HTTP. A Serve replica owns one runner, batches requests into it
 and calls it from a worker thread, so every method here may block.
+
+Every request carries a `cancel` event: the replica sets it from its event loop when the request's
+caller goes away, and a runner reads it between decode or denoising steps and drops the request.
+A request that fails on its own (a bad prompt, a failed sampling step) fails alone, as a
+`RowError` in its place of the batch; its batch neighbours go on.
 """
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 from app.catalog.cards import ModelCard
 from app.catalog.loaders import (  # UnknownLoaderError: still importable from here
@@ -23,6 +29,21 @@ class RunnerError(RuntimeError):
     """A runner could not load or run its model; the message says why."""
 
 
+class GenerationCancelled(Exception):
+    """The request's caller went away, so its work stopped before it finished."""
+
+
+@dataclass(frozen=True)
+class RowError:
+    """One request of a batch failed; it takes that request's place in the batch's results."""
+
+    error: Exception
+
+
+def _cancel_event() -> threading.Event:
+    return threading.Event()
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One text-generation request after validation: a rendered prompt and sampling settings."""
@@ -33,6 +54,7 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    cancel: threading.Event = field(default_factory=_cancel_event, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -53,6 +75,11 @@ class ImageRequest:
     num_inference_steps: int = 2
     seed: int | None = None
     negative_prompt: str | None = None
+    cancel: threading.Event = field(default_factory=_cancel_event, compare=False, repr=False)
+
+
+# One request's entry in one decode step (see TextGenerationRunner.generate).
+StepEntry: TypeAlias = TokenDelta | RowError | None
 
 
 @dataclass
@@ -112,12 +139,14 @@ class TextGenerationRunner(Runner):
         """Turn OpenAI-style messages into the prompt this model expects (its chat template)."""
 
     @abstractmethod
-    def generate(self, batch: Sequence[GenerationRequest]) -> Iterator[list[TokenDelta | None]]:
+    def generate(self, batch: Sequence[GenerationRequest]) -> Iterator[list[StepEntry]]:
         """Decode a batch together; yield one list per step with an entry per request.
 
-        An entry is None when that request produced nothing this step (it has finished or its
-        text is held back while a stop sequence may be forming). Each request's final delta
-        carries its finish_reason, after which its entries are None.
+        An entry is None when that request produced nothing this step (it has finished, was
+        cancelled, or its text is held back while a stop sequence may be forming). Each
+        request's final entry is a delta with its finish_reason or a RowError, after which its
+        entries are None. A cancelled request stops within one step and gets no final entry;
+        the iteration ends once every request has finished or been cancelled.
         """
 
 
@@ -144,8 +173,9 @@ class ImageRunner(Runner):
     task = Task.TEXT_TO_IMAGE
 
     @abstractmethod
-    def generate(self, batch: Sequence[ImageRequest]) -> list[list[bytes]]:
-        """PNG-encoded images: for each request, a list of n images."""
+    def generate(self, batch: Sequence[ImageRequest]) -> list[list[bytes] | RowError]:
+        """PNG-encoded images: for each request, a list of n images, or the RowError that
+        request alone failed with (GenerationCancelled once it is cancelled)."""
 
 
 def runner_class(loader: str) -> type[Runner]:

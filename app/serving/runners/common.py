@@ -48,10 +48,17 @@ class StopScanner:
     Text that could still become the start of a stop sequence is held back until it either
     completes the stop (and is dropped) or stops matching (and is released), so the client never
     sees any part of a stop sequence.
+
+    Each feed scans only the tail that can hold a new match: the held-back text, the new text and
+    a margin of the longest stop's length before them. With one prefix-function (KMP) pass per
+    stop over that window, a step costs O(len(window)) whatever the stops look like, so a long
+    stop sequence no longer makes every token quadratic in its length.
     """
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = tuple(stop for stop in stops if stop)
+        self._borders = [_borders(stop) for stop in self.stops]
+        self._longest = max((len(s) for s in self.stops), default=0)
         self.emitted = 0  # characters of the completion text already released
         self.stopped = False
 
@@ -63,11 +70,16 @@ class StopScanner:
         """
         if self.stopped:
             return ""
-        cut = self._first_stop(text)
+        if not self.stops:
+            return self._release(text, len(text))
+        # A stop cannot begin inside text released earlier (it would have been held back); the
+        # margin keeps a match found even if a tokenizer re-decodes the last released characters.
+        start = max(0, self.emitted - self._longest)
+        cut, partial = self._scan(text[start:])
         if cut is not None:
             self.stopped = True
-            return self._release(text, cut)
-        safe = len(text) if final else len(text) - self._partial_suffix(text)
+            return self._release(text, start + cut)
+        safe = len(text) if final else len(text) - partial
         return self._release(text, safe)
 
     def _release(self, text: str, end: int) -> str:
@@ -76,19 +88,35 @@ class StopScanner:
         self.emitted = end
         return piece
 
-    def _first_stop(self, text: str) -> int | None:
-        # A stop cannot begin inside text released earlier (it would have been held back), so
-        # searching from there keeps each step's scan short.
-        start = max(0, self.emitted - max((len(s) for s in self.stops), default=0))
-        found = [i for i in (text.find(stop, start) for stop in self.stops) if i >= 0]
-        return min(found) if found else None
-
-    def _partial_suffix(self, text: str) -> int:
-        """Length of the longest end of `text` that is a proper prefix of some stop sequence."""
-        longest = 0
-        for stop in self.stops:
-            for size in range(min(len(stop) - 1, len(text)), longest, -1):
-                if text.endswith(stop[:size]):
-                    longest = size
+    def _scan(self, window: str) -> tuple[int | None, int]:
+        """(where the first stop starts in window or None, the longest end of window that is a
+        proper prefix of some stop)."""
+        first: int | None = None
+        partial = 0
+        for stop, borders in zip(self.stops, self._borders, strict=True):
+            matched = 0  # length of the longest prefix of stop ending at the current character
+            for index, char in enumerate(window):
+                while matched and stop[matched] != char:
+                    matched = borders[matched - 1]
+                if stop[matched] == char:
+                    matched += 1
+                if matched == len(stop):
+                    begin = index + 1 - len(stop)
+                    first = begin if first is None else min(first, begin)
                     break
-        return longest
+            else:
+                partial = max(partial, matched)
+        return first, partial
+
+
+def _borders(pattern: str) -> list[int]:
+    """KMP's prefix function: for each prefix, the longest proper prefix that is also its suffix."""
+    borders = [0] * len(pattern)
+    length = 0
+    for index in range(1, len(pattern)):
+        while length and pattern[index] != pattern[length]:
+            length = borders[length - 1]
+        if pattern[index] == pattern[length]:
+            length += 1
+        borders[index] = length
+    return borders

@@ -5,7 +5,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 
-from app.serving.runners.base import GenerationRequest, LoadedInfo, TextGenerationRunner, TokenDelta
+from app.serving.runners.base import (
+    GenerationRequest,
+    LoadedInfo,
+    StepEntry,
+    TextGenerationRunner,
+    TokenDelta,
+)
 from app.serving.runners.common import StopScanner
 
 # A token is a run of non-space characters with the whitespace that follows it, so joining the
@@ -31,11 +37,15 @@ class EchoRunner(TextGenerationRunner, loader="echo"):
     def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
         return messages[-1]["content"] if messages else ""
 
-    def generate(self, batch: Sequence[GenerationRequest]) -> Iterator[list[TokenDelta | None]]:
+    def generate(self, batch: Sequence[GenerationRequest]) -> Iterator[list[StepEntry]]:
         streams = [_echo(request) for request in batch]
         while True:
-            # A stream yields None while it holds text back, so only exhaustion ends it.
-            step = [next(stream, _END) for stream in streams]
+            # A stream yields None while it holds text back, so only exhaustion (or its
+            # request's cancellation) ends it.
+            step = [
+                _END if request.cancel.is_set() else next(stream, _END)
+                for request, stream in zip(batch, streams, strict=True)
+            ]
             if all(delta is _END for delta in step):
                 return
             yield [delta if isinstance(delta, TokenDelta) else None for delta in step]

@@ -7,7 +7,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from app.catalog.cards import ModelCard
-from app.serving.runners.base import ImageRequest, ImageRunner, LoadedInfo
+from app.serving.runners.base import (
+    GenerationCancelled,
+    ImageRequest,
+    ImageRunner,
+    LoadedInfo,
+    RowError,
+)
 from app.serving.runners.common import count_parameters, torch_dtype
 
 if TYPE_CHECKING:
@@ -46,22 +52,47 @@ class StableDiffusionRunner(ImageRunner, loader="diffusers-stable-diffusion"):
             extra={"scheduler": type(pipeline.scheduler).__name__},
         )
 
-    def generate(self, batch: Sequence[ImageRequest]) -> list[list[bytes]]:
-        """Requests of equal size and step count share one pipeline call."""
+    def generate(self, batch: Sequence[ImageRequest]) -> list[list[bytes] | RowError]:
+        """Requests of equal size and step count share one pipeline call; a request that is
+        invalid, fails or is cancelled gets its RowError and the others their images."""
         if self.pipeline is None:
             raise RuntimeError("load() must run before generate()")
-        for request in batch:
-            self._validate(request)
+        results: list[list[bytes] | RowError] = [[] for _ in batch]
         groups: dict[tuple[int, int, int], list[int]] = {}
         for index, request in enumerate(batch):
+            try:
+                self._validate(request)
+            except ValueError as exc:
+                results[index] = RowError(exc)
+                continue
             key = (request.width, request.height, request.num_inference_steps)
             groups.setdefault(key, []).append(index)
-        results: list[list[bytes]] = [[] for _ in batch]
         for members in groups.values():
-            images = self._run_group([batch[i] for i in members])
-            for index, request_images in zip(members, images, strict=True):
-                results[index] = request_images
+            outcomes = self._run_isolated([batch[i] for i in members])
+            for index, outcome in zip(members, outcomes, strict=True):
+                results[index] = outcome
         return results
+
+    def _run_isolated(self, requests: list[ImageRequest]) -> list[list[bytes] | RowError]:
+        """One group's images. If the pipeline call fails, each request is drawn alone, so only
+        the request that fails gets the error."""
+        outcomes: list[list[bytes] | RowError] = [_cancelled() for _ in requests]
+        live = [i for i, request in enumerate(requests) if not request.cancel.is_set()]
+        if not live:
+            return outcomes
+        try:
+            drawn = self._run_group([requests[i] for i in live])
+        except GenerationCancelled as exc:
+            return [RowError(exc)] * len(requests)
+        except Exception as exc:
+            for i in live:
+                outcomes[i] = (
+                    RowError(exc) if len(live) == 1 else self._run_isolated([requests[i]])[0]
+                )
+            return outcomes
+        for i, images in zip(live, drawn, strict=True):
+            outcomes[i] = images
+        return outcomes
 
     def _validate(self, request: ImageRequest) -> None:
         for name, side in (("width", request.width), ("height", request.height)):
@@ -89,6 +120,13 @@ class StableDiffusionRunner(ImageRunner, loader="diffusers-stable-diffusion"):
             # An empty negative prompt is what the pipeline uses when none is given.
             negatives += [request.negative_prompt or ""] * request.n
             generators += [generator] * request.n
+
+        def on_step_end(
+            pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]
+        ) -> dict[str, Any]:
+            self._on_step_end(requests, step)
+            return tensors
+
         output = self.pipeline(
             prompt=prompts,
             negative_prompt=negatives,
@@ -97,6 +135,7 @@ class StableDiffusionRunner(ImageRunner, loader="diffusers-stable-diffusion"):
             num_inference_steps=first.num_inference_steps,
             generator=generators,
             output_type="pil",
+            callback_on_step_end=on_step_end,
         )
         pngs = [_png(image) for image in output.images]
         per_request: list[list[bytes]] = []
@@ -104,6 +143,19 @@ class StableDiffusionRunner(ImageRunner, loader="diffusers-stable-diffusion"):
             per_request.append(pngs[: request.n])
             pngs = pngs[request.n :]
         return per_request
+
+    def _on_step_end(self, requests: list[ImageRequest], step: int) -> None:
+        """After each denoising step: stop the pipeline once every request in it is cancelled.
+
+        Raising (rather than the pipeline's own `_interrupt` flag, which still runs the skipped
+        steps' loop and the VAE decode) ends the call at once; nobody waits for its images.
+        """
+        if all(request.cancel.is_set() for request in requests):
+            raise GenerationCancelled(f"cancelled after denoising step {step + 1}")
+
+
+def _cancelled() -> RowError:
+    return RowError(GenerationCancelled("cancelled before its images were drawn"))
 
 
 def _dtype_arg() -> str:

@@ -1,4 +1,8 @@
-"""The transformers causal-LM runner: batched incremental decoding with a KV cache."""
+"""The transformers causal-LM runner: batched incremental decoding with a KV cache.
+
+Rows leave the batch as they finish, fail or are cancelled: their KV cache rows are dropped, so
+the rest of the batch decodes at its own size and an abandoned request costs nothing further.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from app.catalog.cards import ModelCard
-from app.serving.runners.base import GenerationRequest, LoadedInfo, TextGenerationRunner, TokenDelta
+from app.serving.runners.base import (
+    GenerationRequest,
+    LoadedInfo,
+    RowError,
+    StepEntry,
+    TextGenerationRunner,
+    TokenDelta,
+)
 from app.serving.runners.common import (
     StopScanner,
     count_parameters,
@@ -39,15 +50,24 @@ class _Row:
     generated: int = 0
     pending: int = 0  # tokens generated since this row's last delta
     done: bool = False
+    error: Exception | None = None  # set when this row alone failed (e.g. while sampling)
 
     def __post_init__(self) -> None:
         self.scanner = StopScanner(self.request.stop)
         self.prefix = self.decode(self.prompt_tail)
 
-    def advance(self, token: int, is_eos: bool) -> TokenDelta | None:
-        """Take one generated token; the delta to send for it, if any."""
+    @property
+    def live(self) -> bool:
+        """Still decoding: not finished, failed or cancelled."""
+        return not self.done and not self.request.cancel.is_set()
+
+    def advance(self, token: int, is_eos: bool) -> StepEntry:
+        """Take one generated token; the delta (or this row's error) to send for it, if any."""
         if self.done:
             return None
+        if self.error is not None:
+            self.done = True
+            return RowError(self.error)
         self.generated += 1
         self.pending += 1
         if not is_eos:
@@ -157,14 +177,22 @@ class TransformersCausalLMRunner(TextGenerationRunner, loader="transformers-caus
         lines = [f"{m['role']}: {m['content']}" for m in messages]
         return "\n".join([*lines, "assistant:"])
 
-    def generate(self, batch: Sequence[GenerationRequest]) -> Iterator[list[TokenDelta | None]]:
-        """Validate and tokenize now (a ValueError names the limit), then decode lazily."""
+    def generate(self, batch: Sequence[GenerationRequest]) -> Iterator[list[StepEntry]]:
+        """Validate and tokenize now, then decode lazily; a request that fails validation (a
+        ValueError naming the limit) is a RowError in the first step and its neighbours go on."""
         if self.model is None:
             raise RuntimeError("load() must run before generate()")
-        prompts = [self._checked_prompt(request) for request in batch]
-        if not prompts:
+        if not batch:
             return iter(())
-        return self._decode_batch(list(batch), prompts)
+        return self._decode_batch([self._prepare(request) for request in batch])
+
+    def _prepare(self, request: GenerationRequest) -> tuple[_Row, list[int]] | RowError:
+        try:
+            ids = self._checked_prompt(request)
+            row = _Row(request, ids[-_PROMPT_TAIL:], self._generator(request.seed), self._decode)
+        except Exception as exc:  # this request alone is bad: its prompt, its seed
+            return RowError(exc)
+        return row, ids
 
     def _checked_prompt(self, request: GenerationRequest) -> list[int]:
         if request.max_tokens < 1:
@@ -183,33 +211,78 @@ class TransformersCausalLMRunner(TextGenerationRunner, loader="transformers-caus
         return ids
 
     def _decode_batch(
-        self, batch: list[GenerationRequest], prompts: list[list[int]]
-    ) -> Iterator[list[TokenDelta | None]]:
+        self, prepared: list[tuple[_Row, list[int]] | RowError]
+    ) -> Iterator[list[StepEntry]]:
         import torch
 
-        rows = [
-            _Row(request, prompt[-_PROMPT_TAIL:], self._generator(request.seed), self._decode)
-            for request, prompt in zip(batch, prompts, strict=True)
-        ]
-        input_ids, attention_mask, position_ids = self._left_pad(prompts)
+        step: list[StepEntry] = [p if isinstance(p, RowError) else None for p in prepared]
+        slots = [i for i, p in enumerate(prepared) if not isinstance(p, RowError)]
+        rows = [p[0] for p in prepared if not isinstance(p, RowError)]
+        prompts = [p[1] for p in prepared if not isinstance(p, RowError)]
+        tensors = self._left_pad(prompts) if prompts else None
         past: Any = None
-        while rows:
+        while True:
+            keep = [k for k, row in enumerate(rows) if row.live]
+            if tensors is None or not keep:
+                if any(entry is not None for entry in step):
+                    yield step  # failures not delivered yet
+                return
+            if len(keep) < len(rows):
+                cut = self._cut_rows(keep, tensors, past)
+                if cut is None:  # they stay, decoding pad tokens
+                    for row in rows:
+                        row.done = not row.live
+                else:
+                    tensors, past = cut
+                    slots = [slots[k] for k in keep]
+                    rows = [rows[k] for k in keep]
+            input_ids, attention_mask, position_ids = tensors
             # Inference mode per step, not around the yield: it is thread-local state and must
             # not leak into the caller between steps.
             with torch.inference_mode():
                 logits, past = self._forward(input_ids, attention_mask, position_ids, past)
                 tokens = self._next_tokens(logits, rows)
-            yield [
-                row.advance(token, token in self.eos_ids)
-                for row, token in zip(rows, tokens, strict=True)
-            ]
-            if all(row.done for row in rows):
-                return
-            # Finished rows keep decoding a pad token so the batch stays rectangular.
-            fed = [self.pad_id if row.done else t for row, t in zip(rows, tokens, strict=True)]
-            input_ids = torch.tensor(fed, device=self.device).unsqueeze(1)
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], 1)
-            position_ids = position_ids[:, -1:] + 1
+            for slot, row, token in zip(slots, rows, tokens, strict=True):
+                step[slot] = row.advance(token, token in self.eos_ids)
+            yield step
+            step = [None] * len(prepared)
+            tensors = self._next_inputs(rows, tokens, attention_mask, position_ids)
+
+    def _next_inputs(
+        self,
+        rows: list[_Row],
+        tokens: list[int],
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """The next step's inputs: each row's new token, one more mask column, next positions."""
+        import torch
+
+        # Rows that stayed in the batch (see _cut_rows) decode a pad token once done.
+        fed = [self.pad_id if row.done else t for row, t in zip(rows, tokens, strict=True)]
+        return (
+            torch.tensor(fed, device=self.device).unsqueeze(1),
+            torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], 1),
+            position_ids[:, -1:] + 1,
+        )
+
+    def _cut_rows(
+        self, keep: list[int], tensors: tuple[torch.Tensor, ...], past: Any
+    ) -> tuple[tuple[torch.Tensor, ...], Any] | None:
+        """Only the `keep` rows of the batch and its KV cache; None for a cache we cannot cut."""
+        import torch
+
+        index = torch.tensor(keep, device=self.device)
+        if past is None:
+            cache: Any = None
+        elif hasattr(past, "batch_select_indices"):  # transformers' Cache classes
+            past.batch_select_indices(index)
+            cache = past
+        elif isinstance(past, tuple):  # the legacy per-layer (key, value) tuples
+            cache = tuple(tuple(tensor[index] for tensor in layer) for layer in past)
+        else:
+            return None
+        return tuple(tensor[index] for tensor in tensors), cache
 
     def _generator(self, seed: int | None) -> torch.Generator | None:
         import torch
@@ -267,7 +340,10 @@ class TransformersCausalLMRunner(TextGenerationRunner, loader="transformers-caus
             top_p = logits.new_tensor([rows[i].request.top_p for i in sampled])
             probs = _nucleus(torch.softmax(logits[pick] / temperature[:, None], dim=-1), top_p)
             for j, i in enumerate(sampled):
-                chosen[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
+                try:
+                    chosen[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
+                except RuntimeError as exc:  # e.g. non-finite probabilities in this row alone
+                    rows[i].error = exc
         tokens: list[int] = chosen.tolist()
         return tokens
 
