@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import subprocess
@@ -31,6 +32,8 @@ from app.runtime import (
     kill_stray_haproxy,
     ray_executable,
 )
+from app.security.cli import add_keys_commands
+from app.security.config import AuthMode
 
 
 def say(message: str) -> None:
@@ -89,6 +92,36 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+class InsecureBindError(RuntimeError):
+    """`app up` asked to serve a public address without API keys."""
+
+
+def _with_auth(args: argparse.Namespace, fleet: FleetSpec) -> FleetSpec:
+    """The spec with `--auth` applied; refuses a non-loopback host without keys unless the
+    operator says --insecure-no-auth (another gateway in front authenticates)."""
+    if args.auth:
+        auth = fleet.auth.model_copy(update={"mode": AuthMode(args.auth)})
+        fleet = fleet.model_copy(update={"auth": auth})
+    if fleet.auth.mode is AuthMode.OFF and not _loopback(args.host):
+        if not args.insecure_no_auth:
+            raise InsecureBindError(
+                f"--host {args.host} serves every network this machine is on, and API keys "
+                "are off: add --auth keys (then `app keys create NAME`), or --insecure-no-auth "
+                "if a gateway of your own authenticates in front"
+            )
+        say(f"warning: serving {args.host} without API keys (--insecure-no-auth)")
+    return fleet
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _region_target(args: argparse.Namespace, fleet: FleetSpec) -> FleetSpec:
     """With --region: this cluster is that region alone. A local region's cluster is started
     if needed, and its address and HTTP port come from the spec unless given."""
@@ -110,7 +143,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from app.catalog.recipes import build_catalogue
 
     catalogue = _catalogue(args)
-    fleet = _region_target(args, load_fleet(args.fleet))
+    fleet = _with_auth(args, load_fleet(args.fleet))
+    fleet = _region_target(args, fleet)
     say(f"catalogue {catalogue.directory}: {', '.join(card.id for card in catalogue)}")
     where = f"region {fleet.own_region} of " if fleet.own_region else ""
     say(
@@ -294,6 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--request-timeout", type=float, help="seconds before Serve ends an HTTP request"
     )
+    up.add_argument(
+        "--auth",
+        choices=[m.value for m in AuthMode],
+        help="API keys: `keys` (create them with `app keys create`) or `off` (default: the "
+        "fleet spec's auth.mode; off is refused on a non-loopback --host)",
+    )
+    up.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve a non-loopback --host without API keys (only behind your own gateway)",
+    )
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="shut down Serve, stop local Ray and stray HAProxy")
@@ -319,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_commands(sub)
     add_fleet_commands(sub)
     add_region_commands(sub)
+    add_keys_commands(sub)
     return parser
 
 
@@ -333,7 +379,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (CatalogueError, FleetSpecError, LauncherError, FederationSecretError) as exc:
+    except (
+        CatalogueError,
+        FleetSpecError,
+        LauncherError,
+        FederationSecretError,
+        InsecureBindError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (ResourceUnavailableError, DeployError, ConnectionError, LocalRegionError) as exc:

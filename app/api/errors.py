@@ -77,6 +77,55 @@ class RequestTooLargeError(APIError):
     code = "request_too_large"
 
 
+class AuthenticationError(APIError):
+    """No API key, or one that is malformed, unknown or revoked (401)."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return super().headers() | {"WWW-Authenticate": "Bearer"}
+
+
+class PermissionDeniedError(APIError):
+    """A valid key without the scope the endpoint needs (403)."""
+
+    status = 403
+    type = "permission_error"
+    code = "insufficient_scope"
+
+
+class RateLimitError(APIError):
+    """A per-key limit reached (429, Retry-After and OpenAI's x-ratelimit-* headers)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: int | None = None,
+        limit_headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code, retry_after_s=retry_after_s)
+        self.limit_headers = dict(limit_headers or {})
+
+    def headers(self) -> dict[str, str]:
+        return super().headers() | self.limit_headers
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_limited, (self.message, self.retry_after_s, self.limit_headers))
+
+
+def _rebuild_limited(message: str, retry: int | None, headers: dict[str, str]) -> RateLimitError:
+    return RateLimitError(message, retry_after_s=retry, limit_headers=headers)
+
+
 class OverloadedError(APIError):
     """The replica is at capacity; retry soon (429 with Retry-After)."""
 
@@ -134,9 +183,3 @@ def from_validation_error(error: ValidationError | list[dict[str, Any]]) -> Inva
     if param:
         message = f"invalid value for {param!r}: {message}"
     return InvalidRequestError(message, param=param)
-
-
-class AuthenticationError(APIError):
-    status = 401
-    type = "authentication_error"
-    code = "invalid_federation_signature"

@@ -3,6 +3,7 @@ model replica, so both speak exactly the same wire format and errors."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,6 +34,9 @@ from app.api.schemas import (
 )
 from app.api.sse import streaming_response
 from app.cache.policy import CACHE_HEADER, CACHE_STATUS_FIELD, bypass_requested
+from app.security.guard import CHARS_PER_TOKEN, Guard, estimate_tokens
+from app.security.keys import Scope
+from app.security.limits import Permit
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +120,8 @@ def validate_request(data: Any, model: type[R]) -> R:
         raise from_validation_error(exc) from exc
 
 
+# Whether the request being dispatched needs no key (auth off, or admitted by a peer region).
+TRUSTED: ContextVar[bool] = ContextVar("request_trusted", default=True)
 # The HTTP request being dispatched, for backends that need its headers or client address (the
 # gateway's routing hints). Each request runs in its own task, so its own context.
 CURRENT_REQUEST: ContextVar[Request | None] = ContextVar("current_request", default=None)
@@ -132,8 +138,12 @@ class OpenAIRoutes:
     fixed paths needs no framework; validation stays pydantic.
     """
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, guard: Guard | None = None) -> None:
         self.backend = backend
+        # API keys (app.security): None when the fleet's auth is off. GET routes need the
+        # inference scope unless listed in _scopes (None: open, like /healthz).
+        self.guard = guard
+        self._scopes: dict[str, Scope | None] = {"/healthz": None}
         b = backend
         self._post: dict[str, Callable[[Request], Awaitable[Response]]] = {
             "/v1/chat/completions": lambda r: self._call(
@@ -150,12 +160,21 @@ class OpenAIRoutes:
             "/healthz": self._health,
         }
 
-    def add_get(self, path: str, handler: Callable[[Request], Awaitable[Response]]) -> None:
-        """An extra GET route (the gateway's admin endpoints)."""
+    def add_get(
+        self,
+        path: str,
+        handler: Callable[[Request], Awaitable[Response]],
+        scope: Scope | None = Scope.ADMIN,
+    ) -> None:
+        """An extra GET route (the gateway's admin endpoints; `scope` None: no key needed)."""
         self._get[path] = handler
+        self._scopes[path] = scope
 
-    async def __call__(self, request: Request) -> Response:
+    async def __call__(self, request: Request, trusted: bool = False) -> Response:
+        """`trusted`: the request was already admitted elsewhere (a peer region's gateway,
+        whose signature the backend checked), so no key is asked for."""
         CURRENT_REQUEST.set(request)
+        TRUSTED.set(trusted or self.guard is None)
         try:
             return await self._dispatch(request)
         except APIError as exc:
@@ -173,9 +192,13 @@ class OpenAIRoutes:
         path = route_path(request)
         table = self._post if request.method == "POST" else self._get
         handler = table.get(path)
-        if handler is not None and request.method in ("GET", "POST"):
+        if handler is not None and request.method == "GET":
+            await self._admit_get(request, self._scopes.get(path, Scope.INFERENCE))
+            return await handler(request)
+        if handler is not None and request.method == "POST":
             return await handler(request)
         if path.startswith("/v1/models/") and request.method == "GET":
+            await self._admit_get(request, Scope.INFERENCE)
             return await self._get_model(path.removeprefix("/v1/models/"))
         if path in self._post or path in self._get:
             allowed = "POST" if path in self._post else "GET"
@@ -189,16 +212,43 @@ class OpenAIRoutes:
         unary: Callable[[R], Awaitable[dict[str, Any]]],
         stream: Callable[[R], AsyncIterator[bytes]] | None = None,
     ) -> Response:
+        if not TRUSTED.get() and self.guard is not None:
+            # Authenticate before reading the body: an unknown caller costs no parsing.
+            await self.guard.authenticate(request.headers.get("authorization"))
         body = await read_body(request)
         CURRENT_BODY.set(body)
         req = parse_request(body, schema)
-        if getattr(req, "stream", False):
-            if stream is None:
-                raise InvalidRequestError("this endpoint does not stream", param="stream")
-            return await streaming_response(stream(req))
-        if bypass_requested(request.headers):
-            req.cache_bypass = True  # type: ignore[attr-defined]
-        return cached_response(await unary(req))
+        permit = await self._admit(request, req, len(body))
+        try:
+            if getattr(req, "stream", False):
+                if stream is None:
+                    raise InvalidRequestError("this endpoint does not stream", param="stream")
+                response = await streaming_response(stream(req))
+                return with_permit(response, permit, streamed=True)
+            if bypass_requested(request.headers):
+                req.cache_bypass = True  # type: ignore[attr-defined]
+            payload = await unary(req)
+        except BaseException:
+            if permit is not None:
+                await permit.finish(0)
+            raise
+        if permit is not None:
+            usage = payload.get("usage")
+            used = usage.get("total_tokens") if isinstance(usage, dict) else None
+            await permit.finish(used if isinstance(used, int) else None)
+        return with_permit(cached_response(payload), permit)
+
+    async def _admit(self, request: Request, req: BaseModel, body_bytes: int) -> Permit | None:
+        if TRUSTED.get() or self.guard is None:
+            return None
+        tokens = request_tokens(req, body_bytes)
+        return await self.guard.check(request.headers.get("authorization"), Scope.INFERENCE, tokens)
+
+    async def _admit_get(self, request: Request, scope: Scope | None) -> None:
+        if scope is None or TRUSTED.get() or self.guard is None:
+            return
+        permit = await self.guard.check(request.headers.get("authorization"), scope)
+        await permit.finish(0)
 
     async def _list_models(self, request: Request) -> Response:
         return json_response({"object": "list", "data": await self.backend.list_models()})
@@ -220,3 +270,47 @@ def route_path(request: Request) -> str:
     if root and path.startswith(root):
         path = path[len(root) :] or "/"
     return path.rstrip("/") or "/"
+
+
+def request_tokens(req: BaseModel, body_bytes: int) -> int:
+    """The token estimate a per-key tokens-per-minute limit is charged up front (unary
+    responses are charged their real usage when they end)."""
+    if isinstance(req, ImageGenerationRequest):
+        return 0
+    if isinstance(req, EmbeddingRequest):
+        return body_bytes // CHARS_PER_TOKEN
+    prompts = len(req.prompts()) if isinstance(req, CompletionRequest) else 1
+    sequences = prompts * int(getattr(req, "n", 1) or 1)
+    return estimate_tokens(body_bytes, getattr(req, "max_tokens", None), sequences)
+
+
+def with_permit(response: Response, permit: Permit | None, *, streamed: bool = False) -> Response:
+    """The response with the key's rate-limit headers; a stream's permit ends when its last
+    write is sent or the client goes."""
+    if permit is None:
+        return response
+    response.headers.update(permit.headers)
+    iterator = getattr(response, "body_iterator", None)
+    if streamed:
+        if iterator is None:  # complete at its first write: nothing left to hold
+            _finish_later(permit)
+        else:
+            response.body_iterator = _finishing(iterator, permit)  # type: ignore[attr-defined]
+    return response
+
+
+async def _finishing(writes: AsyncIterator[Any], permit: Permit) -> AsyncIterator[Any]:
+    try:
+        async for piece in writes:
+            yield piece
+    finally:
+        await permit.finish(None)
+
+
+def _finish_later(permit: Permit) -> None:
+    task = asyncio.get_running_loop().create_task(permit.finish(None))
+    _PENDING.add(task)
+    task.add_done_callback(_PENDING.discard)
+
+
+_PENDING: set[asyncio.Task[None]] = set()  # strong references until the tasks finish

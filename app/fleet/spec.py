@@ -24,6 +24,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from app.autoscaling.config import merged
 from app.regions.spec import Federation, ModelPlacement, Name, Region, StrictModel
+from app.security.config import Auth
 
 REGION_LABEL = "ray.io/availability-region"
 ZONE_LABEL = "ray.io/availability-zone"
@@ -131,6 +132,9 @@ class FleetSpec(StrictModel):
         None, description="Fleet-wide autoscaling thresholds (app.autoscaling.config)."
     )
     geoip: GeoIP = GeoIP()
+    auth: Auth = Field(
+        default_factory=Auth, description="API keys: off (loopback only) or keys (app.security)."
+    )
     router_actor: Name = Field(
         "fleet-router", description="Name of the router actor (one control plane per cluster)."
     )

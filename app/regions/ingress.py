@@ -11,6 +11,8 @@ from app.api.errors import AuthenticationError
 from app.api.http import MAX_REQUEST_BYTES, error_response
 from app.regions.auth import FORWARDED_FROM, SIGNATURE, verify
 
+BAD_SIGNATURE = "invalid_federation_signature"  # the code of a peer request that fails its check
+
 
 def is_forwarded(request: Request) -> bool:
     return FORWARDED_FROM in request.headers
@@ -21,7 +23,8 @@ async def peer_refusal(request: Request, secret: bytes | None) -> Response | Non
     signature covers the full path, so it cannot be replayed on another URL."""
     declared = request.headers.get("content-length", "0")
     if not declared.isdigit() or int(declared) > MAX_REQUEST_BYTES:
-        return error_response(AuthenticationError("a forwarded request needs a content-length"))
+        missing = "a forwarded request needs a content-length"
+        return error_response(AuthenticationError(missing, code=BAD_SIGNATURE))
     body = await request.body() if request.method == "POST" else b""
     why = verify(
         secret,
@@ -30,4 +33,4 @@ async def peer_refusal(request: Request, secret: bytes | None) -> Response | Non
         request.scope["path"],
         body,
     )
-    return None if why is None else error_response(AuthenticationError(why))
+    return None if why is None else error_response(AuthenticationError(why, code=BAD_SIGNATURE))

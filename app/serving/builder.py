@@ -15,6 +15,7 @@ from app.catalog.cards import Catalogue, ModelCard, load_catalogue
 from app.fleet.spec import REGION_LABEL, FleetSpec, load_fleet
 from app.regions.spec import ModelPlacement
 from app.runtime import haproxy_ingress_enabled, replica_env
+from app.security.config import AuthMode
 
 DEFAULT_CATALOGUE = Path(__file__).resolve().parents[2] / "models"
 GATEWAY_APP = "gateway"
@@ -258,7 +259,12 @@ def build_model_app(args: dict[str, Any]) -> Application:
 
 
 def _fleet(args: dict[str, Any]) -> FleetSpec:
+    """The spec named by args (fleet file, region), with `auth: keys|off` applied if given
+    (deployments/serve.yaml binds every interface, so it asks for keys)."""
     fleet = load_fleet(args.get("fleet"))
+    if args.get("auth"):
+        auth = fleet.auth.model_copy(update={"mode": AuthMode(args["auth"])})
+        fleet = fleet.model_copy(update={"auth": auth})
     return fleet.for_region(args["region"]) if args.get("region") else fleet
 
 

@@ -56,6 +56,7 @@ from app.regions.federation import RegionFederation
 from app.regions.forwarding import SUMMARY_PATH, PeerBusyError, PeerUnreachableError
 from app.regions.ingress import is_forwarded, peer_refusal
 from app.regions.peers import LOCAL
+from app.security.guard import guard_for
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,9 +86,9 @@ class Gateway:
         self._status: tuple[float, dict[str, str]] = (0.0, {})
         self._refreshing: asyncio.Task[dict[str, str]] | None = None
         self.federation = RegionFederation(self.fleet) if self.fleet.own_region else None
-        self._routes = OpenAIRoutes(self)
-        self._routes.add_get("/v1/fleet", self._fleet_view)
-        self._routes.add_get(SUMMARY_PATH, self._summary)
+        self._routes = OpenAIRoutes(self, guard_for(self.fleet.auth))
+        self._routes.add_get("/v1/fleet", self._fleet_view)  # admin scope
+        self._routes.add_get(SUMMARY_PATH, self._summary, scope=None)  # peer-signed instead
 
     async def handle_for(self, model: str) -> DeploymentHandle:
         card = self.cards.get(model)
@@ -120,7 +121,8 @@ class Gateway:
             refusal = await peer_refusal(request, secret)
             if refusal is not None:
                 return refusal
-        return await self._routes(request)
+        # A peer's signed request was admitted, key and limits, by the region it entered.
+        return await self._routes(request, trusted=is_forwarded(request))
 
     async def _summary(self, request: Request) -> Response:
         """GET /federation/summary: this region's last summary, for its peers."""

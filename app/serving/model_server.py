@@ -9,12 +9,14 @@ from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
+from pydantic import BaseModel
 from ray import serve
 from ray.serve import Deployment
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.api.http import OpenAIRoutes, validate_request
+from app.api.http import OpenAIRoutes, request_tokens, validate_request
 from app.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -29,6 +31,8 @@ from app.fleet.agent import ReplicaAgent
 from app.fleet.spec import FleetSpec, embedded_fleet
 from app.regions.auth import load_secret
 from app.regions.ingress import is_forwarded, peer_refusal
+from app.security.guard import guard_for
+from app.security.keys import Scope
 from app.serving.runners import runner_class
 from app.serving.service import ModelService
 
@@ -55,8 +59,8 @@ class ModelServer:
         self.loaded = runner.load()
         self.service = ModelService(parsed, runner, response_cache=ResponseCache.for_card(parsed))
         logger.info("loaded %s on %s (%s)", parsed.id, self.loaded.device, self.loaded.dtype)
-        self._routes = OpenAIRoutes(self)
         spec = FleetSpec.model_validate(fleet) if fleet else embedded_fleet()
+        self._routes = OpenAIRoutes(self, guard_for(spec.auth))
         self._peer_secret = load_secret(spec.federation) if spec.own_region else None
         self.fleet = ReplicaAgent(
             spec,
@@ -118,7 +122,7 @@ class ModelServer:
             refusal = await peer_refusal(request, self._peer_secret)
             if refusal is not None:
                 return refusal
-        return await self._routes(request)
+        return await self._routes(request, trusted=is_forwarded(request))
 
     async def list_models(self) -> list[dict[str, Any]]:
         return [self.service.model_info()]
@@ -136,19 +140,29 @@ class ModelServer:
         return self.service.stats() | {"model": self.service.card.id, "device": self.loaded.device}
 
     async def chat(
-        self, req: ChatCompletionRequest | dict[str, Any], route: RouteArg = None
+        self,
+        req: ChatCompletionRequest | dict[str, Any],
+        route: RouteArg = None,
+        api_key: str | None = None,
     ) -> dict[str, Any]:
-        async with self._serving():
-            request = validate_request(req, ChatCompletionRequest)
-            return self._stamp(await self.service.chat(request))
+        request = validate_request(req, ChatCompletionRequest)
+        async with self._keyed(api_key, request) as used, self._serving():
+            return used.charge(self._stamp(await self.service.chat(request)))
 
     async def chat_stream(
-        self, req: ChatCompletionRequest | dict[str, Any], route: RouteArg = None
+        self,
+        req: ChatCompletionRequest | dict[str, Any],
+        route: RouteArg = None,
+        api_key: str | None = None,
     ) -> AsyncIterator[Chunk]:
         """Chunk dicts, for Python callers (`handle.options(stream=True)`)."""
         request = validate_request(req, ChatCompletionRequest)
         # aclosing: a consumer that stops early frees its slots and stops decoding at once.
-        async with self._serving(), aclosing(self.service.chat_stream(request)) as chunks:
+        async with (
+            self._keyed(api_key, request),
+            self._serving(),
+            aclosing(self.service.chat_stream(request)) as chunks,
+        ):
             async for chunk in chunks:
                 yield chunk
 
@@ -165,17 +179,27 @@ class ModelServer:
             yield write
 
     async def completions(
-        self, req: CompletionRequest | dict[str, Any], route: RouteArg = None
+        self,
+        req: CompletionRequest | dict[str, Any],
+        route: RouteArg = None,
+        api_key: str | None = None,
     ) -> dict[str, Any]:
-        async with self._serving():
-            request = validate_request(req, CompletionRequest)
-            return self._stamp(await self.service.completions(request))
+        request = validate_request(req, CompletionRequest)
+        async with self._keyed(api_key, request) as used, self._serving():
+            return used.charge(self._stamp(await self.service.completions(request)))
 
     async def completions_stream(
-        self, req: CompletionRequest | dict[str, Any], route: RouteArg = None
+        self,
+        req: CompletionRequest | dict[str, Any],
+        route: RouteArg = None,
+        api_key: str | None = None,
     ) -> AsyncIterator[Chunk]:
         request = validate_request(req, CompletionRequest)
-        async with self._serving(), aclosing(self.service.completions_stream(request)) as chunks:
+        async with (
+            self._keyed(api_key, request),
+            self._serving(),
+            aclosing(self.service.completions_stream(request)) as chunks,
+        ):
             async for chunk in chunks:
                 yield chunk
 
@@ -189,16 +213,52 @@ class ModelServer:
             yield write
 
     async def embeddings(
-        self, req: EmbeddingRequest | dict[str, Any], route: RouteArg = None
+        self,
+        req: EmbeddingRequest | dict[str, Any],
+        route: RouteArg = None,
+        api_key: str | None = None,
     ) -> dict[str, Any]:
-        async with self._serving():
-            return await self.service.embeddings(validate_request(req, EmbeddingRequest))
+        request = validate_request(req, EmbeddingRequest)
+        async with self._keyed(api_key, request) as used, self._serving():
+            return used.charge(await self.service.embeddings(request))
 
     async def images(
-        self, req: ImageGenerationRequest | dict[str, Any], route: RouteArg = None
+        self,
+        req: ImageGenerationRequest | dict[str, Any],
+        route: RouteArg = None,
+        api_key: str | None = None,
     ) -> dict[str, Any]:
-        async with self._serving():
-            return await self.service.images(validate_request(req, ImageGenerationRequest))
+        request = validate_request(req, ImageGenerationRequest)
+        async with self._keyed(api_key, request), self._serving():
+            return await self.service.images(request)
+
+    @asynccontextmanager
+    async def _keyed(self, api_key: str | None, request: BaseModel) -> AsyncIterator[Usage]:
+        """A handle caller that gives a key gets what an HTTP client gets: 401, 403, the key's
+        limits. Callers inside the cluster that give none are trusted, as before."""
+        usage = Usage()
+        guard = self._routes.guard
+        if api_key is None or guard is None:
+            yield usage
+            return
+        tokens = request_tokens(request, len(orjson.dumps(request.model_dump(mode="json"))))
+        permit = await guard.check(f"Bearer {api_key}", Scope.INFERENCE, tokens)
+        try:
+            yield usage
+        finally:
+            await permit.finish(usage.total_tokens)
+
+
+class Usage:
+    """The tokens a unary response reports, for the caller's key's tokens-per-minute limit."""
+
+    total_tokens: int | None = None
+
+    def charge(self, response: dict[str, Any]) -> dict[str, Any]:
+        usage = response.get("usage")
+        total = usage.get("total_tokens") if isinstance(usage, dict) else None
+        self.total_tokens = total if isinstance(total, int) else None
+        return response
 
 
 # Decorated here rather than with @ so that ModelServer stays a plain, importable class (pickled by

@@ -107,7 +107,7 @@ def test_a_forward_without_a_valid_secret_is_refused(regions: Regions) -> None:
     headers = {"content-type": "application/json", FORWARDED_FROM: EAST}
     unsigned = httpx.post(url, content=body, headers=headers)
     assert unsigned.status_code == 401
-    assert unsigned.json()["error"]["type"] == "authentication_error"
+    assert unsigned.json()["error"]["code"] == "invalid_federation_signature"
     forged = sign(b"not-the-federation-secret-at-all", EAST, "/v1/chat/completions", body)
     assert httpx.post(url, content=body, headers=headers | {SIGNATURE: forged}).status_code == 401
     other_body = sign(SECRET.encode(), EAST, "/v1/chat/completions", b"{}")

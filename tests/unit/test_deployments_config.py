@@ -24,7 +24,8 @@ def test_serve_config_matches_catalogue() -> None:
     for card in catalogue:
         app = apps[card.deployment_name]
         assert app.route_prefix == model_route_prefix(card)
-        assert app.args == {"model": card.id}
+        assert app.args == {"model": card.id, "auth": "keys"}  # it binds 0.0.0.0
+    assert apps[GATEWAY_APP].args == {"auth": "keys"}
     for app in config.applications:
         module, attribute = app.import_path.split(":")
         assert callable(getattr(importlib.import_module(module), attribute))
