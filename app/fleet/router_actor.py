@@ -74,6 +74,7 @@ class FleetRouter:
         self.replicas: dict[str, ReplicaRecord] = {}
         self.nodes: dict[str, NodeRecord] = {}
         self.drained_nodes: set[str] = set()
+        self.model_faults: dict[str, float] = {}  # model -> injected latency ms (chaos, benches)
         self.region_drained = False  # the whole region: its gateway forwards to peers instead
         self.federation: dict[str, Any] | None = None  # the gateway's peer view, as reported
         self.events: list[dict[str, Any]] = []
@@ -124,7 +125,8 @@ class FleetRouter:
         record.perf = dict(report.get("perf") or {})
         record.self_healthy = bool(report.get("healthy", True))
         return {
-            "inject_latency_ms": record.inject_latency_ms,
+            "inject_latency_ms": record.inject_latency_ms
+            or self.model_faults.get(record.model, 0.0),
             "drained": record.node_id in self.drained_nodes,
         }
 
@@ -184,6 +186,19 @@ class FleetRouter:
             raise ValueError(f"latency_ms must be between 0 and 600000, not {latency_ms}")
         self._replica(replica_id).inject_latency_ms = float(latency_ms)
         self._event("fault_injected", replica=replica_id, latency_ms=latency_ms)
+        return self.version
+
+    async def inject_model_fault(self, model: str, latency_ms: float) -> int:
+        """Chaos testing and benchmarks: every replica of the model, present and future, adds
+        this much latency to every request unless it has a fault of its own (0 clears it)."""
+        self._ensure_loop()
+        if not 0 <= latency_ms <= 600_000:
+            raise ValueError(f"latency_ms must be between 0 and 600000, not {latency_ms}")
+        if latency_ms:
+            self.model_faults[model] = float(latency_ms)
+        else:
+            self.model_faults.pop(model, None)
+        self._event("fault_injected", model=model, latency_ms=latency_ms)
         return self.version
 
     async def drain_region(self, drained: bool) -> bool:

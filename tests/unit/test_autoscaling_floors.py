@@ -30,6 +30,7 @@ def forecast(
 def floor_of(
     fc: Forecast | None, lead_s: float = 60, service_s: float | None = 1.0, **cfg: Any
 ) -> FloorResult | None:
+    cfg = {"buffer": 0.2, **cfg}  # the figures here are worked out with a 20 % buffer
     return PredictiveFloor(Predictive(**cfg)).floor(fc, NOW, lead_s, service_s, 10, 0.7)
 
 

@@ -27,11 +27,14 @@ FAST = {
     "panic_window_s": 2,
     "upscale_cooldown_s": 5,
     "downscale_cooldown_s": 0,
+    "predictive": {"buffer": 0.2},  # the figures below are worked out with a 20 % buffer
 }
 
 
 def core(**overrides: Any) -> AutoscalingCore:
-    return AutoscalingCore(AutoscalingConfig.model_validate({**FAST, **overrides}))
+    predictive = {**FAST["predictive"], **overrides.pop("predictive", {})}  # type: ignore[dict-item]
+    config = {**FAST, **overrides, "predictive": predictive}
+    return AutoscalingCore(AutoscalingConfig.model_validate(config))
 
 
 def with_forecast(c: AutoscalingCore, per_min: float, error: float = 0.1) -> PolicyState:

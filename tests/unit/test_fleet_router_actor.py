@@ -105,3 +105,19 @@ async def test_router_latency_overrides_and_placement_is_reported(
     a = next(r for r in view["replicas"] if r["replica_id"] == "a")
     assert a["performance"]["latency_ms"] == 12.0  # what clients see includes the network
     assert a["region"] == "eu" and a["healthy"]
+
+
+async def test_a_model_fault_reaches_its_replicas_present_and_future(
+    router: StaticNodesRouter,
+) -> None:
+    await router.inject_model_fault("echo", 300)
+    assert (await router.heartbeat(report("a", "n-eu")))["inject_latency_ms"] == 300
+    assert (await router.heartbeat(report("new", "n-us")))["inject_latency_ms"] == 300
+    other = report("c", "n-us") | {"model": "other"}
+    assert (await router.heartbeat(other))["inject_latency_ms"] == 0
+    await router.inject_fault("a", 40)  # a replica's own fault wins
+    assert (await router.heartbeat(report("a", "n-eu")))["inject_latency_ms"] == 40
+    await router.inject_model_fault("echo", 0)
+    assert (await router.heartbeat(report("new", "n-us")))["inject_latency_ms"] == 0
+    with pytest.raises(ValueError, match="latency_ms"):
+        await router.inject_model_fault("echo", -1)
