@@ -89,7 +89,7 @@ def timed_post(url: str, body: dict[str, Any]) -> float:
     return time.monotonic() - started
 
 
-# Far fewer than the 1000 an abandoned request asks for, far more than a disconnect takes to
+# Far fewer than the 900 an abandoned request asks for, far more than a disconnect takes to
 # reach the replica.
 CUT_SHORT = 500
 
@@ -99,7 +99,7 @@ def test_disconnected_stream_frees_the_llama_replica(base: str) -> None:
     short = {"model": LLAMA, "messages": MESSAGES, "max_tokens": 4, "cache_bypass": True}
     alone = timed_post(url, short)
     before = stats(LLAMA)["generated_tokens"]
-    long = {"model": LLAMA, "messages": MESSAGES, "max_tokens": 1000, "stream": True}
+    long = {"model": LLAMA, "messages": MESSAGES, "max_tokens": 900, "stream": True}
     with httpx.Client(timeout=60) as client, client.stream("POST", url, json=long) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
@@ -118,7 +118,7 @@ def test_handle_caller_cancelling_a_stream_stops_it(base: str) -> None:
     from ray.serve.handle import DeploymentResponseGenerator
 
     handle = serve.get_app_handle(CARDS[LLAMA].deployment_name).options(stream=True)
-    request = ChatCompletionRequest(model=LLAMA, messages=MESSAGES, max_tokens=1000, stream=True)
+    request = ChatCompletionRequest(model=LLAMA, messages=MESSAGES, max_tokens=900, stream=True)
     before = stats(LLAMA)["generated_tokens"]
     stream = handle.chat_stream.remote(request)
     assert isinstance(stream, DeploymentResponseGenerator)
