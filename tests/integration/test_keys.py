@@ -15,7 +15,7 @@ import ray
 
 from app.api.errors import AuthenticationError
 from app.catalog.cards import Catalogue, ModelCard, load_catalogue
-from app.fleet.router_actor import stop_router
+from app.fleet.router_actor import ensure_router, stop_router
 from app.fleet.spec import FleetSpec, Region
 from app.security.cli import create, revoke
 from app.security.config import Auth, AuthMode
@@ -59,6 +59,7 @@ def keyed(ray_cluster: Any, serving: str) -> Iterator[Keyed]:
 
     start_kv(KVConfig())
     kv = KVClient.connect()
+    ensure_router(SPEC)
     keys = {
         "user": create(kv, "user", (Scope.INFERENCE,), KeyLimits()),
         "admin": create(kv, "ops", (Scope.ADMIN,), KeyLimits()),
