@@ -4,6 +4,7 @@ model replica, so both speak exactly the same wire format and errors."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -42,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = int(os.environ.get("APP_MAX_REQUEST_BYTES", str(4 * 1024 * 1024)))
 R = TypeVar("R", bound=BaseModel)
+T = TypeVar("T")
 
 
 class Backend(Protocol):
@@ -227,7 +229,7 @@ class OpenAIRoutes:
                 return with_permit(response, permit, streamed=True)
             if bypass_requested(request.headers):
                 req.cache_bypass = True  # type: ignore[attr-defined]
-            payload = await unary(req)
+            payload = await until_disconnected(request, unary(req))
         except BaseException:
             if permit is not None:
                 await permit.finish(0)
@@ -270,6 +272,39 @@ def route_path(request: Request) -> str:
     if root and path.startswith(root):
         path = path[len(root) :] or "/"
     return path.rstrip("/") or "/"
+
+
+class ClientGoneError(APIError):
+    """The client closed the connection before its answer was ready; the work was cancelled.
+    Nobody reads the answer; nginx's 499 is the conventional status for the logs."""
+
+    status = 499
+    type = "client_closed_request"
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`, cancelled if the client disconnects first (so a model stops generating for
+    nobody). The body has been read, so the next ASGI message can only be the disconnect."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise ClientGoneError("the client closed the connection; the request was cancelled")
+    finally:
+        watcher.cancel()
+        if not task.done():  # this coroutine itself was cancelled: take the work with it
+            task.cancel()
+
+
+async def _disconnect(request: Request) -> None:
+    if (await request.receive())["type"] != "http.disconnect":
+        # Not a disconnect (a server that repeats the body): nothing more to learn from it.
+        await asyncio.get_running_loop().create_future()
 
 
 def request_tokens(req: BaseModel, body_bytes: int) -> int:

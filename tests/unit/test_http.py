@@ -226,3 +226,38 @@ async def test_error_mid_stream_becomes_error_event() -> None:
     events = body.decode().strip().split("\n\n")
     assert orjson.loads(events[-2].removeprefix("data: "))["error"]["code"] == "internal_error"
     assert events[-1] == "data: [DONE]"
+
+
+async def test_a_client_that_disconnects_cancels_its_unary_request() -> None:
+    from starlette.requests import Request
+
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    class Slow(EchoBackend):
+        async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
+            started.set()
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            return {}
+
+    body = orjson.dumps(chat())
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await started.wait()
+        return {"type": "http.disconnect"}  # the client goes while the model works
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": [(b"content-length", str(len(body)).encode())],
+        "query_string": b"",
+    }
+    response = await asyncio.wait_for(OpenAIRoutes(Slow())(Request(scope, receive)), 5)
+    assert cancelled.is_set() and response.status_code == 499
