@@ -12,7 +12,10 @@
 Calls go straight to the model's own deployment handle (one hop), not through the HTTP gateway.
 The fleet's request router places each call: near `region` (default: this process's node's
 region), by the deployment's strategy unless `strategy` overrides it, and a call whose replica
-dies or refuses it is retried on the next-best replica (streams only before their first chunk).
+dies or refuses it is retried on the next-best replica (streams only before their first chunk;
+after a replica death, once at most). Replicas that keep failing this client's calls are
+skipped for a while (per-replica circuit breakers, app.fleet.breaker). Time limits are the
+model's own (its card's `timeouts`, enforced by the replica).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from app.api.schemas import (
     ImageGenerationRequest,
 )
 from app.catalog.cards import deployment_name
+from app.fleet.breaker import BreakerConfig, ReplicaBreakers
 from app.fleet.failover import (
     call_with_failover,
     call_with_failover_sync,
@@ -48,8 +52,9 @@ class InferenceClient:
     """Sync and async access to every deployed model from any process connected to the cluster.
 
     `region`/`zone` say where this client is (for geo routing), `strategy` overrides the
-    deployments' routing strategy, and `fleet` (a FleetSpec; default $APP_FLEET or the embedded
-    one) gives the failover settings.
+    deployments' routing strategy, `fleet` (a FleetSpec; default $APP_FLEET or the embedded
+    one) gives the failover settings, and `breaker` when a replica's circuit opens and for how
+    long.
     """
 
     def __init__(
@@ -59,8 +64,11 @@ class InferenceClient:
         zone: str | None = None,
         strategy: str | None = None,
         fleet: FleetSpec | None = None,
+        breaker: BreakerConfig | None = None,
     ) -> None:
         self._handles: dict[str, DeploymentHandle] = {}
+        self._breaker = breaker or BreakerConfig()
+        self._breakers: dict[str, ReplicaBreakers] = {}  # per model, by replica
         self._route = route_kwarg(region=region, zone=zone, strategy=strategy)
         self._balancing: LoadBalancing = (fleet or load_fleet()).load_balancing
 
@@ -76,6 +84,13 @@ class InferenceClient:
                 ) from exc
             self._handles[model] = handle
         return handle
+
+    def breakers(self, model: str) -> ReplicaBreakers:
+        """This client's circuit breakers for the model's replicas."""
+        breakers = self._breakers.get(model)
+        if breakers is None:
+            breakers = self._breakers[model] = ReplicaBreakers(self._breaker)
+        return breakers
 
     def _stream(self, model: str) -> Any:
         """The handle in streaming mode (its calls return DeploymentResponseGenerator)."""
@@ -95,17 +110,19 @@ class InferenceClient:
     def _sync(self, method: str, req: Any) -> Response:
         handle = self.handle(req.model)
         return call_with_failover_sync(
-            lambda route: getattr(handle, method).remote(req, route=route).result(),
+            lambda route: getattr(handle, method).remote(req, route=route),
             self._route,
             self._balancing,
+            breakers=self.breakers(req.model),
         )
 
     def _sync_stream(self, method: str, req: Any) -> Iterator[Response]:
         handle = self._stream(req.model)
         return iterate_with_failover(
-            lambda route: iter(getattr(handle, method).remote(req, route=route)),
+            lambda route: getattr(handle, method).remote(req, route=route),
             self._route,
             self._balancing,
+            breakers=self.breakers(req.model),
         )
 
     def chat(self, req: ChatCompletionRequest) -> Response:
@@ -134,6 +151,7 @@ class InferenceClient:
             lambda route: getattr(handle, method).remote(req, route=route),
             self._route,
             self._balancing,
+            breakers=self.breakers(req.model),
         )
 
     def _async_stream(self, method: str, req: Any) -> AsyncIterator[Response]:
@@ -142,6 +160,7 @@ class InferenceClient:
             lambda route: getattr(handle, method).remote(req, route=route),
             self._route,
             self._balancing,
+            breakers=self.breakers(req.model),
         )
 
     async def achat(self, req: ChatCompletionRequest) -> Response:

@@ -183,3 +183,12 @@ def from_validation_error(error: ValidationError | list[dict[str, Any]]) -> Inva
     if param:
         message = f"invalid value for {param!r}: {message}"
     return InvalidRequestError(message, param=param)
+
+
+class RequestTimeoutError(APIError):
+    """The request ran past its model's time limit (the card's `timeouts`) and its work was
+    cancelled (504)."""
+
+    status = 504
+    type = "timeout"
+    code = "request_timeout"

@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import yaml
 from pydantic import (
@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from app.api.schemas import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES
+from app.autoscaling.config import merged
 from app.cache.config import ResponseCachePolicy
 from app.catalog.loaders import loader_task
 from app.catalog.tasks import Task  # re-exported: `from app.catalog.cards import Task` still works
@@ -28,6 +29,13 @@ MAX_IMAGE_SIDE = 1024  # pixels; larger images take minutes and gigabytes even o
 # Characters of prompt text accepted per context token before tokenising, unless
 # limits.max_input_chars says otherwise: far above any real tokenizer's average.
 INPUT_CHARS_PER_TOKEN = 16
+# timeouts.request_s when a card gives none: what one request of the task may take on a loaded
+# replica, queueing included (a long generation should stream: its chunks have their own limit).
+DEFAULT_REQUEST_TIMEOUT_S = {
+    Task.TEXT_GENERATION: 300.0,
+    Task.TEXT_TO_IMAGE: 300.0,
+    Task.EMBEDDING: 60.0,
+}
 
 
 class Dtype(StrEnum):
@@ -143,6 +151,23 @@ class Limits(_Strict):
     )
 
 
+class Timeouts(_Strict):
+    """How long one request may run before it is cut off with a 504 and its work cancelled."""
+
+    request_s: float | None = Field(
+        None,
+        gt=0,
+        le=86_400,
+        description=(
+            "A whole non-streaming request, and a stream's wait for its first chunk; default by "
+            "task: 300 s text generation and images, 60 s embeddings."
+        ),
+    )
+    chunk_s: float = Field(
+        30.0, gt=0, le=86_400, description="A stream's longest wait for each later chunk."
+    )
+
+
 class BuildRecipe(_Strict):
     """How `app models build` can generate a card's local source when it is missing."""
 
@@ -173,9 +198,16 @@ class ModelCard(_Strict):
         64, ge=1, le=100_000, description="Requests one replica holds at once before Serve queues."
     )
     replicas: Replicas = Replicas()
+    autoscaling: dict[str, Any] | None = Field(
+        None,
+        description="This model's autoscaling thresholds (app.autoscaling.config: e.g. "
+        "slo_p95_ms, target_utilization, predictive, schedules); the fleet spec's and its "
+        "regions' settings override them field by field.",
+    )
     generation: GenerationDefaults = GenerationDefaults()
     image: ImageDefaults = ImageDefaults()
     limits: Limits = Limits()
+    timeouts: Timeouts = Timeouts()
     build: BuildRecipe | None = Field(
         None, description="Recipe that generates `source` locally (offline catalogue only)."
     )
@@ -188,6 +220,13 @@ class ModelCard(_Strict):
     def _known_loader(cls, loader: str) -> str:
         loader_task(loader)  # raises UnknownLoaderError (a ValueError) naming the known ones
         return loader
+
+    @field_validator("autoscaling")
+    @classmethod
+    def _valid_autoscaling(cls, layer: dict[str, Any] | None) -> dict[str, Any] | None:
+        if layer:
+            merged(layer)  # fails at load, naming the field, not at deploy time
+        return layer
 
     @model_validator(mode="after")
     def _loader_matches_task(self) -> ModelCard:
@@ -222,6 +261,11 @@ class ModelCard(_Strict):
         """Characters of prompt text one request may carry (limits.max_input_chars)."""
         default = INPUT_CHARS_PER_TOKEN * self.generation.max_context_tokens
         return self.limits.max_input_chars or default
+
+    @property
+    def request_timeout_s(self) -> float:
+        """Seconds one request may run (timeouts.request_s, else the task's default)."""
+        return self.timeouts.request_s or DEFAULT_REQUEST_TIMEOUT_S[self.task]
 
     @property
     def sequence_limit(self) -> int:

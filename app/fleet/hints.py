@@ -47,6 +47,16 @@ def route_kwarg(
     }
 
 
+def with_excluded(route: dict[str, Any], replicas: Iterable[str]) -> dict[str, Any]:
+    """`route` that also excludes `replicas` (replicas a failed attempt tried, open circuits);
+    the same dict when it already excludes them all."""
+    given = route.get("exclude") or ()
+    excluded = {*given, *replicas}
+    if len(excluded) == len(set(given)):
+        return route
+    return route | {"exclude": sorted(excluded)}
+
+
 def hints_from(value: Mapping[str, Any] | RouteHints | None) -> RouteHints:
     """RouteHints from a handle call's `route` keyword; tolerant, since routers must never fail
     a request over a hint (an unknown strategy falls back to the deployment's)."""

@@ -135,6 +135,7 @@ class RegionFederation:
         self, region: str, path: str, body: bytes, headers: dict[str, str]
     ) -> dict[str, Any]:
         assert self.forwarder is not None
+        self._admit(region)
         started = time.perf_counter()
         with self._outcome(region):
             payload = await self.forwarder.unary(
@@ -147,6 +148,7 @@ class RegionFederation:
         self, region: str, path: str, body: bytes, headers: dict[str, str]
     ) -> AsyncIterator[bytes]:
         assert self.forwarder is not None
+        self._admit(region)
         started = time.perf_counter()
         with self._outcome(region):
             stream = await self.forwarder.stream(
@@ -155,6 +157,12 @@ class RegionFederation:
         self.table.record_forward(region, (time.perf_counter() - started) * 1000)
         return stream
 
+    def _admit(self, region: str) -> None:
+        """The peer's circuit lets this forward go (ranked peers may have opened since, or
+        another request holds the half-open probe); if not, the gateway tries the next."""
+        if not self.table.admit(region):
+            raise PeerUnreachableError(f"region {region} is out of rotation (circuit open)")
+
     @contextmanager
     def _outcome(self, region: str) -> Iterator[None]:
         """An unreachable peer counts against its rotation; a busy one is only skipped."""
@@ -162,6 +170,9 @@ class RegionFederation:
             yield
         except PeerUnreachableError as exc:
             self.table.record_failure(region, str(exc))
+            raise
+        except BaseException:
+            self.table.release(region)  # busy, a final answer, or cancelled: no verdict
             raise
 
     def status(self) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """HTTP to peer regions' gateways: forward one OpenAI request (unary or streamed, relayed as it
 arrives) and pull a peer's summary. Failures are classified for failover: a peer that cannot be
 reached, and one that answers 429/502/503/504, let the caller try the next region; any other
-answer is the client's answer and is relayed as it is."""
+answer is the client's answer and is relayed as it is. So is a 504 whose body says the request
+itself ran out of time (type "timeout"): another region would only run it again from the
+start."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Any
 import httpx
 import orjson
 
-from app.api.errors import APIError, error_json
+from app.api.errors import APIError, RequestTimeoutError, error_json
 from app.api.sse import SSE_DONE
 from app.regions.auth import FORWARDED_FROM, SIGNATURE, sign
 from app.regions.spec import Federation
@@ -131,13 +133,20 @@ def _raise_for(status: int, content: bytes) -> None:
         body = orjson.loads(content)
     except orjson.JSONDecodeError:
         body = {}
-    if status in RETRY_STATUSES:
+    if status in RETRY_STATUSES and not _timed_out(body):
         if not (isinstance(body, dict) and isinstance(body.get("error"), dict)):
             # Not the peer gateway's answer but its proxy's error page: the gateway is down
             # (a region going away looks like this first), so it counts against rotation.
             raise PeerUnreachableError(f"peer's proxy answered {status}")
         raise PeerBusyError(status, content)
     raise PeerAnswerError(status, body if isinstance(body, dict) else {})
+
+
+def _timed_out(body: Any) -> bool:
+    """An OpenAI error body of type "timeout" (RequestTimeoutError): the peer ran the request
+    to its model's time limit."""
+    error = body.get("error") if isinstance(body, dict) else None
+    return isinstance(error, dict) and error.get("type") == RequestTimeoutError.type
 
 
 async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:

@@ -1,7 +1,10 @@
 """What a gateway knows of the other regions and how it chooses among them. Pure: summaries,
 failures and forward latencies go in, a ranked list of regions comes out, through the same
 scorers that rank replicas inside a region (app.fleet.scoring), one level up: each region is
-one "replica" whose capacity and load are its model's totals."""
+one "replica" whose capacity and load are its model's totals. Each peer has the circuit
+breaker replicas have (app.fleet.breaker): `federation.failure_threshold` consecutive failures
+take it out of rotation; a good summary, or a probe forward once the cool-off has passed,
+puts it back."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.fleet.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from app.fleet.scoring import ReplicaView, RouteHints, RoutingPolicy
 from app.fleet.spec import LoadBalancing
 from app.regions.spec import Federation
@@ -25,10 +29,20 @@ class Peer:
     base_url: str
     summary: RegionSummary | None = None
     fetched_at: float | None = None  # monotonic time of the last good summary
-    failures: int = 0  # consecutive: summary pulls and forwards that could not reach it
-    in_rotation: bool = True
+    # Counts summary pulls and forwards that could not reach the peer.
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     forward_latency_ms: float | None = None
     last_error: str | None = None
+
+    @property
+    def failures(self) -> int:
+        """Consecutive failures to reach the peer."""
+        return self.breaker.failures
+
+    @property
+    def in_rotation(self) -> bool:
+        """Not open: closed, or half-open (a probe may go)."""
+        return self.breaker.state is not BreakerState.OPEN
 
 
 @dataclass
@@ -43,7 +57,10 @@ class PeerTable:
         self._policy = RoutingPolicy(self.balancing, self.distance_km)
 
     def add(self, region: str, base_url: str) -> None:
-        self.peers[region] = Peer(region, base_url.rstrip("/"))
+        config = BreakerConfig(failure_threshold=self.config.failure_threshold)
+        self.peers[region] = Peer(
+            region, base_url.rstrip("/"), breaker=CircuitBreaker(config, self.clock)
+        )
 
     # ---- what happened ---------------------------------------------------------------------
 
@@ -51,19 +68,26 @@ class PeerTable:
         """A good summary: the peer is reachable again and back in rotation."""
         peer = self.peers[region]
         peer.summary, peer.fetched_at = summary, self.clock()
-        peer.failures, peer.in_rotation, peer.last_error = 0, True, None
+        peer.breaker.record_success()
+        peer.last_error = None
 
     def record_failure(self, region: str, error: str) -> None:
         """A pull or a forward could not reach the peer (or got garbage back)."""
         peer = self.peers[region]
-        peer.failures += 1
+        peer.breaker.record_failure()
         peer.last_error = error
-        if peer.failures >= self.config.failure_threshold:
-            peer.in_rotation = False
+
+    def admit(self, region: str) -> bool:
+        """Whether a forward may go to the peer now (while half-open, it becomes the probe)."""
+        return self.peers[region].breaker.allow()
+
+    def release(self, region: str) -> None:
+        """A forward ended without telling whether the peer is reachable (busy, cancelled)."""
+        self.peers[region].breaker.release()
 
     def record_forward(self, region: str, latency_ms: float) -> None:
         peer = self.peers[region]
-        peer.failures = 0
+        peer.breaker.record_success()
         previous = peer.forward_latency_ms
         peer.forward_latency_ms = (
             latency_ms if previous is None else previous + LATENCY_EMA * (latency_ms - previous)
@@ -86,13 +110,14 @@ class PeerTable:
         spec_regions: list[str],
         exclude: frozenset[str] = frozenset(),
     ) -> list[str]:
-        """Peer regions to try for a model, best first: in rotation, not drained, serving the
-        model by their summary (or, with no fresh summary, by the spec); nearest to the
-        client, then by spare capacity and performance; saturated regions last."""
+        """Peer regions to try for a model, best first: in rotation (circuit closed, or
+        half-open with no probe in flight), not drained, serving the model by their summary
+        (or, with no fresh summary, by the spec); nearest to the client, then by spare
+        capacity and performance; saturated regions last."""
         views = [
             view
             for peer in self.peers.values()
-            if peer.region not in exclude and peer.in_rotation
+            if peer.region not in exclude and peer.breaker.available()
             for view in [self._view(peer, model, spec_regions)]
             if view is not None
         ]
@@ -129,6 +154,7 @@ class PeerTable:
             peer.region: {
                 "endpoint": peer.base_url,
                 "in_rotation": peer.in_rotation,
+                "circuit": peer.breaker.state.value,
                 "failures": peer.failures,
                 "last_error": peer.last_error,
                 "summary_age_s": None

@@ -126,8 +126,8 @@ def replica_counts(card: ModelCard, fleet: FleetSpec) -> dict[str, Any]:
         initial = card.replicas.initial if card.replicas.initial is not None else low
     if high == low and low > 0:
         return {"num_replicas": low}
-    # Cards carry no autoscaling layer yet: the fleet's and the region's thresholds apply.
-    config = fleet.autoscaling_config(card.id, None)
+    # The card's thresholds (its SLO, say), then the fleet's, the region's, the model-in-region's.
+    config = fleet.autoscaling_config(card.id, card.autoscaling)
     return {
         "autoscaling_config": serve_autoscaling_config(
             config,

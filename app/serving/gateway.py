@@ -41,6 +41,7 @@ from app.api.schemas import (
     ImageGenerationRequest,
 )
 from app.catalog.cards import ModelCard
+from app.fleet.breaker import ReplicaBreakers
 from app.fleet.failover import call_with_failover, stream_with_failover
 from app.fleet.geo import GeoLocator, forwarded_client_ip
 from app.fleet.hints import (
@@ -57,6 +58,7 @@ from app.regions.forwarding import SUMMARY_PATH, PeerBusyError, PeerUnreachableE
 from app.regions.ingress import is_forwarded, peer_refusal
 from app.regions.peers import LOCAL
 from app.security.guard import guard_for
+from app.serving.deadlines import bounded_relay, request_deadline
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -83,6 +85,7 @@ class Gateway:
         self.geo = GeoLocator(self.fleet)
         self.created = int(time.time())
         self._handles: dict[str, DeploymentHandle] = {}
+        self._breakers: dict[str, ReplicaBreakers] = {}  # per model, by replica
         self._status: tuple[float, dict[str, str]] = (0.0, {})
         self._refreshing: asyncio.Task[dict[str, str]] | None = None
         self.federation = RegionFederation(self.fleet) if self.fleet.own_region else None
@@ -184,46 +187,60 @@ class Gateway:
 
     async def _call(self, method: str, req: Any) -> dict[str, Any]:
         route = self._route()
-        if self.federation is None:
-            return await self._local_call(method, req, route)
-        federation, (body, headers) = self.federation, self._peer_request(route)
+        with request_deadline(self.cards.get(req.model)) as deadline:
+            if self.federation is None:
+                return await self._local_call(method, req, route, deadline)
+            federation, (body, headers) = self.federation, self._peer_request(route)
 
-        async def attempt(target: str) -> dict[str, Any]:
-            if target == LOCAL:
-                return await self._local_call(method, req, route)
-            path = _model_path(req.model, method)
-            return await federation.forward(target, path, body, headers)
+            async def attempt(target: str) -> dict[str, Any]:
+                if target == LOCAL:
+                    return await self._local_call(method, req, route, deadline)
+                path = _model_path(req.model, method)
+                async with asyncio.timeout_at(deadline):
+                    return await federation.forward(target, path, body, headers)
 
-        return await self._across_regions(req.model, route, attempt)
+            return await self._across_regions(req.model, route, attempt)
 
-    async def _local_call(self, method: str, req: Any, route: dict[str, Any]) -> dict[str, Any]:
+    async def _local_call(
+        self, method: str, req: Any, route: dict[str, Any], deadline: float | None
+    ) -> dict[str, Any]:
         handle = await self.handle_for(req.model)
         with _mapped_errors(req.model), self._inflight(req.model):
             return await call_with_failover(
                 lambda hints: getattr(handle, method).remote(req, route=hints),
                 route,
                 self.fleet.load_balancing,
+                breakers=self._replica_breakers(req.model),
+                deadline=deadline,
             )
+
+    def _replica_breakers(self, model: str) -> ReplicaBreakers:
+        breakers = self._breakers.get(model)
+        if breakers is None:
+            breakers = self._breakers[model] = ReplicaBreakers()
+        return breakers
 
     async def _stream(self, method: str, req: Any, route: dict[str, Any]) -> AsyncIterator[bytes]:
         """Forward SSE writes untouched (no decode and re-encode here): from this region's
         replica, or relayed from a peer region as they arrive. A stream fails over only
         before its first byte."""
-        if self.federation is None:
-            async for piece in self._local_stream(method, req, route):
-                yield piece
-            return
-        federation, (body, headers) = self.federation, self._peer_request(route)
+        with request_deadline(self.cards.get(req.model)) as deadline:
+            if self.federation is None:
+                async for piece in self._local_stream(method, req, route, deadline):
+                    yield piece
+                return
+            federation, (body, headers) = self.federation, self._peer_request(route)
 
-        async def attempt(target: str) -> tuple[bytes, AsyncIterator[bytes]]:
-            if target == LOCAL:
-                stream = self._local_stream(method, req, route)
-            else:
+            async def attempt(target: str) -> tuple[bytes, AsyncIterator[bytes]]:
+                if target == LOCAL:
+                    stream = self._local_stream(method, req, route, deadline)
+                    return await anext(stream), stream
                 path = _model_path(req.model, method)
-                stream = await federation.forward_stream(target, path, body, headers)
-            return await anext(stream), stream
+                async with asyncio.timeout_at(deadline):
+                    stream = await federation.forward_stream(target, path, body, headers)
+                    return await anext(stream), stream
 
-        first, rest = await self._across_regions(req.model, route, attempt)
+            first, rest = await self._across_regions(req.model, route, attempt)
         yield first
         async for piece in rest:
             yield piece
@@ -246,7 +263,7 @@ class Gateway:
         raise _no_region(model, failure)
 
     async def _local_stream(
-        self, method: str, req: Any, route: dict[str, Any]
+        self, method: str, req: Any, route: dict[str, Any], deadline: float | None
     ) -> AsyncIterator[bytes]:
         handle = (await self.handle_for(req.model)).options(stream=True)
         with _mapped_errors(req.model), self._inflight(req.model):
@@ -254,6 +271,8 @@ class Gateway:
                 lambda hints: getattr(handle, method).remote(req, route=hints),
                 route,
                 self.fleet.load_balancing,
+                breakers=self._replica_breakers(req.model),
+                deadline=deadline,
             ):
                 yield piece
 
@@ -320,13 +339,15 @@ class Gateway:
         return await self._call("chat", req)
 
     def chat_sse(self, req: ChatCompletionRequest) -> AsyncIterator[bytes]:
-        return self._stream("relay_chat_sse", req, self._route())
+        writes = self._stream("relay_chat_sse", req, self._route())
+        return bounded_relay(self.cards.get(req.model), writes)
 
     async def completions(self, req: CompletionRequest) -> dict[str, Any]:
         return await self._call("completions", req)
 
     def completions_sse(self, req: CompletionRequest) -> AsyncIterator[bytes]:
-        return self._stream("relay_completions_sse", req, self._route())
+        writes = self._stream("relay_completions_sse", req, self._route())
+        return bounded_relay(self.cards.get(req.model), writes)
 
     async def embeddings(self, req: EmbeddingRequest) -> dict[str, Any]:
         return await self._call("embeddings", req)

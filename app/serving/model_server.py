@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from app.regions.auth import load_secret
 from app.regions.ingress import is_forwarded, peer_refusal
 from app.security.guard import guard_for
 from app.security.keys import Scope
+from app.serving.deadlines import bounded_stream, time_limit, timeout_error
 from app.serving.runners import runner_class
 from app.serving.service import ModelService
 
@@ -113,6 +114,22 @@ class ModelServer:
             with self.service.admit():
                 yield
 
+    def _time_limit(self) -> AbstractAsyncContextManager[None]:
+        """The card's limit on one unary request: a 504 past it, and the work cancelled."""
+        card = self.service.card
+        return time_limit(card.request_timeout_s, lambda first: timeout_error(card, first))
+
+    def _bounded(self, chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        """A stream under the card's limits: its first chunk within timeouts.request_s, each
+        later one within timeouts.chunk_s (past either, the stream ends with a 504 error)."""
+        card = self.service.card
+        return bounded_stream(
+            chunks,
+            first_s=card.request_timeout_s,
+            next_s=card.timeouts.chunk_s,
+            error=lambda first: timeout_error(card, first),
+        )
+
     # ---- the Backend protocol (HTTP) and the handle API share these methods -----------------
 
     async def __call__(self, request: Request) -> Response:
@@ -146,7 +163,7 @@ class ModelServer:
         api_key: str | None = None,
     ) -> dict[str, Any]:
         request = validate_request(req, ChatCompletionRequest)
-        async with self._keyed(api_key, request) as used, self._serving():
+        async with self._keyed(api_key, request) as used, self._serving(), self._time_limit():
             return used.charge(self._stamp(await self.service.chat(request)))
 
     async def chat_stream(
@@ -163,7 +180,7 @@ class ModelServer:
             self._serving(),
             aclosing(self.service.chat_stream(request)) as chunks,
         ):
-            async for chunk in chunks:
+            async for chunk in self._bounded(chunks):
                 yield chunk
 
     def chat_sse(self, req: ChatCompletionRequest | dict[str, Any]) -> SSEStream:
@@ -185,7 +202,7 @@ class ModelServer:
         api_key: str | None = None,
     ) -> dict[str, Any]:
         request = validate_request(req, CompletionRequest)
-        async with self._keyed(api_key, request) as used, self._serving():
+        async with self._keyed(api_key, request) as used, self._serving(), self._time_limit():
             return used.charge(self._stamp(await self.service.completions(request)))
 
     async def completions_stream(
@@ -200,7 +217,7 @@ class ModelServer:
             self._serving(),
             aclosing(self.service.completions_stream(request)) as chunks,
         ):
-            async for chunk in chunks:
+            async for chunk in self._bounded(chunks):
                 yield chunk
 
     def completions_sse(self, req: CompletionRequest | dict[str, Any]) -> SSEStream:
@@ -219,7 +236,7 @@ class ModelServer:
         api_key: str | None = None,
     ) -> dict[str, Any]:
         request = validate_request(req, EmbeddingRequest)
-        async with self._keyed(api_key, request) as used, self._serving():
+        async with self._keyed(api_key, request) as used, self._serving(), self._time_limit():
             return used.charge(await self.service.embeddings(request))
 
     async def images(
@@ -229,7 +246,7 @@ class ModelServer:
         api_key: str | None = None,
     ) -> dict[str, Any]:
         request = validate_request(req, ImageGenerationRequest)
-        async with self._keyed(api_key, request), self._serving():
+        async with self._keyed(api_key, request), self._serving(), self._time_limit():
             return await self.service.images(request)
 
     @asynccontextmanager

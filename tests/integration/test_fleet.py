@@ -2,11 +2,14 @@
 replica of an echo model in each, placed by label, routed by app.fleet's RequestRouter.
 
 Which replica answered is read from the response's system_fingerprint (region/zone/replica).
+The last tests bound failures: the gateway's per-replica circuit breaker under its time limit,
+and a request that kills its replicas, retried once and no more.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import Counter
@@ -22,6 +25,8 @@ import ray
 from app.api.schemas import ChatCompletionRequest
 from app.catalog.cards import Catalogue, ModelCard, load_catalogue
 from app.client import InferenceClient
+from app.fleet.failover import call_with_failover_sync
+from app.fleet.hints import route_kwarg
 from app.fleet.router_actor import ROUTER_NAMESPACE, ensure_router
 from app.fleet.spec import REGION_LABEL, ZONE_LABEL, FleetSpec, LoadBalancing, Region
 from tests.integration.conftest import ROOT
@@ -60,6 +65,9 @@ CARD = ModelCard(
     loader="echo",
     max_ongoing_requests=2,
     replicas={"min": 1, "max": 1},  # type: ignore[arg-type]
+    # Far above an echo request; below the 5 s fault the breaker test injects. A replica's
+    # own limit starts after its injected latency, so only the gateway's covers the fault.
+    timeouts={"request_s": 2.0},
 )
 
 
@@ -263,6 +271,37 @@ def test_slow_replica_gets_a_shrinking_share_under_the_performance_strategy(
     assert before >= 1 / 3 and after < 0.05, (before, after, baseline)
 
 
+def test_a_replica_that_keeps_timing_out_is_skipped_by_the_gateway(fleet: Fleet) -> None:
+    """The gateway cuts off each request to a stalled replica at the card's timeouts.request_s
+    with a 504; after five in a row (the breaker's threshold) that replica's circuit opens and
+    the gateway sends the region's clients to the next-nearest region until the cool-off."""
+    ap = fleet.replica_in("ap-southeast-1")
+    ray.get(fleet.router.inject_fault.remote(ap["replica_id"], 5000))
+    time.sleep(1.5)  # the replica picks the fault up with its next heartbeat
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"X-Client-Region": "ap-southeast-1"}
+    timeouts, served = 0, []
+    try:
+        for _ in range(12):
+            started = time.monotonic()
+            reply = httpx.post(
+                f"{fleet.base}/chat/completions", json=body, headers=headers, timeout=30
+            )
+            if reply.status_code == 504:
+                assert reply.json()["error"]["type"] == "timeout", reply.text
+                assert time.monotonic() - started < 4.5  # the 2 s limit, not the 5 s fault
+                timeouts += 1
+            else:
+                assert reply.status_code == 200, reply.text
+                served.append(region_of(reply.json()))
+                if len(served) == 3:
+                    break
+    finally:
+        ray.get(fleet.router.inject_fault.remote(ap["replica_id"], 0))
+    assert 1 <= timeouts <= 5, (timeouts, served)
+    assert len(served) == 3 and "ap-southeast-1" not in served, (timeouts, served)
+
+
 def test_node_removal_under_load_loses_no_idempotent_request(
     fleet: Fleet, ray_cluster: Any
 ) -> None:
@@ -301,3 +340,49 @@ def test_node_removal_under_load_loses_no_idempotent_request(
 
 def _req(text: str) -> ChatCompletionRequest:
     return ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": text}])
+
+
+def test_a_request_that_kills_its_replica_is_retried_once_and_no_more(serving: str) -> None:
+    """A poison request: every replica it reaches dies. With ten attempts allowed and three
+    replicas, failover still stops after the second death, so one replica is left standing
+    and other requests are served."""
+    from ray import serve
+
+    @ray.remote(num_cpus=0)
+    class Deaths:
+        def __init__(self) -> None:
+            self.count = 0
+
+        def add(self) -> None:
+            self.count += 1
+
+        def total(self) -> int:
+            return self.count
+
+    @serve.deployment(num_replicas=3, ray_actor_options={"num_cpus": 0})
+    class Fragile:
+        def __init__(self, deaths: Any) -> None:
+            self.deaths = deaths
+
+        async def chat(self, text: str, route: dict[str, Any] | None = None) -> str:
+            if text == "poison":
+                await self.deaths.add.remote()
+                os._exit(1)
+            return "ok"
+
+    deaths = Deaths.remote()  # type: ignore[attr-defined]
+    handle = serve.run(Fragile.bind(deaths), name="fragile", route_prefix=None)  # type: ignore[attr-defined]
+    balancing = LoadBalancing(max_attempts=10, backoff_s=0.05)
+    try:
+        with pytest.raises(ray.exceptions.RayActorError):
+            call_with_failover_sync(
+                lambda route: handle.chat.remote("poison", route=route), route_kwarg(), balancing
+            )
+        assert ray.get(deaths.total.remote()) == 2
+        ok = call_with_failover_sync(
+            lambda route: handle.chat.remote("fine", route=route), route_kwarg(), balancing
+        )
+        assert ok == "ok"
+    finally:
+        serve.delete("fragile")
+        ray.kill(deaths)

@@ -175,3 +175,16 @@ def test_each_region_scales_within_its_own_bounds_and_thresholds() -> None:
     both = replica_counts(card(), two_region_fleet())["autoscaling_config"]
     assert (both["min_replicas"], both["max_replicas"]) == (1, 7)
     assert both["policy"]["policy_kwargs"]["region"] == "eu-west-1+us-east-1"
+
+
+def test_a_cards_autoscaling_thresholds_reach_the_policy_below_the_fleets() -> None:
+    slo = card(replicas={"min": 1, "max": 4}, autoscaling={"slo_p95_ms": 250, "max_step_up": 3})
+    kwargs = replica_counts(slo, embedded_fleet())["autoscaling_config"]["policy"]["policy_kwargs"]
+    assert (kwargs["config"]["slo_p95_ms"], kwargs["config"]["max_step_up"]) == (250, 3)
+    fleet = FleetSpec.model_validate(
+        embedded_fleet().model_dump(mode="json") | {"autoscaling": {"max_step_up": 5}}
+    )
+    overridden = replica_counts(slo, fleet)["autoscaling_config"]["policy"]["policy_kwargs"]
+    assert (overridden["config"]["slo_p95_ms"], overridden["config"]["max_step_up"]) == (250, 5)
+    with pytest.raises(ValueError, match="slo_p95_ms"):
+        card(autoscaling={"slo_p95_ms": 0})

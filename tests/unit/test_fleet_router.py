@@ -15,7 +15,8 @@ from ray.serve._private.common import (
 )
 from ray.serve.request_router import PendingRequest, RunningReplica
 
-from app.fleet.hints import route_kwarg
+from app.fleet.breaker import BreakerConfig, ReplicaBreakers
+from app.fleet.hints import route_kwarg, with_excluded
 from app.fleet.request_router import FleetRequestRouter
 from app.fleet.spec import FleetSpec, Region, Strategy
 
@@ -126,6 +127,23 @@ async def test_nothing_eligible_falls_back_to_every_replica(router: FleetRequest
     router.apply_snapshot({"version": 1, "replicas": {}, "drained_nodes": ["node-a"]})
     ranks = await router.choose_replicas([a], request())
     assert ranks == [[a]]
+
+
+async def test_open_circuits_are_skipped_unless_every_replica_is_open(
+    router: FleetRequestRouter,
+) -> None:
+    """A caller's open breakers travel as excluded actor ids: the router skips those
+    replicas, and when every replica is excluded it serves from any (panic mode)."""
+    a, b = replica("a", "eu-west-1"), replica("b", "eu-west-1")
+    breakers = ReplicaBreakers(BreakerConfig(failure_threshold=1))
+    breakers.settle(a.actor_id.hex(), False)
+    route = with_excluded(route_kwarg(region="eu-west-1"), breakers.admit()[0])
+    ranks = await router.choose_replicas([a, b], request(route))
+    assert [[r.replica_id.unique_id for r in rank] for rank in ranks] == [["b"]]
+    breakers.settle(b.actor_id.hex(), False)
+    route = with_excluded(route_kwarg(region="eu-west-1"), breakers.admit()[0])
+    ranks = await router.choose_replicas([a, b], request(route))
+    assert ranks == [[a, b]]
 
 
 async def test_strategy_override_and_routing_stats(router: FleetRequestRouter) -> None:

@@ -1,29 +1,18 @@
-"""Fleet spec validation, the GeoIP table, routing hints, failover and performance stats."""
+"""Fleet spec validation, the GeoIP table, routing hints and performance stats (failover:
+test_fleet_failover)."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from ray.exceptions import ActorDiedError
 
-from app.api.errors import InvalidRequestError, OverloadedError
-from app.fleet.failover import (
-    call_with_failover,
-    call_with_failover_sync,
-    iterate_with_failover,
-    stream_with_failover,
-)
 from app.fleet.geo import GeoLocator, forwarded_client_ip
 from app.fleet.hints import InvalidRouteHintError, hints_from, parse_strategy, route_kwarg
-from app.fleet.spec import FleetSpecError, LoadBalancing, Strategy, load_fleet, node_locality
+from app.fleet.spec import FleetSpecError, Strategy, load_fleet, node_locality
 from app.fleet.stats import PerfTracker, percentile
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = LoadBalancing(max_attempts=3, backoff_s=0.0)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -182,86 +171,6 @@ def test_route_hints_validate_strategy_but_routers_tolerate_junk() -> None:
     assert hints.region == "eu-west-1" and hints.strategy is None
     assert hints.exclude == frozenset({"x"})
     assert hints_from("garbage").region is None  # type: ignore[arg-type]
-
-
-class DiedError(ActorDiedError):
-    """Ray's real ActorDiedError with a chosen actor id (its constructor wants a cause)."""
-
-    def __init__(self, actor_id: str) -> None:
-        Exception.__init__(self, f"actor {actor_id} died")
-        self.actor_id = actor_id
-        self.error_msg = f"actor {actor_id} died"
-
-
-def test_failover_excludes_the_dead_replica_and_retries() -> None:
-    routes: list[dict[str, Any]] = []
-
-    def call(route: dict[str, Any]) -> str:
-        routes.append(route)
-        if len(routes) < 3:
-            raise DiedError(f"actor{len(routes)}")
-        return "ok"
-
-    assert call_with_failover_sync(call, route_kwarg(region="a"), FAST) == "ok"
-    assert [r["exclude"] for r in routes] == [[], ["actor1"], ["actor1", "actor2"]]
-
-
-def test_failover_retries_429_and_gives_up_after_max_attempts() -> None:
-    calls = 0
-
-    async def call(route: dict[str, Any]) -> str:
-        nonlocal calls
-        calls += 1
-        raise OverloadedError("full", retry_after_s=1)
-
-    with pytest.raises(OverloadedError):
-        asyncio.run(call_with_failover(call, route_kwarg(), FAST))
-    assert calls == 3
-
-
-def test_client_errors_are_not_retried() -> None:
-    calls = 0
-
-    def call(route: dict[str, Any]) -> str:
-        nonlocal calls
-        calls += 1
-        raise InvalidRequestError("bad")
-
-    with pytest.raises(InvalidRequestError):
-        call_with_failover_sync(call, route_kwarg(), FAST)
-    assert calls == 1
-
-
-def test_stream_retries_only_before_the_first_chunk() -> None:
-    opened = 0
-
-    def open_stream(route: dict[str, Any]) -> Iterator[int]:
-        nonlocal opened
-        opened += 1
-        if opened == 1:
-            raise DiedError("first")
-        yield 1
-        raise DiedError("mid-stream")
-
-    got: list[int] = []
-    with pytest.raises(ActorDiedError, match="mid-stream"):
-        for item in iterate_with_failover(open_stream, route_kwarg(), FAST):
-            got.append(item)
-    assert got == [1] and opened == 2
-
-
-async def test_async_stream_failover() -> None:
-    opened: list[dict[str, Any]] = []
-
-    async def open_stream(route: dict[str, Any]) -> AsyncIterator[int]:
-        opened.append(route)
-        if len(opened) == 1:
-            raise DiedError("dead")
-        for i in range(3):
-            yield i
-
-    items = [i async for i in stream_with_failover(open_stream, route_kwarg(), FAST)]
-    assert items == [0, 1, 2] and opened[1]["exclude"] == ["dead"]
 
 
 def test_perf_tracker_window_percentiles_and_success_rate() -> None:

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from app.api.errors import RequestTimeoutError
 from app.api.sse import SSE_DONE
 from app.regions.auth import FORWARDED_FROM, SIGNATURE, verify
 from app.regions.forwarding import (
@@ -119,6 +120,10 @@ def peer_app(seen: list[Seen]) -> Starlette:
         await record(request)
         return JSONResponse(OPENAI_ERROR, status_code=int(request.path_params["code"]))
 
+    async def timed_out(request: Request) -> Response:
+        await record(request)
+        return JSONResponse(RequestTimeoutError("too slow").body(), status_code=504)
+
     async def html_error(request: Request) -> Response:
         return Response(b"<html>oops</html>", status_code=500, media_type="text/html")
 
@@ -168,6 +173,7 @@ def peer_app(seen: list[Seen]) -> Starlette:
             Route("/status/{code}", status, methods=["POST"]),
             Route("/openai-error/{code}", openai_error, methods=["POST"]),
             Route("/html-error", html_error, methods=["POST"]),
+            Route("/timed-out", timed_out, methods=["POST"]),
             Route("/list-error", list_error, methods=["POST"]),
             Route("/garbage", garbage, methods=["POST"]),
             Route("/slow", slow, methods=["POST"]),
@@ -346,6 +352,18 @@ async def test_other_server_errors_are_final_not_busy(peer: Peer, forwarder: For
         await forwarder.unary(peer.base_url, "/status/500", BODY, {})
     assert caught.value.status == 500
     assert caught.value.message == "busy"
+
+
+async def test_a_request_that_ran_out_of_time_on_the_peer_is_final(
+    peer: Peer, forwarder: Forwarder
+) -> None:
+    """A 504 whose body says the request itself timed out is relayed, not retried elsewhere:
+    another region would run it from the start again."""
+    for call in (forwarder.unary, forwarder.stream):
+        with pytest.raises(PeerAnswerError) as caught:
+            await call(peer.base_url, "/timed-out", BODY, {})
+        assert caught.value.status == 504
+        assert caught.value.body()["error"]["type"] == "timeout"
 
 
 async def test_an_error_without_an_openai_body_gets_a_generic_one(

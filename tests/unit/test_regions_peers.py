@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from app.fleet.breaker import BreakerConfig
 from app.fleet.spec import LoadBalancing, Strategy
 from app.regions.peers import LOCAL, STALE_AFTER_INTERVALS, PeerTable, plan
 from app.regions.spec import Federation
@@ -115,6 +116,43 @@ def test_failures_must_be_consecutive() -> None:
     assert not t.peers["mid"].in_rotation
 
 
+def test_after_the_cooloff_one_forward_probes_the_peer() -> None:
+    clock = Clock()
+    t = table(clock, failure_threshold=1)
+    report_all(t)
+    t.record_failure("near", "refused")
+    clock.now += BreakerConfig().cooloff_s - 1
+    assert rank(t) == ["mid", "far"]  # the circuit is still open
+    clock.now += 1
+    assert t.peers["near"].in_rotation and t.status()["near"]["circuit"] == "half_open"
+    assert "near" in rank(t)
+    assert t.admit("near")  # this forward is the probe
+    assert not t.admit("near")  # no second one while it runs
+    assert "near" not in rank(t)
+    t.record_forward("near", 30.0)  # the probe got through: closed
+    assert t.status()["near"]["circuit"] == "closed" and t.admit("near") and t.admit("near")
+
+
+def test_a_failed_probe_takes_the_peer_out_for_another_cooloff() -> None:
+    clock = Clock()
+    t = table(clock, failure_threshold=1)
+    t.record_failure("near", "refused")
+    clock.now += BreakerConfig().cooloff_s
+    assert t.admit("near")
+    t.record_failure("near", "refused again")
+    assert not t.peers["near"].in_rotation and not t.admit("near")
+
+
+def test_a_probe_without_a_verdict_is_released() -> None:
+    clock = Clock()
+    t = table(clock, failure_threshold=1)
+    t.record_failure("near", "refused")
+    clock.now += BreakerConfig().cooloff_s
+    assert t.admit("near")
+    t.release("near")  # the peer was busy: nothing learnt, the next request may probe
+    assert t.admit("near")
+
+
 def test_forward_latency_is_a_moving_average() -> None:
     t = table()
     t.record_forward("far", 100.0)
@@ -165,6 +203,7 @@ def test_status_reports_every_peer() -> None:
     assert status["near"] == {
         "endpoint": "https://near.example.com",
         "in_rotation": True,
+        "circuit": "closed",
         "failures": 0,
         "last_error": None,
         "summary_age_s": 1.5,
