@@ -53,8 +53,9 @@ class InferenceClient:
 
     `region`/`zone` say where this client is (for geo routing), `strategy` overrides the
     deployments' routing strategy, `fleet` (a FleetSpec; default $APP_FLEET or the embedded
-    one) gives the failover settings, and `breaker` when a replica's circuit opens and for how
-    long.
+    one) gives the failover settings, `breaker` when a replica's circuit opens and for how
+    long (default: the spec's load_balancing.breaker), and `api_key` a key the replicas check
+    as they check an HTTP client's (callers inside the cluster may omit it).
     """
 
     def __init__(
@@ -65,12 +66,16 @@ class InferenceClient:
         strategy: str | None = None,
         fleet: FleetSpec | None = None,
         breaker: BreakerConfig | None = None,
+        api_key: str | None = None,
     ) -> None:
         self._handles: dict[str, DeploymentHandle] = {}
-        self._breaker = breaker or BreakerConfig()
-        self._breakers: dict[str, ReplicaBreakers] = {}  # per model, by replica
         self._route = route_kwarg(region=region, zone=zone, strategy=strategy)
         self._balancing: LoadBalancing = (fleet or load_fleet()).load_balancing
+        self._breaker = breaker or self._balancing.breaker
+        self._breakers: dict[str, ReplicaBreakers] = {}  # per model, by replica
+        # Checked by the replica like an HTTP client's key (401/403/429 and the key's limits);
+        # callers inside the cluster may omit it.
+        self._keyed: dict[str, str] = {"api_key": api_key} if api_key else {}
 
     def handle(self, model: str) -> DeploymentHandle:
         """The model's deployment handle; ModelNotFoundError if no application serves it."""
@@ -110,7 +115,7 @@ class InferenceClient:
     def _sync(self, method: str, req: Any) -> Response:
         handle = self.handle(req.model)
         return call_with_failover_sync(
-            lambda route: getattr(handle, method).remote(req, route=route),
+            lambda route: getattr(handle, method).remote(req, route=route, **self._keyed),
             self._route,
             self._balancing,
             breakers=self.breakers(req.model),
@@ -119,7 +124,7 @@ class InferenceClient:
     def _sync_stream(self, method: str, req: Any) -> Iterator[Response]:
         handle = self._stream(req.model)
         return iterate_with_failover(
-            lambda route: getattr(handle, method).remote(req, route=route),
+            lambda route: getattr(handle, method).remote(req, route=route, **self._keyed),
             self._route,
             self._balancing,
             breakers=self.breakers(req.model),
@@ -148,7 +153,7 @@ class InferenceClient:
     async def _async(self, method: str, req: Any) -> Response:
         handle = self.handle(req.model)
         return await call_with_failover(
-            lambda route: getattr(handle, method).remote(req, route=route),
+            lambda route: getattr(handle, method).remote(req, route=route, **self._keyed),
             self._route,
             self._balancing,
             breakers=self.breakers(req.model),
@@ -157,7 +162,7 @@ class InferenceClient:
     def _async_stream(self, method: str, req: Any) -> AsyncIterator[Response]:
         handle = self._stream(req.model)
         return stream_with_failover(
-            lambda route: getattr(handle, method).remote(req, route=route),
+            lambda route: getattr(handle, method).remote(req, route=route, **self._keyed),
             self._route,
             self._balancing,
             breakers=self.breakers(req.model),

@@ -23,6 +23,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from app.autoscaling.config import merged
+from app.fleet.breaker import BreakerConfig
 from app.regions.spec import Federation, ModelPlacement, Name, Region, StrictModel
 from app.security.config import Auth
 
@@ -90,6 +91,11 @@ class LoadBalancing(StrictModel):
     backoff_s: float = Field(0.05, ge=0, le=10, description="First failover backoff; doubles.")
     snapshot_interval_s: float = Field(
         0.5, gt=0, le=60, description="How often routers pull the router actor's snapshot."
+    )
+    breaker: BreakerConfig = Field(
+        default_factory=BreakerConfig,
+        description="Per-replica circuit breakers in gateways and Python clients "
+        "(app.fleet.breaker).",
     )
 
 

@@ -217,7 +217,7 @@ class Gateway:
     def _replica_breakers(self, model: str) -> ReplicaBreakers:
         breakers = self._breakers.get(model)
         if breakers is None:
-            breakers = self._breakers[model] = ReplicaBreakers()
+            breakers = self._breakers[model] = ReplicaBreakers(self.fleet.load_balancing.breaker)
         return breakers
 
     async def _stream(self, method: str, req: Any, route: dict[str, Any]) -> AsyncIterator[bytes]:

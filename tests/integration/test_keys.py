@@ -14,7 +14,9 @@ import pytest
 import ray
 
 from app.api.errors import AuthenticationError
+from app.api.schemas import ChatCompletionRequest
 from app.catalog.cards import Catalogue, ModelCard, load_catalogue
+from app.client import InferenceClient
 from app.fleet.router_actor import ensure_router, stop_router
 from app.fleet.spec import FleetSpec, Region
 from app.security.cli import create, revoke
@@ -140,6 +142,10 @@ def test_a_handle_caller_giving_a_key_is_checked(keyed: Keyed) -> None:
         handle.chat.remote(body, api_key="sk-app-000000000000_" + "x" * 32).result()
     assert handle.chat.remote(body, api_key=keyed.keys["user"]).result()["choices"]
     assert handle.chat.remote(body).result()["choices"]  # in-cluster callers without a key
+    request = ChatCompletionRequest.model_validate(body)
+    assert InferenceClient(fleet=SPEC, api_key=keyed.keys["user"]).chat(request)["choices"]
+    with pytest.raises(AuthenticationError):
+        InferenceClient(fleet=SPEC, api_key="sk-app-000000000000_" + "y" * 32).chat(request)
 
 
 def test_a_revoked_key_is_refused_within_the_cache_period(keyed: Keyed) -> None:
