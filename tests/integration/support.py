@@ -110,3 +110,23 @@ async def run_under_fault(
         stop.set()
         await asyncio.wait_for(runner, 90)
     return workload
+
+
+def deploy_with_gateway(card: Any, fleet: Any, gateway: str, prefix: str) -> None:
+    """One model on its own URL and a gateway (named `gateway`, at `prefix`) that lists only
+    it, both built for `fleet`; returns once both run."""
+    from ray import serve
+
+    from app.catalog.cards import Catalogue, load_catalogue
+    from app.serving.builder import gateway_application, model_application
+    from app.serving.deploy import wait_running
+    from tests.integration.conftest import ROOT
+
+    catalogue = load_catalogue(ROOT / "models")
+    app = model_application(card, catalogue.directory, fleet=fleet)
+    serve.run(app, name=card.deployment_name, route_prefix=f"/models/{card.id}", blocking=False)
+    listed = Catalogue(directory=catalogue.directory, cards={card.id: card})
+    serve.run(
+        gateway_application(listed, fleet=fleet), name=gateway, route_prefix=prefix, blocking=False
+    )
+    wait_running([card.deployment_name, gateway], timeout_s=180)

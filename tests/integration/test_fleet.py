@@ -23,14 +23,13 @@ import pytest
 import ray
 
 from app.api.schemas import ChatCompletionRequest
-from app.catalog.cards import Catalogue, ModelCard, load_catalogue
+from app.catalog.cards import ModelCard
 from app.client import InferenceClient
 from app.fleet.failover import call_with_failover_sync
 from app.fleet.hints import route_kwarg
 from app.fleet.router_actor import ROUTER_NAMESPACE, ensure_router
 from app.fleet.spec import REGION_LABEL, ZONE_LABEL, FleetSpec, LoadBalancing, Region
-from tests.integration.conftest import ROOT
-from tests.integration.support import wait_until
+from tests.integration.support import deploy_with_gateway, wait_until
 
 MODEL = "geo-echo"
 REGIONS = {
@@ -98,9 +97,6 @@ def chat(client: InferenceClient, text: str = "hi") -> dict[str, Any]:
 def fleet(ray_cluster: Any, serving: str) -> Iterator[Fleet]:
     from ray import serve
 
-    from app.serving.builder import gateway_application, model_application
-    from app.serving.deploy import wait_running
-
     nodes = {
         region: ray_cluster.add_node(
             num_cpus=2,
@@ -110,17 +106,7 @@ def fleet(ray_cluster: Any, serving: str) -> Iterator[Fleet]:
     }
     ray_cluster.wait_for_nodes()
     router = ensure_router(SPEC)
-    catalogue = load_catalogue(ROOT / "models")
-    app = model_application(CARD, catalogue.directory, fleet=SPEC)
-    serve.run(app, name=CARD.deployment_name, route_prefix=f"/models/{MODEL}", blocking=False)
-    listed = Catalogue(directory=catalogue.directory, cards={MODEL: CARD})
-    serve.run(
-        gateway_application(listed, fleet=SPEC),
-        name="fleet-gateway",
-        route_prefix="/fleet",
-        blocking=False,
-    )
-    wait_running([CARD.deployment_name, "fleet-gateway"], timeout_s=180)
+    deploy_with_gateway(CARD, SPEC, "fleet-gateway", "/fleet")
     result = Fleet(base=f"{serving}/fleet/v1", nodes=nodes, router=router)
     wait_until(
         lambda: (

@@ -15,14 +15,14 @@ import ray
 
 from app.api.errors import AuthenticationError
 from app.api.schemas import ChatCompletionRequest
-from app.catalog.cards import Catalogue, ModelCard, load_catalogue
+from app.catalog.cards import ModelCard
 from app.client import InferenceClient
 from app.fleet.router_actor import ensure_router, stop_router
 from app.fleet.spec import FleetSpec, Region
 from app.security.cli import create, revoke
 from app.security.config import Auth, AuthMode
 from app.security.keys import KeyLimits, Scope, key_id_of
-from tests.integration.conftest import ROOT
+from tests.integration.support import deploy_with_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -56,8 +56,6 @@ def keyed(ray_cluster: Any, serving: str) -> Iterator[Keyed]:
     from ray import serve
 
     from app.kv import KVClient, KVConfig, shutdown_kv, start_kv
-    from app.serving.builder import gateway_application, model_application
-    from app.serving.deploy import wait_running
 
     start_kv(KVConfig())
     kv = KVClient.connect()
@@ -67,17 +65,7 @@ def keyed(ray_cluster: Any, serving: str) -> Iterator[Keyed]:
         "admin": create(kv, "ops", (Scope.ADMIN,), KeyLimits()),
         "limited": create(kv, "batch", (Scope.INFERENCE,), KeyLimits(requests_per_minute=6)),
     }
-    catalogue = load_catalogue(ROOT / "models")
-    app = model_application(CARD, catalogue.directory, fleet=SPEC)
-    serve.run(app, name=CARD.deployment_name, route_prefix=f"/models/{MODEL}", blocking=False)
-    listed = Catalogue(directory=catalogue.directory, cards={MODEL: CARD})
-    serve.run(
-        gateway_application(listed, fleet=SPEC),
-        name="keyed-gateway",
-        route_prefix="/keyed",
-        blocking=False,
-    )
-    wait_running([CARD.deployment_name, "keyed-gateway"], timeout_s=180)
+    deploy_with_gateway(CARD, SPEC, "keyed-gateway", "/keyed")
     try:
         yield Keyed(
             model_url=f"{serving}/models/{MODEL}/v1",

@@ -252,12 +252,17 @@ async def test_a_client_that_disconnects_cancels_its_unary_request() -> None:
         await started.wait()
         return {"type": "http.disconnect"}  # the client goes while the model works
 
-    scope = {
+    scope = post_scope("/v1/chat/completions", body)
+    response = await asyncio.wait_for(OpenAIRoutes(Slow())(Request(scope, receive)), 5)
+    assert cancelled.is_set() and response.status_code == 499
+
+
+def post_scope(path: str, body: bytes) -> dict[str, Any]:
+    """The ASGI scope of a POST with this body, for calling routes without a server."""
+    return {
         "type": "http",
         "method": "POST",
-        "path": "/v1/chat/completions",
+        "path": path,
         "headers": [(b"content-length", str(len(body)).encode())],
         "query_string": b"",
     }
-    response = await asyncio.wait_for(OpenAIRoutes(Slow())(Request(scope, receive)), 5)
-    assert cancelled.is_set() and response.status_code == 499

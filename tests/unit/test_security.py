@@ -21,7 +21,7 @@ from app.security.config import Auth, AuthMode
 from app.security.guard import Guard, KeyLookup, estimate_tokens
 from app.security.keys import KeyLimits, KeyRecord, Scope, key_id_of, matches, new_key
 from app.security.limits import HOLD_TTL_S, Bank, Limiter
-from tests.unit.test_http import EchoBackend, chat
+from tests.unit.test_http import EchoBackend, chat, post_scope
 
 
 class Clock:
@@ -296,13 +296,7 @@ async def test_a_request_a_peer_region_admitted_needs_no_key_here(
 
     _, _, routes = keyed
     body = b'{"model": "echo", "messages": [{"role": "user", "content": "hi"}]}'
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "headers": [(b"content-length", str(len(body)).encode())],
-        "query_string": b"",
-    }
+    scope = post_scope("/v1/chat/completions", body)
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": body, "more_body": False}
