@@ -13,6 +13,7 @@ gateway's base URL, where the whole request is visible.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -35,22 +36,36 @@ class IngressRouter:
         region, zone = own_locality()
         self._route = route_kwarg(region=region or spec.default_region, zone=zone)
         self._handle = model
+        self._max_wait_s = spec.load_balancing.max_queue_wait_s
 
     async def __call__(self, request: Request) -> Response:
+        """Which replica takes the request. The router waits for one with a free slot, but at
+        most `load_balancing.max_queue_wait_s`: past that the model is overloaded and the
+        client gets a 503 at once (HAProxy answers 503 for any non-200 here), rather than join
+        a queue that grows without bound while every admitted request waits in it."""
         try:
-            async with self._handle.choose_replica(route=self._route, _reserve=False) as selection:
-                replica = selection._replica
-                endpoint = replica.backend_http_endpoint
-                if endpoint is None:
-                    return _error(503, f"replica {selection.replica_id} has no HTTP endpoint")
-                body = {
-                    "replica_id": replica.replica_id.to_full_id_str(),
-                    "host": endpoint[0],
-                    "port": endpoint[1],
-                }
+            async with asyncio.timeout(self._max_wait_s) as deadline:
+                choice = self._handle.choose_replica(route=self._route, _reserve=False)
+                async with choice as selection:
+                    deadline.reschedule(None)  # chosen: the answer itself has no deadline
+                    return self._answer(selection)
+        except TimeoutError:
+            why = f"overloaded: no replica had a free slot within {self._max_wait_s}s"
+            return _error(503, why)
         except (DeploymentUnavailableError, RuntimeError) as exc:
-            # HAProxy answers the client 503 for any non-200 here.
             return _error(503, str(exc))
+
+    @staticmethod
+    def _answer(selection: Any) -> Response:
+        replica = selection._replica
+        endpoint = replica.backend_http_endpoint
+        if endpoint is None:
+            return _error(503, f"replica {selection.replica_id} has no HTTP endpoint")
+        body = {
+            "replica_id": replica.replica_id.to_full_id_str(),
+            "host": endpoint[0],
+            "port": endpoint[1],
+        }
         return Response(orjson.dumps(body), media_type="application/json")
 
 

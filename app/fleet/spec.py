@@ -92,6 +92,13 @@ class LoadBalancing(StrictModel):
     snapshot_interval_s: float = Field(
         0.5, gt=0, le=60, description="How often routers pull the router actor's snapshot."
     )
+    max_queue_wait_s: float | None = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="On a model's own URL, the longest a request waits for a free replica slot "
+        "before it is refused with 503 (load shedding); None waits as long as it takes.",
+    )
     breaker: BreakerConfig = Field(
         default_factory=BreakerConfig,
         description="Per-replica circuit breakers in gateways and Python clients "
