@@ -143,7 +143,11 @@ def test_handle_client_lands_in_its_own_region(fleet: Fleet, region: str) -> Non
     client = InferenceClient(region=region, fleet=SPEC)
     served = [region_of(chat(client)) for _ in range(10)]
     view = fleet.view()
-    assert set(served) == {region}, (served, view["replicas"], view["events"])
+    # Geo routing sends every request home; the home replica may still turn one away when
+    # its two slots look full for an instant on a loaded machine (Serve then tries the next
+    # rank, the nearest region: seen once in ~10 CI runs, with no health event). Routing that
+    # ignored the region would land about a third at home.
+    assert served.count(region) >= 8, (served, view["replicas"], view["events"])
 
 
 def test_http_client_region_header_and_geoip(fleet: Fleet) -> None:
