@@ -4,6 +4,7 @@ loops over small counters, each expiring with its window."""
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from app.security.limits import Bank
@@ -16,17 +17,18 @@ class ContendedError(RuntimeError):
 
 
 class KVBank(Bank):
-    def __init__(self, client: Any) -> None:
-        self.client = client  # an app.kv KVClient (async methods used)
+    def __init__(self, client: Callable[[], Awaitable[Any]]) -> None:
+        self.client = client  # gives the app.kv KVClient (connected on first use)
 
     async def take(self, counter: str, wanted: int, limit: int, ttl_s: float) -> tuple[int, int]:
+        kv = await self.client()
         for _ in range(MAX_CAS_TRIES):
-            current = await self.client.aget_versioned(counter)
+            current = await kv.aget_versioned(counter)
             used, version = (0, None) if current is None else (int(current[0]), current[1])
             granted = max(0, min(wanted, limit - used))
             if granted == 0:
                 return 0, used
-            ok, _ = await self.client.acas(counter, version, used + granted, ttl=ttl_s)
+            ok, _ = await kv.acas(counter, version, used + granted, ttl=ttl_s)
             if ok:
                 return granted, used + granted
         raise ContendedError(f"counter {counter} kept changing")
@@ -34,9 +36,10 @@ class KVBank(Bank):
     async def hold(
         self, counter: str, holder: str, count: int, limit: int, ttl_s: float
     ) -> tuple[int, int]:
+        kv = await self.client()
         for _ in range(MAX_CAS_TRIES):
             now = time.time()
-            current = await self.client.aget_versioned(counter)
+            current = await kv.aget_versioned(counter)
             holders: dict[str, list[float]] = {} if current is None else dict(current[0])
             version = None if current is None else current[1]
             live = {h: v for h, v in holders.items() if v[1] > now}
@@ -45,7 +48,7 @@ class KVBank(Bank):
             share = count if count <= mine else max(mine, min(count, limit - others))
             if share > 0:
                 live[holder] = [share, now + ttl_s]
-            ok, _ = await self.client.acas(counter, version, live, ttl=ttl_s)
+            ok, _ = await kv.acas(counter, version, live, ttl=ttl_s)
             if ok:
                 return share, others + share
         raise ContendedError(f"counter {counter} kept changing")

@@ -13,12 +13,13 @@ import logging
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cachetools import TTLCache
 
 from app.api.errors import AuthenticationError, PermissionDeniedError, ServiceUnavailableError
+from app.security.bank import KVBank
 from app.security.config import Auth, AuthMode
 from app.security.keys import KeyRecord, Scope, key_id_of, matches, record_key
 from app.security.limits import Bank, Limiter, Permit
@@ -36,11 +37,11 @@ class KeyLookup(ABC):
 
 
 class KVKeyLookup(KeyLookup):
-    def __init__(self, client: Any) -> None:
-        self.client = client
+    def __init__(self, client: Callable[[], Awaitable[Any]]) -> None:
+        self.client = client  # gives the app.kv KVClient (connected on first use)
 
     async def fetch(self, key_id: str) -> KeyRecord | None:
-        value = await self.client.aget(record_key(key_id))
+        value = await (await self.client()).aget(record_key(key_id))
         return None if value is None else KeyRecord.model_validate(value)
 
 
@@ -183,36 +184,11 @@ class LazyKV:
         return self._client
 
 
-class _LazyLookup(KeyLookup):
-    def __init__(self, kv: LazyKV) -> None:
-        self.kv = kv
-
-    async def fetch(self, key_id: str) -> KeyRecord | None:
-        return await KVKeyLookup(await self.kv.get()).fetch(key_id)
-
-
-class _LazyBank(Bank):
-    def __init__(self, kv: LazyKV) -> None:
-        self.kv = kv
-
-    async def take(self, counter: str, wanted: int, limit: int, ttl_s: float) -> tuple[int, int]:
-        from app.security.bank import KVBank
-
-        return await KVBank(await self.kv.get()).take(counter, wanted, limit, ttl_s)
-
-    async def hold(
-        self, counter: str, holder: str, count: int, limit: int, ttl_s: float
-    ) -> tuple[int, int]:
-        from app.security.bank import KVBank
-
-        return await KVBank(await self.kv.get()).hold(counter, holder, count, limit, ttl_s)
-
-
 def guard_for(auth: Auth) -> Guard | None:
     """The guard a replica or gateway uses; None when auth is off."""
     if auth.mode is AuthMode.OFF:
         return None
     kv = LazyKV(auth)
     holder = f"{os.uname().nodename}:{os.getpid()}:{id(kv):x}"
-    limiter = Limiter(_LazyBank(kv), holder, lease_fraction=auth.lease_fraction)
-    return Guard(auth, _LazyLookup(kv), limiter)
+    limiter = Limiter(KVBank(kv.get), holder, lease_fraction=auth.lease_fraction)
+    return Guard(auth, KVKeyLookup(kv.get), limiter)
