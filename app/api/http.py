@@ -214,13 +214,16 @@ class OpenAIRoutes:
         unary: Callable[[R], Awaitable[dict[str, Any]]],
         stream: Callable[[R], AsyncIterator[bytes]] | None = None,
     ) -> Response:
-        if not TRUSTED.get() and self.guard is not None:
-            # Authenticate before reading the body: an unknown caller costs no parsing.
-            await self.guard.authenticate(request.headers.get("authorization"))
+        # Authenticate before reading the body: an unknown caller costs no parsing. The key's
+        # scope and limits are checked once the body gives the request's size.
+        guard = None if TRUSTED.get() else self.guard
+        key = await guard.authenticate(request.headers.get("authorization")) if guard else None
         body = await read_body(request)
         CURRENT_BODY.set(body)
         req = parse_request(body, schema)
-        permit = await self._admit(request, req, len(body))
+        permit = None
+        if guard is not None and key is not None:
+            permit = await guard.admit(key, Scope.INFERENCE, request_tokens(req, len(body)))
         try:
             if getattr(req, "stream", False):
                 if stream is None:
@@ -239,12 +242,6 @@ class OpenAIRoutes:
             used = usage.get("total_tokens") if isinstance(usage, dict) else None
             await permit.finish(used if isinstance(used, int) else None)
         return with_permit(cached_response(payload), permit)
-
-    async def _admit(self, request: Request, req: BaseModel, body_bytes: int) -> Permit | None:
-        if TRUSTED.get() or self.guard is None:
-            return None
-        tokens = request_tokens(req, body_bytes)
-        return await self.guard.check(request.headers.get("authorization"), Scope.INFERENCE, tokens)
 
     async def _admit_get(self, request: Request, scope: Scope | None) -> None:
         if scope is None or TRUSTED.get() or self.guard is None:

@@ -65,7 +65,10 @@ class Guard:
     async def check(self, authorization: str | None, scope: Scope, tokens: int = 0) -> Permit:
         """Admit one request: 401 without a valid key, 403 without the scope, 429 past a
         limit. The caller finishes the permit when the request ends."""
-        record = await self.authenticate(authorization)
+        return await self.admit(await self.authenticate(authorization), scope, tokens)
+
+    async def admit(self, record: KeyRecord, scope: Scope, tokens: int = 0) -> Permit:
+        """`check` for a key already authenticated."""
         if not record.allows(scope):
             raise PermissionDeniedError(
                 f"this API key (name {record.name!r}) lacks the {scope.value!r} scope this "
