@@ -144,9 +144,9 @@ def test_a_revoked_key_is_refused_within_the_cache_period(keyed: Keyed) -> None:
     revoke(keyed.kv, key_id)
     import time
 
-    deadline = time.monotonic() + 10
-    while chat(keyed.model_url, key).status_code == 200:
-        assert time.monotonic() < deadline, "the revoked key still worked after 10 s"
-        time.sleep(0.5)
-    assert chat(keyed.model_url, key).status_code == 401
+    # Each replica trusts its cached record for key_cache_s (1 s here): once that has passed
+    # on both, every request is refused.
+    time.sleep(SPEC.auth.key_cache_s + 0.5)
+    codes = [chat(keyed.model_url, key).status_code for _ in range(6)]
+    assert codes == [401] * 6, codes
     assert ray.is_initialized()
