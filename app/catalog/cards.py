@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from app.api.schemas import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES
+from app.api.schemas import MAX_EMBEDDING_INPUTS, MAX_STOP_LENGTH, MAX_STOP_SEQUENCES
 from app.autoscaling.config import merged
 from app.cache.config import ResponseCachePolicy
 from app.catalog.loaders import loader_task
@@ -119,6 +119,15 @@ class Limits(_Strict):
         ),
     )
     max_messages: int = Field(256, ge=1, le=100_000, description="Messages in one chat request.")
+    max_inputs: int = Field(
+        256,
+        ge=1,
+        le=MAX_EMBEDDING_INPUTS,
+        description=(
+            "Inputs one embeddings request may list. A request holds one of the replica's slots "
+            "per batching.max_batch_size inputs it embeds."
+        ),
+    )
     max_stop_sequences: int = Field(
         4, ge=0, le=MAX_STOP_SEQUENCES, description="Stop sequences one request may give."
     )
@@ -197,6 +206,16 @@ class ModelCard(_Strict):
     max_ongoing_requests: int = Field(
         64, ge=1, le=100_000, description="Requests one replica holds at once before Serve queues."
     )
+    max_queued_requests: int | None = Field(
+        None,
+        ge=-1,
+        le=100_000,
+        description="Requests one replica keeps waiting for a slot (and each caller's handle "
+        "router at most, per model); beyond that a request is refused at once with a 429 and "
+        "Retry-After instead of joining a queue that grows with the overload. Unset: as many "
+        "as max_ongoing_requests, so an admitted request waits at most about one request's "
+        "time; -1: unbounded (Serve's own default).",
+    )
     replicas: Replicas = Replicas()
     autoscaling: dict[str, Any] | None = Field(
         None,
@@ -266,6 +285,13 @@ class ModelCard(_Strict):
     def request_timeout_s(self) -> float:
         """Seconds one request may run (timeouts.request_s, else the task's default)."""
         return self.timeouts.request_s or DEFAULT_REQUEST_TIMEOUT_S[self.task]
+
+    @property
+    def queue_limit(self) -> int:
+        """Requests a replica queues beyond its slots (-1: unbounded); see max_queued_requests."""
+        if self.max_queued_requests is None:
+            return self.max_ongoing_requests
+        return self.max_queued_requests
 
     @property
     def sequence_limit(self) -> int:

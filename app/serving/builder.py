@@ -95,6 +95,12 @@ def replica_options(
         "name": card.deployment_name,
         "ray_actor_options": actor,
         "max_ongoing_requests": card.max_ongoing_requests,
+        # A bounded queue (Serve's own backpressure: the replica refuses direct-ingress HTTP
+        # beyond it, and a caller's handle raises BackPressureError, which the routes answer
+        # as a 429 too), so overload sheds at once instead of making every admitted request
+        # wait behind a queue that grows with it.
+        "max_queued_requests": card.queue_limit,
+        "backpressure_config": {"status_code": 429, "retry_after_s": 1},
         "health_check_period_s": 10,
         "graceful_shutdown_timeout_s": 20,
     }

@@ -9,7 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from app.api.errors import InvalidRequestError
-from app.api.schemas import ChatCompletionRequest, CompletionRequest, ImageGenerationRequest
+from app.api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ImageGenerationRequest,
+)
 from app.catalog.cards import MAX_IMAGE_SIDE, ModelCard, parse_size
 from app.serving.runners.base import ImageRequest
 
@@ -39,6 +44,23 @@ def check_completion(card: ModelCard, req: CompletionRequest) -> None:
     check_sequences(card, len(prompts), req.n)
     check_stops(card, req.stop_sequences())
     check_chars(card, sum(len(p) for p in prompts), "prompt")
+
+
+def check_embeddings(card: ModelCard, req: EmbeddingRequest) -> int:
+    """The inputs' count and each input's length within the card's limits; returns the slots
+    the request holds: one per batch of inputs (batching.max_batch_size) it embeds."""
+    texts = req.inputs()
+    _over(card, "inputs", len(texts), card.limits.max_inputs, "limits.max_inputs", "input")
+    limit = card.input_char_limit
+    for index, text in enumerate(texts):
+        if len(text) > limit:
+            raise InvalidRequestError(
+                f"input {index} has {len(text)} characters; model {card.id!r} accepts at most "
+                f"{limit} per input (the card's limits.max_input_chars raises this limit)",
+                param="input",
+            )
+    batch = max(1, card.batching.max_batch_size)
+    return min(-(-len(texts) // batch), card.max_ongoing_requests)
 
 
 def check_sequences(card: ModelCard, prompts: int, n: int) -> None:

@@ -32,7 +32,7 @@ from app.catalog.cards import ModelCard, Task
 from app.serving.admission import Admission
 from app.serving.batching import Batcher, ServeBatcher
 from app.serving.decoding import SequenceDecoder, runner_failure, tokenizer_call
-from app.serving.limits import check_chat, check_completion, image_request
+from app.serving.limits import check_chat, check_completion, check_embeddings, image_request
 from app.serving.runners.base import (
     EmbeddingRunner,
     GenerationRequest,
@@ -341,9 +341,10 @@ class ModelService:
 
     async def embeddings(self, req: EmbeddingRequest) -> dict[str, Any]:
         self._check(req.model, Task.EMBEDDING, "embeddings")
-        return await self._cached("embeddings", req, lambda: self._embeddings(req))
+        slots = check_embeddings(self.card, req)
+        return await self._cached("embeddings", req, lambda: self._embeddings(req, slots))
 
-    async def _embeddings(self, req: EmbeddingRequest) -> dict[str, Any]:
+    async def _embeddings(self, req: EmbeddingRequest, slots: int) -> dict[str, Any]:
         runner = self.runner
         assert isinstance(runner, EmbeddingRunner)
         if req.dimensions is not None and req.dimensions != runner.dimensions:
@@ -353,10 +354,11 @@ class ModelService:
                 param="dimensions",
             )
         texts = req.inputs()
-        try:
-            vectors = await gather_all([self._embed(text) for text in texts])
-        except Exception as exc:
-            raise InternalError(f"embedding failed: {type(exc).__name__}: {exc}") from exc
+        with self._admission.hold(slots):
+            try:
+                vectors = await gather_all([self._embed(text) for text in texts])
+            except Exception as exc:
+                raise InternalError(f"embedding failed: {type(exc).__name__}: {exc}") from exc
         chars = sum(len(text) for text in texts)
         tokens = await tokenizer_call(chars, _count_all, runner, texts)
         data = [

@@ -62,6 +62,11 @@ def test_card_resources_and_limits_reach_the_deployment() -> None:
     assert not {"RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_DIRECT_INGRESS"} & set(env)
     assert options["max_ongoing_requests"] == 7
     assert options["name"] == "model-m"
+    # The queue is bounded by default (one more round of slots), or as the card says.
+    assert options["max_queued_requests"] == 7
+    assert options["backpressure_config"]["status_code"] == 429
+    unbounded = replica_options(card(max_queued_requests=-1), 0, False)
+    assert unbounded["max_queued_requests"] == -1
 
 
 def test_build_all_makes_one_app_per_model_plus_gateway() -> None:

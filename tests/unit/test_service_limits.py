@@ -12,9 +12,15 @@ from typing import Any
 import pytest
 
 from app.api.errors import InvalidRequestError, OverloadedError
-from app.api.schemas import ChatCompletionRequest, CompletionRequest, ImageGenerationRequest
+from app.api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ImageGenerationRequest,
+)
 from app.catalog.cards import ModelCard
 from app.serving.batching import LocalBatcher
+from app.serving.limits import check_embeddings
 from app.serving.runners.base import (
     GenerationRequest,
     ImageRequest,
@@ -237,3 +243,26 @@ async def until(condition: Any, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         await asyncio.sleep(0.005)
+
+
+def test_embedding_inputs_are_bounded_in_count_and_length() -> None:
+    model = ModelCard.model_validate(
+        {
+            "id": "emb",
+            "task": "embedding",
+            "loader": "sentence-transformers",
+            "batching": {"max_batch_size": 4},
+            "limits": {"max_inputs": 10, "max_input_chars": 50},
+            "max_ongoing_requests": 2,
+        }
+    )
+    assert check_embeddings(model, EmbeddingRequest(model="emb", input=["a"] * 4)) == 1
+    assert check_embeddings(model, EmbeddingRequest(model="emb", input=["a"] * 5)) == 2
+    # One slot per batch of inputs, never more than the replica has.
+    assert check_embeddings(model, EmbeddingRequest(model="emb", input=["a"] * 10)) == 2
+    with pytest.raises(InvalidRequestError, match=r"at most 10 inputs.*limits\.max_inputs") as many:
+        check_embeddings(model, EmbeddingRequest(model="emb", input=["a"] * 11))
+    assert many.value.param == "input"
+    with pytest.raises(InvalidRequestError, match="input 1 has 51 characters") as long:
+        check_embeddings(model, EmbeddingRequest(model="emb", input=["a", "b" * 51]))
+    assert long.value.param == "input"
