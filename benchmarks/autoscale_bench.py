@@ -56,6 +56,7 @@ from app.autoscaling.serve_policy import (  # noqa: E402
     FleetAutoscalingPolicy,
     serve_autoscaling_config,
 )
+from app.autoscaling.sim_summary import Summary, summarize  # noqa: E402
 from app.autoscaling.simulate import (  # noqa: E402
     Deployment,
     MetricsCadence,
@@ -64,9 +65,7 @@ from app.autoscaling.simulate import (  # noqa: E402
     RunResult,
     SimClock,
     Simulation,
-    Summary,
     poisson_arrivals,
-    summarize,
 )
 from app.autoscaling.store import AutoscaleStore, rate_key, status_key  # noqa: E402
 from app.kv.client import ScanPage  # noqa: E402

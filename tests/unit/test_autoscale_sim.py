@@ -21,6 +21,7 @@ from ray.serve.config import AutoscalingConfig as ServeConfig
 from app.autoscaling import simulate
 from app.autoscaling.report import ReplicaMetric
 from app.autoscaling.serve_policy import FleetAutoscalingPolicy
+from app.autoscaling.sim_summary import per_second_p95, summarize
 from app.autoscaling.simulate import (
     Deployment,
     HandleMetrics,
@@ -31,9 +32,7 @@ from app.autoscaling.simulate import (
     SimClock,
     SimContext,
     Simulation,
-    per_second_p95,
     poisson_arrivals,
-    summarize,
     time_weighted_average,
 )
 from tests.unit.test_autoscaling_store import FakeKV, make_store
