@@ -27,6 +27,7 @@ from app.api.errors import (
     error_json,
     from_validation_error,
 )
+from app.api.openapi import APIDescription, Route
 from app.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -140,12 +141,20 @@ class OpenAIRoutes:
     fixed paths needs no framework; validation stays pydantic.
     """
 
+    MODEL_PREFIX = "/v1/models/"  # GET /v1/models/<id>: the one route matched by prefix
+
     def __init__(self, backend: Backend, guard: Guard | None = None) -> None:
         self.backend = backend
         # API keys (app.security): None when the fleet's auth is off. GET routes need the
         # inference scope unless listed in _scopes (None: open, like /healthz).
         self.guard = guard
-        self._scopes: dict[str, Scope | None] = {"/healthz": None}
+        self._scopes: dict[str, Scope | None] = {
+            "/healthz": None,
+            "/openapi.json": None,
+            "/docs": None,
+        }
+        # Built from this table on first request (app.api.openapi), so add_get routes show.
+        self.description = APIDescription(self)
         b = backend
         self._post: dict[str, Callable[[Request], Awaitable[Response]]] = {
             "/v1/chat/completions": lambda r: self._call(
@@ -160,6 +169,8 @@ class OpenAIRoutes:
         self._get: dict[str, Callable[[Request], Awaitable[Response]]] = {
             "/v1/models": self._list_models,
             "/healthz": self._health,
+            "/openapi.json": self.description.openapi_json,
+            "/docs": self.description.docs_page,
         }
 
     def add_get(
@@ -171,6 +182,15 @@ class OpenAIRoutes:
         """An extra GET route (the gateway's admin endpoints; `scope` None: no key needed)."""
         self._get[path] = handler
         self._scopes[path] = scope
+        self.description.invalidate()
+
+    def route_table(self) -> list[Route]:
+        """Every route answered here, with the scope it needs (for the API description)."""
+        return [
+            *(Route("POST", path, Scope.INFERENCE) for path in self._post),
+            *(Route("GET", path, self._scopes.get(path, Scope.INFERENCE)) for path in self._get),
+            Route("GET", self.MODEL_PREFIX + "{model}", Scope.INFERENCE),
+        ]
 
     async def __call__(self, request: Request, trusted: bool = False) -> Response:
         """`trusted`: the request was already admitted elsewhere (a peer region's gateway,
@@ -199,9 +219,9 @@ class OpenAIRoutes:
             return await handler(request)
         if handler is not None and request.method == "POST":
             return await handler(request)
-        if path.startswith("/v1/models/") and request.method == "GET":
+        if path.startswith(self.MODEL_PREFIX) and request.method == "GET":
             await self._admit_get(request, Scope.INFERENCE)
-            return await self._get_model(path.removeprefix("/v1/models/"))
+            return await self._get_model(path.removeprefix(self.MODEL_PREFIX))
         if path in self._post or path in self._get:
             allowed = "POST" if path in self._post else "GET"
             raise MethodNotAllowedError(f"{request.method} is not allowed on {path}; use {allowed}")
