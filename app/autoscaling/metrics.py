@@ -1,5 +1,6 @@
 """Autoscaling decisions as Prometheus metrics (through ray.util.metrics, on the cluster's
-metrics endpoint beside Ray's and Serve's own): what each model wants, has and why it changed."""
+metrics endpoint beside Ray's and Serve's own): what each model wants, has and why it changed.
+Names, descriptions and tags come from the catalogue, app.observability.metrics."""
 
 from __future__ import annotations
 
@@ -7,8 +8,16 @@ from typing import Any
 
 from app.autoscaling.decision import Decision
 from app.autoscaling.signals import Signals
+from app.observability.metrics import (
+    AUTOSCALING_DECISIONS,
+    AUTOSCALING_RUNNING,
+    AUTOSCALING_TAGS,
+    AUTOSCALING_TARGET,
+    AUTOSCALING_UTILIZATION,
+)
+from app.observability.recorder import create
 
-TAGS = ("model", "region")
+TAGS = AUTOSCALING_TAGS
 
 
 class AutoscalingMetrics:
@@ -21,31 +30,14 @@ class AutoscalingMetrics:
         self._metrics: dict[str, Any] = {}
         try:
             import ray
-            from ray.util import metrics
 
             if not ray.is_initialized():  # creating a metric would start a local Ray
                 return
             self._metrics = {
-                "decisions": metrics.Counter(
-                    "autoscaling_decisions",
-                    description="Replica target changes, by the rule that made them.",
-                    tag_keys=(*TAGS, "rule", "direction"),
-                ),
-                "target": metrics.Gauge(
-                    "autoscaling_target_replicas",
-                    description="Replicas the policy asks for.",
-                    tag_keys=TAGS,
-                ),
-                "running": metrics.Gauge(
-                    "autoscaling_running_replicas",
-                    description="Replicas running when the policy decided.",
-                    tag_keys=TAGS,
-                ),
-                "utilization": metrics.Gauge(
-                    "autoscaling_utilization",
-                    description="Requests per replica slot (ongoing + queued) / capacity.",
-                    tag_keys=TAGS,
-                ),
+                "decisions": create(AUTOSCALING_DECISIONS),
+                "target": create(AUTOSCALING_TARGET),
+                "running": create(AUTOSCALING_RUNNING),
+                "utilization": create(AUTOSCALING_UTILIZATION),
             }
         except Exception:  # metrics need a connected worker; scaling must not depend on them
             self._metrics = {}

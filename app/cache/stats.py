@@ -15,6 +15,9 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
+from app.observability.metrics import CACHE_EVENTS
+from app.observability.recorder import create
+
 
 class Event(StrEnum):
     HIT = "hit"
@@ -52,8 +55,8 @@ class CacheStats:
 
 
 class MetricsExporter:
-    """Pushes the growth of a CacheStats into one Ray counter, `app_cache_events`, tagged by
-    cache name, tier and event."""
+    """Pushes the growth of a CacheStats into one Ray counter, `app_cache_events` (the
+    catalogue's CACHE_EVENTS), tagged by cache name, tier and event."""
 
     def __init__(self, cache_name: str) -> None:
         self.cache_name = cache_name
@@ -67,13 +70,7 @@ class MetricsExporter:
         if not ray.is_initialized():
             return 0
         if self._counter is None:
-            from ray.util.metrics import Counter as RayCounter
-
-            self._counter = RayCounter(
-                "app_cache_events",
-                description="Cache events (hits, misses, evictions, loads, errors) by tier.",
-                tag_keys=("cache", "tier", "event"),
-            )
+            self._counter = create(CACHE_EVENTS)
         moved = 0
         for key, total in list(stats.counts.items()):
             delta = total - self._sent[key]

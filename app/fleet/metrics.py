@@ -1,17 +1,26 @@
 """Routing decisions as Prometheus metrics (through ray.util.metrics, so they appear on the
-cluster's metrics endpoint with every other Ray and Serve metric)."""
+cluster's metrics endpoint with every other Ray and Serve metric). Names, descriptions and tags
+come from the catalogue, app.observability.metrics."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from app.fleet.scoring import Decision
+from app.observability.metrics import (
+    ROUTING_DECISIONS,
+    ROUTING_PANICS,
+    ROUTING_RETRIES,
+    ROUTING_SPILLOVERS,
+    MetricDef,
+)
+from app.observability.recorder import create
 
-COUNTERS = {
-    "decisions": "Requests routed, by strategy and the chosen replica's region.",
-    "spillovers": "Requests sent outside the client's nearest region (it was full).",
-    "retries": "Failover attempts routed after a failed try.",
-    "panics": "Decisions made ignoring health because no replica was healthy.",
+COUNTERS: dict[str, MetricDef] = {
+    "decisions": ROUTING_DECISIONS,
+    "spillovers": ROUTING_SPILLOVERS,
+    "retries": ROUTING_RETRIES,
+    "panics": ROUTING_PANICS,
 }
 
 
@@ -24,18 +33,10 @@ class RoutingMetrics:
         self._counters: dict[str, Any] = {}
         try:
             import ray
-            from ray.util import metrics
 
             if not ray.is_initialized():  # creating a metric would start a local Ray
                 return
-            self._counters = {
-                name: metrics.Counter(
-                    f"fleet_routing_{name}",
-                    description=description,
-                    tag_keys=("model", "strategy", "region"),
-                )
-                for name, description in COUNTERS.items()
-            }
+            self._counters = {name: create(definition) for name, definition in COUNTERS.items()}
         except Exception:  # metrics need a connected worker; routing must not depend on them
             self._counters = {}
 
