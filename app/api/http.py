@@ -27,6 +27,7 @@ from app.api.errors import (
     error_json,
     from_validation_error,
 )
+from app.api.observed import REQUEST_MODEL, STREAMED, RequestObserver, RouteLabels
 from app.api.openapi import APIDescription, Route
 from app.api.schemas import (
     ChatCompletionRequest,
@@ -143,8 +144,15 @@ class OpenAIRoutes:
 
     MODEL_PREFIX = "/v1/models/"  # GET /v1/models/<id>: the one route matched by prefix
 
-    def __init__(self, backend: Backend, guard: Guard | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        guard: Guard | None = None,
+        labels: RouteLabels | None = None,
+    ) -> None:
         self.backend = backend
+        # Metrics of every inference request (app.api.observed); None: not recorded.
+        self.observer = RequestObserver(labels) if labels is not None else None
         # API keys (app.security): None when the fleet's auth is off. GET routes need the
         # inference scope unless listed in _scopes (None: open, like /healthz).
         self.guard = guard
@@ -197,13 +205,18 @@ class OpenAIRoutes:
         whose signature the backend checked), so no key is asked for."""
         CURRENT_REQUEST.set(request)
         TRUSTED.set(trusted or self.guard is None)
+        observer = self.observer
+        started = observer.begin() if observer is not None else 0.0
         try:
-            return await self._dispatch(request)
+            response = await self._dispatch(request)
         except APIError as exc:
-            return error_response(exc)
+            if observer is not None:
+                observer.rejected(exc)
+            response = error_response(exc)
         except Exception as exc:  # a bug on our side: say so, never hang or leak a trace
             logger.exception("unhandled error on %s %s", request.method, request.url.path)
-            return error_response(InternalError(f"internal error: {type(exc).__name__}"))
+            response = error_response(InternalError(f"internal error: {type(exc).__name__}"))
+        return observer.finished(response, started) if observer is not None else response
 
     async def asgi(self, scope: Any, receive: Any, send: Any) -> None:
         """The same routes as a plain ASGI app (for tests and non-Serve hosting)."""
@@ -236,11 +249,13 @@ class OpenAIRoutes:
     ) -> Response:
         # Authenticate before reading the body: an unknown caller costs no parsing. The key's
         # scope and limits are checked once the body gives the request's size.
+        REQUEST_MODEL.set("")  # an inference request, its model not known yet
         guard = None if TRUSTED.get() else self.guard
         key = await guard.authenticate(request.headers.get("authorization")) if guard else None
         body = await read_body(request)
         CURRENT_BODY.set(body)
         req = parse_request(body, schema)
+        REQUEST_MODEL.set(getattr(req, "model", ""))
         permit = None
         if guard is not None and key is not None:
             permit = await guard.admit(key, Scope.INFERENCE, request_tokens(req, len(body)))
@@ -249,6 +264,7 @@ class OpenAIRoutes:
                 if stream is None:
                     raise InvalidRequestError("this endpoint does not stream", param="stream")
                 response = await streaming_response(stream(req))
+                STREAMED.set(True)
                 return with_permit(response, permit, streamed=True)
             if bypass_requested(request.headers):
                 req.cache_bypass = True  # type: ignore[attr-defined]

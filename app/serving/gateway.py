@@ -33,6 +33,7 @@ from app.api.http import (
     json_response,
     route_path,
 )
+from app.api.observed import RouteLabels
 from app.api.responses import model_object
 from app.api.schemas import (
     ChatCompletionRequest,
@@ -53,6 +54,7 @@ from app.fleet.hints import (
 )
 from app.fleet.router_actor import FleetRouterUnavailableError, router_handle
 from app.fleet.spec import FleetSpec, embedded_fleet
+from app.observability.metrics import Base
 from app.regions.federation import RegionFederation
 from app.regions.forwarding import SUMMARY_PATH, PeerBusyError, PeerUnreachableError
 from app.regions.ingress import is_forwarded, peer_refusal
@@ -89,7 +91,9 @@ class Gateway:
         self._status: tuple[float, dict[str, str]] = (0.0, {})
         self._refreshing: asyncio.Task[dict[str, str]] | None = None
         self.federation = RegionFederation(self.fleet) if self.fleet.own_region else None
-        self._routes = OpenAIRoutes(self, guard_for(self.fleet.auth))
+        region = self.fleet.own_region or self.fleet.home_region
+        labels = RouteLabels.of(Base.GATEWAY, region, self.cards)
+        self._routes = OpenAIRoutes(self, guard_for(self.fleet.auth), labels)
         self._routes.add_get("/v1/fleet", self._fleet_view)  # admin scope
         self._routes.add_get(SUMMARY_PATH, self._summary, scope=None)  # peer-signed instead
 

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.api.http import OpenAIRoutes, request_tokens, validate_request
+from app.api.observed import RouteLabels
 from app.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -29,6 +30,8 @@ from app.cache.responses import ResponseCache
 from app.catalog.cards import ModelCard
 from app.fleet.agent import ReplicaAgent
 from app.fleet.spec import FleetSpec, embedded_fleet
+from app.observability.metrics import Base
+from app.observability.recorder import metrics
 from app.regions.auth import load_secret
 from app.regions.ingress import is_forwarded, peer_refusal
 from app.security.guard import guard_for
@@ -58,17 +61,22 @@ class ModelServer:
             parsed, parsed.resolve_source(Path(catalogue_dir)), device
         )
         self.loaded = runner.load()
-        self.service = ModelService(parsed, runner, response_cache=ResponseCache.for_card(parsed))
-        logger.info("loaded %s on %s (%s)", parsed.id, self.loaded.device, self.loaded.dtype)
         spec = FleetSpec.model_validate(fleet) if fleet else embedded_fleet()
-        self._routes = OpenAIRoutes(self, guard_for(spec.auth))
-        self._peer_secret = load_secret(spec.federation) if spec.own_region else None
-        self.fleet = ReplicaAgent(
-            spec,
-            parsed.id,
-            serve.get_replica_context().replica_id.unique_id,
-            parsed.max_ongoing_requests,
+        replica = serve.get_replica_context().replica_id.unique_id
+        self.fleet = ReplicaAgent(spec, parsed.id, replica, parsed.max_ongoing_requests)
+        region, recorder = self.fleet.region, metrics()
+        batch = parsed.batching.max_batch_size
+        self.service = ModelService(
+            parsed,
+            runner,
+            response_cache=ResponseCache.for_card(parsed),
+            on_usage=lambda p, c: recorder.count_tokens(parsed.id, region, p, c),
+            on_batch=lambda n: recorder.set_batch_fill(parsed.id, region, replica, n / batch),
         )
+        logger.info("loaded %s on %s (%s)", parsed.id, self.loaded.device, self.loaded.dtype)
+        labels = RouteLabels.of(Base.MODEL, region, (parsed.id,))
+        self._routes = OpenAIRoutes(self, guard_for(spec.auth), labels)
+        self._peer_secret = load_secret(spec.federation) if spec.own_region else None
         self._work = WorkRates(parsed.batching.max_batch_size)
 
     # ---- fleet hooks: Serve calls these periodically ----------------------------------------

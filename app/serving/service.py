@@ -61,6 +61,8 @@ class ModelService:
         clock: Callable[[], float] = time.time,
         response_cache: ResponseCache | None = None,
         batcher: Batcher | None = None,
+        on_usage: Callable[[int, int], None] | None = None,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.card = card
         self.runner = runner
@@ -68,6 +70,10 @@ class ModelService:
         # here when cached; streams are always computed (see README, "Cache").
         self.response_cache = response_cache
         self._clock = clock
+        # Observers (the replica's metrics): tokens in and out of each computed answer, the
+        # size of each batch run.
+        self._on_usage = on_usage
+        self._on_batch = on_batch
         self._batcher = batcher or ServeBatcher(
             card.batching.max_batch_size, card.batching.wait_timeout_s
         )
@@ -102,6 +108,14 @@ class ModelService:
         self.batches += 1
         self.batched_requests += size
         self.largest_batch = max(self.largest_batch, size)
+        if self._on_batch is not None:
+            self._on_batch(size)
+
+    def _used(self, prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+        """The usage of one computed answer (never of a cached one), told to the observer."""
+        if self._on_usage is not None:
+            self._on_usage(prompt_tokens, completion_tokens)
+        return usage(prompt_tokens, completion_tokens)
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -227,7 +241,7 @@ class ModelService:
             "created": int(self._clock()),
             "model": self.card.id,
             "choices": choices,
-            "usage": usage(prompt_tokens, completion_tokens),
+            "usage": self._used(prompt_tokens, completion_tokens),
             "system_fingerprint": None,
         }
 
@@ -257,15 +271,18 @@ class ModelService:
             yield base | {"choices": [chat_choice(i, {"role": "assistant", "content": ""})]}
         completion_tokens = 0
         merged = merge_streams([self._sequences.deltas(r) for r in requests])
-        async with closing(merged):
-            async for i, delta in merged:
-                completion_tokens += delta.tokens
-                if delta.text:
-                    yield base | {"choices": [chat_choice(i, {"content": delta.text})]}
-                if delta.finish_reason:
-                    yield base | {"choices": [chat_choice(i, {}, delta.finish_reason)]}
+        try:
+            async with closing(merged):
+                async for i, delta in merged:
+                    completion_tokens += delta.tokens
+                    if delta.text:
+                        yield base | {"choices": [chat_choice(i, {"content": delta.text})]}
+                    if delta.finish_reason:
+                        yield base | {"choices": [chat_choice(i, {}, delta.finish_reason)]}
+        finally:  # a stream cut short still used what it decoded
+            used = self._used(prompt_tokens, completion_tokens)
         if req.include_usage:
-            yield base | {"choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+            yield base | {"choices": [], "usage": used}
 
     async def completions(self, req: CompletionRequest) -> dict[str, Any]:
         self._check(req.model, Task.TEXT_GENERATION, "completions")
@@ -295,7 +312,7 @@ class ModelService:
             "created": int(self._clock()),
             "model": self.card.id,
             "choices": choices,
-            "usage": usage(sum(p for p, _ in plans), sum(t for _, t, _ in results)),
+            "usage": self._used(sum(p for p, _ in plans), sum(t for _, t, _ in results)),
             "system_fingerprint": None,
         }
 
@@ -324,13 +341,15 @@ class ModelService:
                 yield base | {"choices": [text_choice(i, r.prompt)]}
         completion_tokens = 0
         merged = merge_streams([self._sequences.deltas(r) for r in requests])
-        async with closing(merged):
-            async for i, delta in merged:
-                completion_tokens += delta.tokens
-                yield base | {"choices": [text_choice(i, delta.text, delta.finish_reason)]}
+        try:
+            async with closing(merged):
+                async for i, delta in merged:
+                    completion_tokens += delta.tokens
+                    yield base | {"choices": [text_choice(i, delta.text, delta.finish_reason)]}
+        finally:  # a stream cut short still used what it decoded
+            used = self._used(sum(p for p, _ in plans), completion_tokens)
         if req.include_usage:
-            prompt_tokens = sum(p for p, _ in plans)
-            yield base | {"choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+            yield base | {"choices": [], "usage": used}
 
     # ---- embeddings -------------------------------------------------------------------------
 
@@ -361,6 +380,7 @@ class ModelService:
                 raise InternalError(f"embedding failed: {type(exc).__name__}: {exc}") from exc
         chars = sum(len(text) for text in texts)
         tokens = await tokenizer_call(chars, _count_all, runner, texts)
+        self._used(tokens, 0)
         data = [
             {"object": "embedding", "index": i, "embedding": encode_vector(v, req.encoding_format)}
             for i, v in enumerate(vectors)
