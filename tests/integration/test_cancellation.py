@@ -1,15 +1,18 @@
 """Cancellation on real Ray Serve: a client that goes away (an HTTP disconnect on a model's own
 URL, a handle caller's cancel) stops its work within a step and frees the replica, so the next
 request is served at about its time alone rather than after the abandoned one would have ended.
+And overload: a replica whose slots and queue are full refuses the next request at once.
 
-Two models of their own, with one replica each and limits raised so a request can be long:
-a tiny Llama with a 1024-token context and a tiny Stable Diffusion allowing 200 steps.
+Models of their own, with one replica each and limits raised so a request can be long:
+a tiny Llama with a 1024-token context, a tiny Stable Diffusion allowing 200 steps, and the
+same with one slot and a queue of one.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -21,6 +24,7 @@ from tests.integration.conftest import ROOT
 from tests.integration.support import wait_until
 
 LLAMA = "cancel-llama"
+NARROW = "narrow-sd"
 SD = "cancel-sd"
 MESSAGES = [{"role": "user", "content": "tell me a long story"}]
 
@@ -34,6 +38,13 @@ def _card(base_id: str, **fields: Any) -> ModelCard:
 
 CARDS = {
     LLAMA: _card("tiny-llama", id=LLAMA, generation={"max_context_tokens": 1024}),
+    NARROW: _card(
+        "tiny-sd",
+        id=NARROW,
+        limits={"max_inference_steps": 200, "max_image_size": "128x128"},
+        max_ongoing_requests=1,
+        max_queued_requests=1,
+    ),
     SD: _card(
         "tiny-sd",
         id=SD,
@@ -159,3 +170,28 @@ def test_a_cancelled_image_request_frees_the_image_replica(base: str) -> None:
     after = timed_post(url, short)
     assert after < 10 * alone + 10, (alone, after)
     assert stats(SD)["generated_images"] == images + 1  # only the short request's image
+
+
+def test_a_replica_with_full_slots_and_queue_refuses_at_once(base: str) -> None:
+    """One slot, a queue of one: a long image holds the slot, a second request waits in the
+    queue, and a third is refused with a 429 and Retry-After instead of joining a longer queue.
+    The waiting one is served once the slot frees."""
+    from ray import serve
+
+    url = f"{base}/models/{NARROW}/v1/images/generations"
+    short = {"model": NARROW, "prompt": "a dot", "size": "64x64", "num_inference_steps": 2}
+    assert httpx.post(url, json=short, timeout=120).status_code == 200
+    # Minutes of denoising on a CPU. Held through a handle, whose cancel reliably reaches the
+    # replica (see the image test above). No stats call while it runs: that would queue too.
+    long = short | {"size": "128x128", "num_inference_steps": 200}
+    held = serve.get_app_handle(CARDS[NARROW].deployment_name).images.remote(long)
+    time.sleep(3)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(httpx.post, url, json=short, timeout=300)
+        time.sleep(1.5)  # the second request reaches the replica's queue
+        refused = httpx.post(url, json=short, timeout=30)
+        assert refused.status_code == 429, refused.text
+        assert float(refused.headers["retry-after"]) > 0
+        assert not waiting.done()  # still queued behind the long image
+        held.cancel()
+        assert waiting.result(timeout=120).status_code == 200
