@@ -123,9 +123,7 @@ async def test_the_service_reports_the_tokens_of_computed_answers_only() -> None
     used: list[tuple[int, int]] = []
     backend = EchoBackend()
     backend.service._on_usage = lambda p, c: used.append((p, c))
-    reply: dict[str, Any] = await backend.service.chat(
-        ChatCompletionRequest.model_validate(chat())
-    )
+    reply: dict[str, Any] = await backend.service.chat(ChatCompletionRequest.model_validate(chat()))
     usage = reply["usage"]
     assert used == [(usage["prompt_tokens"], usage["completion_tokens"])]
     stream = backend.service.chat_stream(ChatCompletionRequest.model_validate(chat(stream=True)))
