@@ -1,0 +1,203 @@
+"""The line worker: leases batch lines from the active batches' queues, sends each through a
+LineSender at a concurrency that backs off on overload, stores each line's first result and
+acks it. Lower priority than interactive traffic by construction: it only grows into spare
+capacity, and a 429 or 503 from the fleet shrinks it and pauses it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from app.api.errors import APIError
+from app.batches.capacity import ActiveBatches
+from app.batches.concurrency import AIMDLimit
+from app.batches.output import ResultStore, Tally, error_record, response_record, succeeded
+from app.jobs.queue import DurableQueue, Lease, QueueKV, QueueStats
+
+logger = logging.getLogger(__name__)
+
+OVERLOAD = frozenset({429, 503})
+
+
+class LineSender(Protocol):
+    """Runs one line's request like an interactive one: (HTTP status, JSON body). To pass
+    a Retry-After, raise an app.api.errors.APIError with `retry_after_s` (OverloadedError,
+    ServiceUnavailableError) instead of returning the 429/503."""
+
+    async def send(self, url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]: ...
+
+
+class LineQueue(Protocol):
+    """What batches use of app.jobs' DurableQueue (which satisfies it)."""
+
+    name: str
+    max_attempts: int
+    visibility_s: float
+
+    def enqueue(self, items: Sequence[tuple[str, dict[str, Any]]]) -> int: ...
+    def lease(self, max_items: int, owner: str) -> list[Lease]: ...
+    def ack(self, lease: Lease) -> bool: ...
+    def nack(
+        self,
+        lease: Lease,
+        error: str,
+        *,
+        retry_after_s: float | None = None,
+        charge: bool = True,
+    ) -> None: ...
+    def extend(self, lease: Lease, visibility_s: float | None = None) -> Lease | None: ...
+    def stats(self) -> QueueStats: ...
+    def dead_letters(self) -> list[tuple[str, dict[str, Any], str]]: ...
+    def drop(self) -> None: ...
+
+
+def queue_name(batch_id: str) -> str:
+    return f"batch:{batch_id}"
+
+
+def batch_queue(kv: QueueKV, batch_id: str, **options: Any) -> DurableQueue:
+    """The durable queue of one batch's lines (options: DurableQueue's keywords)."""
+    return DurableQueue(kv, queue_name(batch_id), **options)
+
+
+class ActiveQueues:
+    """The queues of the active batches, one object kept per batch while it is active."""
+
+    def __init__(self, active: ActiveBatches, make: Callable[[str], LineQueue]) -> None:
+        self.active = active
+        self.make = make
+        self._queues: dict[str, LineQueue] = {}
+
+    def __call__(self) -> list[LineQueue]:
+        ids = self.active.ids()
+        self._queues = {i: self._queues.get(i) or self.make(i) for i in ids}
+        return list(self._queues.values())
+
+
+class LineRunner:
+    """One worker's loop. `queues()` lists the queues to serve; lines are taken from them in
+    turn (a small batch is not stuck behind a large one)."""
+
+    def __init__(
+        self,
+        sender: LineSender,
+        results: ResultStore,
+        queues: Callable[[], list[LineQueue]],
+        *,
+        owner: str,
+        limit: AIMDLimit | None = None,
+        tally: Tally | None = None,
+        flush_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sender = sender
+        self.results = results
+        self.queues = queues
+        self.owner = owner
+        self.limit = limit or AIMDLimit()
+        self.tally = tally or Tally(results.kv)
+        self.flush_s = flush_s
+        self.clock = clock
+        self.tasks: set[asyncio.Task[str]] = set()
+        self._turn = 0
+        self._flushed = clock()
+
+    async def poll(self) -> int:
+        """Start as many lines as the limit allows; returns how many started."""
+        free = self.limit.available(len(self.tasks))
+        queues = await asyncio.to_thread(self.queues) if free else []
+        started = 0
+        for i in range(len(queues)):
+            if free <= started:
+                break
+            queue = queues[(self._turn + i) % len(queues)]
+            leases = await asyncio.to_thread(queue.lease, free - started, self.owner)
+            for lease in leases:
+                task = asyncio.create_task(self.process(queue, lease))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            started += len(leases)
+        self._turn += 1
+        if self.clock() - self._flushed >= self.flush_s:
+            await self.flush()
+        return started
+
+    async def flush(self) -> None:
+        self._flushed = self.clock()
+        await asyncio.to_thread(self.tally.flush)
+
+    async def run(self, stop: asyncio.Event, *, idle_s: float = 0.5) -> None:
+        """Poll until `stop` is set, then let the lines in flight finish."""
+        while not stop.is_set():
+            started = await self.poll()
+            wait = self.limit.pause_left() or (0.0 if started else idle_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=max(wait, 0.01))
+        await self.drain()
+
+    async def drain(self) -> None:
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.flush()
+
+    async def process(self, queue: LineQueue, lease: Lease) -> str:
+        """One line: "result" (stored and acked), "retry" / "overload" (nacked), or "lost"
+        (the lease expired meanwhile and another worker owns the line)."""
+        keeper = asyncio.create_task(self._keep_leased(queue, lease))
+        try:
+            status, body, retry_after = await self._send(lease.payload)
+        except asyncio.CancelledError:
+            await asyncio.to_thread(queue.nack, lease, "worker stopped", charge=False)
+            raise
+        finally:
+            keeper.cancel()
+        if status in OVERLOAD:
+            wait = self.limit.on_overload(retry_after)
+            error = f"overloaded ({status})"
+            await asyncio.to_thread(queue.nack, lease, error, retry_after_s=wait, charge=False)
+            return "overload"
+        failed = status == 0 or status >= 500  # 0: the sender raised
+        if failed and lease.attempt < queue.max_attempts:
+            await asyncio.to_thread(queue.nack, lease, _describe(status, body))
+            return "retry"
+        if not failed:
+            self.limit.on_success()
+        return await asyncio.to_thread(self._settle, queue, lease, status, body)
+
+    async def _send(self, payload: dict[str, Any]) -> tuple[int, dict[str, Any], float | None]:
+        try:
+            status, body = await self.sender.send(payload["url"], payload["body"])
+            return status, body, None
+        except APIError as exc:
+            return exc.status, exc.body(), exc.retry_after_s
+        except Exception as exc:  # a bug or a lost replica: retried, then reported
+            logger.warning("batch line %s failed: %r", payload.get("custom_id"), exc)
+            return 0, {"error": {"message": f"{type(exc).__name__}: {exc}"}}, None
+
+    def _settle(self, queue: LineQueue, lease: Lease, status: int, body: dict[str, Any]) -> str:
+        batch_id, custom_id = lease.payload["batch_id"], lease.payload["custom_id"]
+        if status == 0:  # an exception on its last attempt
+            message = str(body["error"]["message"])
+            record = error_record(batch_id, custom_id, {"code": "server_error", "message": message})
+        else:
+            record = response_record(batch_id, custom_id, status, body)
+        if self.results.store(batch_id, record):
+            self.tally.add(batch_id, succeeded(record))
+        return "result" if queue.ack(lease) else "lost"
+
+    async def _keep_leased(self, queue: LineQueue, lease: Lease) -> None:
+        """Extend the lease while the line runs, so a long generation is not re-leased."""
+        while True:
+            await asyncio.sleep(queue.visibility_s / 2)
+            if await asyncio.to_thread(queue.extend, lease) is None:
+                return
+
+
+def _describe(status: int, body: dict[str, Any]) -> str:
+    error = body.get("error") if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return f"{f'status {status}' if status else 'error'}: {message or 'no message'}"

@@ -1,0 +1,176 @@
+"""app.batches.runner and concurrency: the line worker over a real DurableQueue on a fake KV,
+with a fake LineSender: overloads back off (not charged as attempts), 4xx answers are results,
+errors are retried then reported, and a line run twice counts once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from app.api.errors import OverloadedError
+from app.batches.concurrency import AIMDConfig, AIMDLimit
+from app.batches.output import ResultStore, read_counts, result_key, succeeded
+from app.batches.runner import LineQueue, LineRunner, batch_queue
+from app.jobs.queue import DurableQueue
+from tests.unit.kv_fakes import FakeClock, FakeKV
+
+Answer = tuple[int, dict[str, Any]] | Exception
+
+
+class FakeSender:
+    """Answers each custom_id's requests from a script (the last answer repeats)."""
+
+    def __init__(self, script: dict[str, list[Answer]]) -> None:
+        self.script = script
+        self.calls: list[str] = []
+
+    async def send(self, url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        custom_id = body["custom_id"]
+        self.calls.append(custom_id)
+        answers = self.script[custom_id]
+        answer = answers.pop(0) if len(answers) > 1 else answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def ok(text: str = "hi") -> tuple[int, dict[str, Any]]:
+    return 200, {"object": "chat.completion", "choices": [{"text": text}]}
+
+
+class Rig:
+    def __init__(self, script: dict[str, list[Answer]], max_attempts: int = 3) -> None:
+        self.clock = FakeClock()
+        self.kv = FakeKV(self.clock)
+        self.queue = batch_queue(self.kv, "b1", max_attempts=max_attempts, clock=self.clock)
+        self.queue.enqueue(
+            [
+                (
+                    f"b1:{c}",
+                    {"batch_id": "b1", "custom_id": c, "url": "/v1/x", "body": {"custom_id": c}},
+                )
+                for c in script
+            ]
+        )
+        self.sender = FakeSender(script)
+        self.results = ResultStore(self.kv)
+        self.limit = AIMDLimit(AIMDConfig(initial=4, ceiling=8), clock=self.clock)
+        self.runner = self.make_runner("w1")
+
+    def make_runner(self, owner: str) -> LineRunner:
+        queues: Callable[[], list[LineQueue]] = lambda: [self.queue]  # noqa: E731
+        return LineRunner(
+            self.sender, self.results, queues, owner=owner, limit=self.limit, clock=self.clock
+        )
+
+    async def step(self, runner: LineRunner | None = None) -> int:
+        runner = runner or self.runner
+        started = await runner.poll()
+        await runner.drain()
+        return started
+
+    def result(self, custom_id: str) -> dict[str, Any] | None:
+        return self.kv.value(result_key("b1", custom_id))
+
+
+async def test_successes_are_stored_acked_and_counted() -> None:
+    rig = Rig({"a": [ok("A")], "b": [ok("B")]})
+    assert await rig.step() == 2
+    record = rig.result("a")
+    assert record is not None and succeeded(record)
+    assert record["custom_id"] == "a" and record["error"] is None
+    assert record["response"]["status_code"] == 200
+    assert record["response"]["body"]["choices"][0]["text"] == "A"
+    assert record["id"].startswith("batch_req_")
+    stats = rig.queue.stats()
+    assert (stats.pending, stats.leased, stats.done) == (0, 0, 2)
+    assert read_counts(rig.kv, "b1") == (2, 0)
+    assert rig.limit.limit > 4  # grew on success
+
+
+async def test_a_4xx_answer_is_a_result_not_a_retry() -> None:
+    bad = (400, {"error": {"message": "bad", "type": "invalid_request_error"}})
+    rig = Rig({"a": [bad]})
+    await rig.step()
+    record = rig.result("a")
+    assert record is not None and not succeeded(record)
+    assert record["response"]["status_code"] == 400 and record["error"] is None
+    assert rig.sender.calls == ["a"] and rig.queue.stats().done == 1
+    assert read_counts(rig.kv, "b1") == (0, 1)
+
+
+@pytest.mark.parametrize("retry_after", [7, None])
+async def test_overload_backs_off_and_is_not_charged(retry_after: int | None) -> None:
+    overload: Answer = (
+        OverloadedError("busy", retry_after_s=retry_after) if retry_after else (429, {})
+    )
+    rig = Rig({"a": [overload, ok()]}, max_attempts=1)
+    await rig.step()
+    assert rig.result("a") is None
+    assert rig.limit.limit == 2  # halved
+    wait = retry_after or AIMDConfig().pause_s
+    assert rig.limit.available(0) == 0 and rig.limit.pause_left() == wait
+    assert rig.queue.lease(1, "peek") == []  # not due before Retry-After
+    rig.clock.advance(wait)
+    assert await rig.step() == 1  # max_attempts=1: the 429 used no attempt
+    assert rig.result("a") is not None and rig.queue.stats().done == 1
+
+
+async def test_one_cut_per_burst_of_overloads() -> None:
+    limit = AIMDLimit(AIMDConfig(initial=8, ceiling=8), clock=FakeClock())
+    limit.on_overload(2)
+    limit.on_overload(2)
+    limit.on_overload(None)
+    assert limit.limit == 4
+
+
+async def test_errors_are_retried_then_reported() -> None:
+    rig = Rig(
+        {"boom": [RuntimeError("replica died")], "five": [(500, {"error": {"message": "x"}})]}
+    )
+    for _ in range(3):
+        await rig.step()
+        rig.clock.advance(60)  # past the backoff
+    assert rig.sender.calls.count("boom") == 3 and rig.sender.calls.count("five") == 3
+    boom, five = rig.result("boom"), rig.result("five")
+    assert boom is not None and boom["response"] is None
+    assert boom["error"]["code"] == "server_error" and "replica died" in boom["error"]["message"]
+    assert five is not None and five["response"]["status_code"] == 500
+    assert rig.queue.stats().dead == 0 and rig.queue.stats().done == 2
+
+
+async def test_an_error_before_the_last_attempt_is_nacked() -> None:
+    rig = Rig({"a": [RuntimeError("x"), ok()]})
+    await rig.step()
+    assert rig.result("a") is None and rig.queue.stats().pending == 1
+    rig.clock.advance(60)
+    await rig.step()
+    assert rig.result("a") is not None
+
+
+async def test_a_line_run_twice_keeps_its_first_result() -> None:
+    """Worker 1 stalls past its lease; worker 2 runs the line again. One result counts."""
+    rig = Rig({"a": [ok("first"), ok("second")]})
+    gate = asyncio.Event()
+    slow_sender = rig.sender.send
+
+    async def stalled(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        await gate.wait()
+        return await slow_sender(url, body)
+
+    w1 = rig.make_runner("w1")
+    w1.sender = type("S", (), {"send": staticmethod(stalled)})()
+    await w1.poll()  # leased by worker 1, which hangs
+    await asyncio.sleep(0)
+    rig.clock.advance(DurableQueue(rig.kv, "x").visibility_s + 1)  # its lease expires
+    w2 = rig.make_runner("w2")
+    await rig.step(w2)
+    assert rig.result("a")["response"]["body"]["choices"][0]["text"] == "first"  # type: ignore[index]
+    gate.set()
+    await w1.drain()  # worker 1 finishes late: its result and ack are refused
+    assert rig.result("a")["response"]["body"]["choices"][0]["text"] == "first"  # type: ignore[index]
+    assert read_counts(rig.kv, "b1") == (1, 0)
+    assert rig.queue.stats().done == 1
