@@ -18,6 +18,7 @@ from app.fleet.cli import add_fleet_commands
 from app.fleet.router_actor import stop_router
 from app.fleet.spec import FleetSpec, FleetSpecError, load_fleet
 from app.kv.cli import add_kv_commands
+from app.loadtest.cli import add_loadtest_commands
 from app.regions import local as local_region
 from app.regions.auth import FederationSecretError
 from app.regions.cli import add_region_commands
@@ -365,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fleet_commands(sub)
     add_region_commands(sub)
     add_keys_commands(sub)
+    add_loadtest_commands(sub)
     return parser
 
 
