@@ -86,14 +86,22 @@ def replica_env() -> dict[str, str]:
     environment. RAY_SERVE_THROUGHPUT_OPTIMIZED itself is not used: it also switches on direct
     ingress inside the replica, which hangs the replica when the cluster runs Serve's proxy.
     """
+    # Tracing (OTEL_*) and log format (APP_LOG_*) reach the replicas from the deploying
+    # process's environment: `OTEL_EXPORTER_OTLP_ENDPOINT=... app up` traces the service.
+    passed = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV_PREFIXES)}
+    buffer = os.environ.get("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "1000")
     return {
         "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
         "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
         "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
-        "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+        "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": buffer,
         "RAY_SERVE_LOG_TO_STDERR": "0",
         "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
+        **passed,
     }
+
+
+PASSED_ENV_PREFIXES = ("OTEL_", "APP_LOG_")
 
 
 def stray_haproxy_pids(state_dir: str = DEFAULT_HAPROXY_DIR) -> list[int]:

@@ -37,6 +37,8 @@ from app.api.schemas import (
 )
 from app.api.sse import streaming_response
 from app.cache.policy import CACHE_HEADER, CACHE_STATUS_FIELD, bypass_requested
+from app.observability.logs import REQUEST_ID_HEADER, bind_request_id
+from app.observability.tracing import SpanKind, extract, span
 from app.security.guard import CHARS_PER_TOKEN, Guard, estimate_tokens
 from app.security.keys import Scope
 from app.security.limits import Permit
@@ -205,17 +207,30 @@ class OpenAIRoutes:
         whose signature the backend checked), so no key is asked for."""
         CURRENT_REQUEST.set(request)
         TRUSTED.set(trusted or self.guard is None)
+        incoming = request.headers.get(REQUEST_ID_HEADER)
+        request_id = bind_request_id(incoming)
         observer = self.observer
         started = observer.begin() if observer is not None else 0.0
-        try:
-            response = await self._dispatch(request)
-        except APIError as exc:
-            if observer is not None:
-                observer.rejected(exc)
-            response = error_response(exc)
-        except Exception as exc:  # a bug on our side: say so, never hang or leak a trace
-            logger.exception("unhandled error on %s %s", request.method, request.url.path)
-            response = error_response(InternalError(f"internal error: {type(exc).__name__}"))
+        path = route_path(request)
+        known = path in self._post or path in self._get
+        with span(
+            f"{request.method} {path if known else 'other'}",
+            parent=extract(request.headers),
+            kind=SpanKind.SERVER,
+            **{"http.request.method": request.method, "url.path": path, "request.id": request_id},
+        ) as entry:
+            try:
+                response = await self._dispatch(request)
+            except APIError as exc:
+                if observer is not None:
+                    observer.rejected(exc)
+                response = error_response(exc)
+            except Exception as exc:  # a bug on our side: say so, never hang or leak a trace
+                logger.exception("unhandled error on %s %s", request.method, request.url.path)
+                response = error_response(InternalError(f"internal error: {type(exc).__name__}"))
+            entry.set_attribute("http.response.status_code", response.status_code)
+        if incoming is None:  # behind Serve its middleware has already set the header
+            response.headers[REQUEST_ID_HEADER] = request_id
         return observer.finished(response, started) if observer is not None else response
 
     async def asgi(self, scope: Any, receive: Any, send: Any) -> None:

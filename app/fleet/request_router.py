@@ -25,6 +25,7 @@ from app.fleet.metrics import RoutingMetrics
 from app.fleet.router_actor import ROUTER_NAMESPACE
 from app.fleet.scoring import Decision, ReplicaView, RouteHints, RoutingPolicy
 from app.fleet.spec import FleetSpec, own_locality
+from app.observability.tracing import extract, span
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,10 @@ class FleetRequestRouter(RequestRouter):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._first_pull), FIRST_PULL_WAIT_S)
         hints = self._hints(pending_request)
-        decision = self.decide(candidate_replicas, hints)
+        carried = pending_request.kwargs.get(ROUTE_KWARG) if pending_request else None
+        with span("router.choose", parent=extract(carried), model=self._model) as chosen:
+            decision = self.decide(candidate_replicas, hints)
+            chosen.set_attribute("router.strategy", decision.strategy.value)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         ranked = [by_id[v.replica_id] for v in decision.ranked]
         if pending_request is not None:

@@ -54,7 +54,9 @@ from app.fleet.hints import (
 )
 from app.fleet.router_actor import FleetRouterUnavailableError, router_handle
 from app.fleet.spec import FleetSpec, embedded_fleet
+from app.observability.logs import configure_logging
 from app.observability.metrics import Base
+from app.observability.tracing import SpanKind, inject, setup_tracing, span, traced_stream
 from app.regions.federation import RegionFederation
 from app.regions.forwarding import SUMMARY_PATH, PeerBusyError, PeerUnreachableError
 from app.regions.ingress import is_forwarded, peer_refusal
@@ -84,6 +86,8 @@ class Gateway:
     def __init__(self, cards: list[dict[str, Any]], fleet: dict[str, Any] | None = None) -> None:
         self.cards = {c.id: c for c in (ModelCard.model_validate(card) for card in cards)}
         self.fleet = FleetSpec.model_validate(fleet) if fleet else embedded_fleet()
+        configure_logging()
+        setup_tracing(None, "gateway", resource={"app.region": self.fleet.home_region})
         self.geo = GeoLocator(self.fleet)
         self.created = int(time.time())
         self._handles: dict[str, DeploymentHandle] = {}
@@ -209,9 +213,14 @@ class Gateway:
         self, method: str, req: Any, route: dict[str, Any], deadline: float | None
     ) -> dict[str, Any]:
         handle = await self.handle_for(req.model)
-        with _mapped_errors(req.model), self._inflight(req.model):
+        with (
+            span(f"gateway.{method}", kind=SpanKind.CLIENT, model=req.model),
+            _mapped_errors(req.model),
+            self._inflight(req.model),
+        ):
             return await call_with_failover(
-                lambda hints: getattr(handle, method).remote(req, route=hints),
+                # The route hints carry the trace context to the router and the replica.
+                lambda hints: getattr(handle, method).remote(req, route=inject(dict(hints))),
                 route,
                 self.fleet.load_balancing,
                 breakers=self._replica_breakers(req.model),
@@ -271,13 +280,15 @@ class Gateway:
     ) -> AsyncIterator[bytes]:
         handle = (await self.handle_for(req.model)).options(stream=True)
         with _mapped_errors(req.model), self._inflight(req.model):
-            async for piece in stream_with_failover(
-                lambda hints: getattr(handle, method).remote(req, route=hints),
+            pieces = stream_with_failover(
+                lambda hints: getattr(handle, method).remote(req, route=inject(dict(hints))),
                 route,
                 self.fleet.load_balancing,
                 breakers=self._replica_breakers(req.model),
                 deadline=deadline,
-            ):
+            )
+            traced = traced_stream(f"gateway.{method}", pieces, kind=SpanKind.CLIENT)
+            async for piece in traced:
                 yield piece
 
     def _peer_request(self, route: dict[str, Any]) -> tuple[bytes, dict[str, str]]:

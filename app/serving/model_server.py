@@ -30,8 +30,10 @@ from app.cache.responses import ResponseCache
 from app.catalog.cards import ModelCard
 from app.fleet.agent import ReplicaAgent
 from app.fleet.spec import FleetSpec, embedded_fleet
+from app.observability.logs import configure_logging
 from app.observability.metrics import Base
 from app.observability.recorder import metrics
+from app.observability.tracing import SpanKind, extract, setup_tracing, span, traced_stream
 from app.regions.auth import load_secret
 from app.regions.ingress import is_forwarded, peer_refusal
 from app.security.guard import guard_for
@@ -63,6 +65,8 @@ class ModelServer:
         self.loaded = runner.load()
         spec = FleetSpec.model_validate(fleet) if fleet else embedded_fleet()
         replica = serve.get_replica_context().replica_id.unique_id
+        configure_logging()
+        setup_tracing(None, parsed.id, resource={"app.replica": replica})
         self.fleet = ReplicaAgent(spec, parsed.id, replica, parsed.max_ongoing_requests)
         region, recorder = self.fleet.region, metrics()
         batch = parsed.batching.max_batch_size
@@ -171,8 +175,11 @@ class ModelServer:
         api_key: str | None = None,
     ) -> dict[str, Any]:
         request = validate_request(req, ChatCompletionRequest)
-        async with self._keyed(api_key, request) as used, self._serving(), self._time_limit():
-            return used.charge(self._stamp(await self.service.chat(request)))
+        with span("replica.chat", parent=extract(route), kind=SpanKind.SERVER, model=request.model):
+            async with self._keyed(api_key, request) as used, self._serving(), self._time_limit():
+                with span("runner.chat"):
+                    answer = await self.service.chat(request)
+                return used.charge(self._stamp(answer))
 
     async def chat_stream(
         self,
@@ -200,7 +207,8 @@ class ModelServer:
     ) -> AsyncIterator[bytes]:
         """The same writes over a streaming handle, for the gateway to forward untouched
         (Serve streams only from async generators)."""
-        async for write in self.chat_sse(req):
+        writes = self.chat_sse(req)
+        async for write in traced_stream("replica.chat", writes, parent=extract(route)):
             yield write
 
     async def completions(
@@ -210,8 +218,11 @@ class ModelServer:
         api_key: str | None = None,
     ) -> dict[str, Any]:
         request = validate_request(req, CompletionRequest)
-        async with self._keyed(api_key, request) as used, self._serving(), self._time_limit():
-            return used.charge(self._stamp(await self.service.completions(request)))
+        with span("replica.completions", parent=extract(route), kind=SpanKind.SERVER):
+            async with self._keyed(api_key, request) as used, self._serving(), self._time_limit():
+                with span("runner.completions"):
+                    answer = await self.service.completions(request)
+                return used.charge(self._stamp(answer))
 
     async def completions_stream(
         self,
@@ -234,7 +245,8 @@ class ModelServer:
     async def relay_completions_sse(
         self, req: CompletionRequest, route: RouteArg = None
     ) -> AsyncIterator[bytes]:
-        async for write in self.completions_sse(req):
+        writes = self.completions_sse(req)
+        async for write in traced_stream("replica.completions", writes, parent=extract(route)):
             yield write
 
     async def embeddings(
@@ -244,8 +256,11 @@ class ModelServer:
         api_key: str | None = None,
     ) -> dict[str, Any]:
         request = validate_request(req, EmbeddingRequest)
-        async with self._keyed(api_key, request) as used, self._serving(), self._time_limit():
-            return used.charge(await self.service.embeddings(request))
+        with span("replica.embeddings", parent=extract(route), kind=SpanKind.SERVER):
+            async with self._keyed(api_key, request) as used, self._serving(), self._time_limit():
+                with span("runner.embeddings"):
+                    answer = await self.service.embeddings(request)
+                return used.charge(answer)
 
     async def images(
         self,
@@ -254,8 +269,10 @@ class ModelServer:
         api_key: str | None = None,
     ) -> dict[str, Any]:
         request = validate_request(req, ImageGenerationRequest)
-        async with self._keyed(api_key, request), self._serving(), self._time_limit():
-            return await self.service.images(request)
+        with span("replica.images", parent=extract(route), kind=SpanKind.SERVER):
+            async with self._keyed(api_key, request), self._serving(), self._time_limit():
+                with span("runner.images"):
+                    return await self.service.images(request)
 
     @asynccontextmanager
     async def _keyed(self, api_key: str | None, request: BaseModel) -> AsyncIterator[Usage]:
