@@ -19,6 +19,7 @@ from app.autoscaling.policy import AutoscalingCore
 from app.autoscaling.report import ReplicaMetric
 from app.autoscaling.signals import Signals
 from app.autoscaling.store import AutoscaleStore, shared_store
+from app.observability.recorder import metrics
 
 if TYPE_CHECKING:
     from ray.serve.config import AutoscalingContext
@@ -203,6 +204,9 @@ class FleetAutoscalingPolicy:
         self.store = store if store is not None else shared_store(kv_name, kv_namespace)
         self.rate = MinuteRate()
         self.metrics = AutoscalingMetrics(model, region)
+        if self.config.slo_p95_ms is not None:  # the latency alert's threshold per model
+            slo_s = self.config.slo_p95_ms / 1000
+            metrics().sample_slo(model, region, lambda: slo_s)
         self.starts = StartTimer()
         self.last_decision: Decision | None = None
         self.last_cold_start_s: float | None = None

@@ -62,6 +62,8 @@ class CircuitBreaker:
     tripped: bool = False  # open or half-open
     failed_at: float | None = None  # time of the last failure
     probe_since: float | None = None  # a probe is in flight since then
+    # Told each transition (the breaker-transition metric); not part of the state.
+    on_change: Callable[[BreakerState], None] | None = field(default=None, compare=False)
 
     @property
     def state(self) -> BreakerState:
@@ -85,18 +87,28 @@ class CircuitBreaker:
             return False
         if self.tripped:
             self.probe_since = self.clock()
+            self._changed(BreakerState.HALF_OPEN)
         return True
 
     def record_success(self) -> None:
+        if self.tripped:
+            self._changed(BreakerState.CLOSED)
         self.failures, self.tripped, self.failed_at, self.probe_since = 0, False, None, None
 
     def record_failure(self) -> None:
         """Counted while closed; once open or half-open, any failure restarts the cool-off."""
+        reopened = self.probe_since is not None  # the half-open probe failed
         self.failures += 1
         self.failed_at = self.clock()
         self.probe_since = None
         if self.failures >= self.config.failure_threshold:
+            if not self.tripped or reopened:
+                self._changed(BreakerState.OPEN)
             self.tripped = True
+
+    def _changed(self, state: BreakerState) -> None:
+        if self.on_change is not None:
+            self.on_change(state)
 
     def release(self) -> None:
         """The probe ended without a verdict (it went elsewhere, or was refused as busy)."""
@@ -118,6 +130,7 @@ class ReplicaBreakers:
     config: BreakerConfig = field(default_factory=BreakerConfig)
     clock: Clock = time.monotonic
     breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
+    on_change: Callable[[BreakerState], None] | None = field(default=None, compare=False)
 
     def admit(self) -> tuple[frozenset[str], frozenset[str]]:
         """(replicas to exclude, half-open replicas whose probe this request holds). Open
@@ -142,10 +155,13 @@ class ReplicaBreakers:
         breaker = self.breakers.get(replica)
         if ok is True:
             if breaker is not None:
+                breaker.record_success()
                 del self.breakers[replica]
         elif ok is False:
             if breaker is None:
-                breaker = self.breakers[replica] = CircuitBreaker(self.config, self.clock)
+                breaker = self.breakers[replica] = CircuitBreaker(
+                    self.config, self.clock, on_change=self.on_change
+                )
             breaker.record_failure()
         elif breaker is not None:
             breaker.release()

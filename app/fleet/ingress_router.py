@@ -26,14 +26,17 @@ from starlette.responses import Response
 
 from app.fleet.hints import route_kwarg
 from app.fleet.spec import FleetSpec, own_locality
+from app.observability.metrics import Base, Reason
+from app.observability.recorder import metrics
 
 
 class IngressRouter:
     """One per region (ideally per ingress node); stateless apart from its handle's router."""
 
-    def __init__(self, model: DeploymentHandle, fleet: dict[str, Any]) -> None:
+    def __init__(self, model: DeploymentHandle, fleet: dict[str, Any], model_id: str = "") -> None:
         spec = FleetSpec.model_validate(fleet)
         region, zone = own_locality()
+        self._model_id, self._region = model_id, region or spec.default_region
         self._route = route_kwarg(region=region or spec.default_region, zone=zone)
         self._handle = model
         self._max_wait_s = spec.load_balancing.max_queue_wait_s
@@ -50,6 +53,7 @@ class IngressRouter:
                     deadline.reschedule(None)  # chosen: the answer itself has no deadline
                     return self._answer(selection)
         except TimeoutError:
+            metrics().reject(self._model_id, self._region, Base.MODEL, Reason.OVERLOADED)
             why = f"overloaded: no replica had a free slot within {self._max_wait_s}s"
             return _error(503, why)
         except (DeploymentUnavailableError, RuntimeError) as exc:

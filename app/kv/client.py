@@ -22,6 +22,8 @@ from app.kv.pipeline import ReadMany, ReadPipeline
 from app.kv.protocol import Call, MapView
 from app.kv.routing import Backoff, Op, Router
 from app.kv.slots import key_slot
+from app.observability.metrics import KVOutcome
+from app.observability.recorder import metrics
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,29 @@ class KVClient:
     # No per-call timeout: it costs ~10% of a call in Ray, and a member that stops answering
     # is the coordinator's to detect (health checks), after which the call fails and retries.
     def _run(self, op: Op) -> Any:
+        """Drive `op`, timed and counted by its name (get, put, ...) in the KV metrics."""
+        started, outcome = time.perf_counter(), KVOutcome.ERROR
+        try:
+            result = self._drive(op)
+            outcome = KVOutcome.OK
+            return result
+        finally:
+            self._observe(op, outcome, started)
+
+    async def _arun(self, op: Op) -> Any:
+        started, outcome = time.perf_counter(), KVOutcome.ERROR
+        try:
+            result = await self._adrive(op)
+            outcome = KVOutcome.OK
+            return result
+        finally:
+            self._observe(op, outcome, started)
+
+    def _observe(self, op: Op, outcome: KVOutcome, started: float) -> None:
+        name = getattr(op, "__name__", "op")
+        metrics().observe_kv(self.config.name, name, outcome, time.perf_counter() - started)
+
+    def _drive(self, op: Op) -> Any:
         direct = self._direct
         try:
             request = next(op)
@@ -141,7 +166,7 @@ class KVClient:
         except StopIteration as stop:
             return stop.value
 
-    async def _arun(self, op: Op) -> Any:
+    async def _adrive(self, op: Op) -> Any:
         try:
             request = next(op)
             while True:

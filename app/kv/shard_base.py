@@ -41,6 +41,7 @@ from app.kv.store import (
 )
 from app.kv.tls import ray_tls
 from app.kv.wal import LargeBlob, WriteAheadLog, prune_logs
+from app.observability.recorder import metrics
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class ShardBase:
         self._direct: DirectServer | None = None
         self._peer_client: DirectClient | None = None  # replication streams' (a primary's)
         self._closed = False
+        # A replica's distance behind its primary, for the replication-lag alert.
+        metrics().sample_replication_lag(config.name, gid, member, lambda: self.lag_ms() / 1000)
         threading.Thread(target=self._sweep, name="kv-expiry", daemon=True).start()
         if coordinator is not None:
             threading.Thread(target=self._watch_cluster, name="kv-watch", daemon=True).start()

@@ -8,18 +8,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from app.fleet.breaker import BreakerState
 from app.fleet.geo import region_distances
 from app.fleet.spec import FleetSpec
+from app.observability.metrics import ForwardOutcome
+from app.observability.recorder import metrics
+from app.observability.tracing import SpanKind, inject, span
 from app.regions.auth import load_secret
-from app.regions.forwarding import Forwarder, PeerUnreachableError
+from app.regions.forwarding import Forwarder, PeerBusyError, PeerUnreachableError
 from app.regions.peers import PeerTable, plan
 from app.regions.summary import RegionSummary
 
 logger = logging.getLogger(__name__)
+
+
+class PeerRefusedError(PeerUnreachableError):
+    """The peer's circuit is open here: not tried, so no verdict on it."""
 
 
 class RegionFederation:
@@ -37,7 +45,8 @@ class RegionFederation:
             if url is None:
                 logger.warning("peer region %s has no endpoint; it is not federated", name)
             else:
-                self.table.add(name, url)
+                self.table.add(name, url, on_change=self._breaker_metric(name))
+                metrics().sample_peer_available(self.region, name, self._in_rotation(name))
         self.forwarder = (
             Forwarder(fleet.federation, self.region, self.secret)
             if self.secret is not None and self.table.peers
@@ -54,6 +63,13 @@ class RegionFederation:
         self.local_at: float | None = None
         self.inflight: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
+
+    def _in_rotation(self, name: str) -> Callable[[], bool]:
+        peer = self.table.peers[name]
+        return lambda: peer.in_rotation
+
+    def _breaker_metric(self, peer: str) -> Callable[[BreakerState], None]:
+        return lambda state: metrics().breaker_transition(self.region, str(state), peer=peer)
 
     @property
     def forwarding(self) -> bool:
@@ -132,27 +148,27 @@ class RegionFederation:
         )
 
     async def forward(
-        self, region: str, path: str, body: bytes, headers: dict[str, str]
+        self, region: str, path: str, body: bytes, headers: dict[str, str], *, model: str = ""
     ) -> dict[str, Any]:
         assert self.forwarder is not None
-        self._admit(region)
         started = time.perf_counter()
-        with self._outcome(region):
+        with self._outcome(region, model):
+            self._admit(region)
             payload = await self.forwarder.unary(
-                self.table.peers[region].base_url, path, body, headers
+                self.table.peers[region].base_url, path, body, inject(dict(headers))
             )
         self.table.record_forward(region, (time.perf_counter() - started) * 1000)
         return payload
 
     async def forward_stream(
-        self, region: str, path: str, body: bytes, headers: dict[str, str]
+        self, region: str, path: str, body: bytes, headers: dict[str, str], *, model: str = ""
     ) -> AsyncIterator[bytes]:
         assert self.forwarder is not None
-        self._admit(region)
         started = time.perf_counter()
-        with self._outcome(region):
+        with self._outcome(region, model):
+            self._admit(region)
             stream = await self.forwarder.stream(
-                self.table.peers[region].base_url, path, body, headers
+                self.table.peers[region].base_url, path, body, inject(dict(headers))
             )
         self.table.record_forward(region, (time.perf_counter() - started) * 1000)
         return stream
@@ -161,19 +177,31 @@ class RegionFederation:
         """The peer's circuit lets this forward go (ranked peers may have opened since, or
         another request holds the half-open probe); if not, the gateway tries the next."""
         if not self.table.admit(region):
-            raise PeerUnreachableError(f"region {region} is out of rotation (circuit open)")
+            raise PeerRefusedError(f"region {region} is out of rotation (circuit open)")
 
     @contextmanager
-    def _outcome(self, region: str) -> Iterator[None]:
-        """An unreachable peer counts against its rotation; a busy one is only skipped."""
+    def _outcome(self, region: str, model: str) -> Iterator[None]:
+        """An unreachable peer counts against its rotation; a busy one is only skipped. Each
+        forward is counted by outcome, under a span whose context the peer continues."""
+        outcome = ForwardOutcome.ERROR
         try:
-            yield
+            with span("region.forward", kind=SpanKind.CLIENT, peer=region, model=model):
+                yield
+            outcome = ForwardOutcome.OK
+        except PeerRefusedError:
+            outcome = ForwardOutcome.UNREACHABLE  # refused here: no verdict on the peer
+            raise
         except PeerUnreachableError as exc:
+            outcome = ForwardOutcome.UNREACHABLE
             self.table.record_failure(region, str(exc))
             raise
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, PeerBusyError):
+                outcome = ForwardOutcome.BUSY
             self.table.release(region)  # busy, a final answer, or cancelled: no verdict
             raise
+        finally:
+            metrics().count_forward(model, self.region, region, outcome)
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()

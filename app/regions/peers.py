@@ -56,11 +56,16 @@ class PeerTable:
     def __post_init__(self) -> None:
         self._policy = RoutingPolicy(self.balancing, self.distance_km)
 
-    def add(self, region: str, base_url: str) -> None:
+    def add(
+        self,
+        region: str,
+        base_url: str,
+        on_change: Callable[[BreakerState], None] | None = None,
+    ) -> None:
+        """A peer, its circuit closed; `on_change` is told its circuit's transitions."""
         config = BreakerConfig(failure_threshold=self.config.failure_threshold)
-        self.peers[region] = Peer(
-            region, base_url.rstrip("/"), breaker=CircuitBreaker(config, self.clock)
-        )
+        breaker = CircuitBreaker(config, self.clock, on_change=on_change)
+        self.peers[region] = Peer(region, base_url.rstrip("/"), breaker=breaker)
 
     # ---- what happened ---------------------------------------------------------------------
 

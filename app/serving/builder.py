@@ -192,7 +192,7 @@ def ingress_router_application(
         name=f"{card.deployment_name}-router",
         max_ongoing_requests=1000,
         ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": replica_env()}},
-    ).bind(model_app, fleet.model_dump(mode="json"))
+    ).bind(model_app, fleet.model_dump(mode="json"), card.id)
 
 
 def gateway_application(

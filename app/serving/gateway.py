@@ -56,6 +56,7 @@ from app.fleet.router_actor import FleetRouterUnavailableError, router_handle
 from app.fleet.spec import FleetSpec, embedded_fleet
 from app.observability.logs import configure_logging
 from app.observability.metrics import Base
+from app.observability.recorder import metrics
 from app.observability.tracing import SpanKind, inject, setup_tracing, span, traced_stream
 from app.regions.federation import RegionFederation
 from app.regions.forwarding import SUMMARY_PATH, PeerBusyError, PeerUnreachableError
@@ -205,7 +206,7 @@ class Gateway:
                     return await self._local_call(method, req, route, deadline)
                 path = _model_path(req.model, method)
                 async with asyncio.timeout_at(deadline):
-                    return await federation.forward(target, path, body, headers)
+                    return await federation.forward(target, path, body, headers, model=req.model)
 
             return await self._across_regions(req.model, route, attempt)
 
@@ -230,7 +231,13 @@ class Gateway:
     def _replica_breakers(self, model: str) -> ReplicaBreakers:
         breakers = self._breakers.get(model)
         if breakers is None:
-            breakers = self._breakers[model] = ReplicaBreakers(self.fleet.load_balancing.breaker)
+            region = self.fleet.own_region or self.fleet.home_region
+            breakers = self._breakers[model] = ReplicaBreakers(
+                self.fleet.load_balancing.breaker,
+                on_change=lambda state: metrics().breaker_transition(
+                    region, str(state), model=model
+                ),
+            )
         return breakers
 
     async def _stream(self, method: str, req: Any, route: dict[str, Any]) -> AsyncIterator[bytes]:
@@ -250,7 +257,9 @@ class Gateway:
                     return await anext(stream), stream
                 path = _model_path(req.model, method)
                 async with asyncio.timeout_at(deadline):
-                    stream = await federation.forward_stream(target, path, body, headers)
+                    stream = await federation.forward_stream(
+                        target, path, body, headers, model=req.model
+                    )
                     return await anext(stream), stream
 
             first, rest = await self._across_regions(req.model, route, attempt)

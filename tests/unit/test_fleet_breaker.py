@@ -234,3 +234,28 @@ def test_replicas_silent_for_many_cooloffs_are_forgotten() -> None:
     clock.now += 2
     table.admit()
     assert set(table.breakers) == {"recent"}
+
+
+def test_each_transition_is_told_once() -> None:
+    clock = Clock()
+    told: list[BreakerState] = []
+    breaker = CircuitBreaker(
+        BreakerConfig(failure_threshold=2, cooloff_s=10), clock, on_change=told.append
+    )
+    breaker.record_failure()
+    assert told == []  # below the threshold: still closed
+    breaker.record_failure()
+    assert told == [BreakerState.OPEN]
+    clock.now += 11
+    assert breaker.allow()  # the half-open probe
+    breaker.record_failure()  # the probe failed: open again
+    clock.now += 11
+    assert breaker.allow()
+    breaker.record_success()
+    assert told == [
+        BreakerState.OPEN,
+        BreakerState.HALF_OPEN,
+        BreakerState.OPEN,
+        BreakerState.HALF_OPEN,
+        BreakerState.CLOSED,
+    ]
