@@ -14,6 +14,7 @@ from typing import Any
 from app.autoscaling.cli import add_autoscale_commands
 from app.cache.cli import add_cache_commands
 from app.catalog.cards import Catalogue, CatalogueError, load_catalogue
+from app.events.cli import add_events_commands
 from app.fleet.cli import add_fleet_commands
 from app.fleet.router_actor import stop_router
 from app.fleet.spec import FleetSpec, FleetSpecError, load_fleet
@@ -366,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fleet_commands(sub)
     add_region_commands(sub)
     add_keys_commands(sub)
+    add_events_commands(sub)
     add_loadtest_commands(sub)
     return parser
 

@@ -129,6 +129,14 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
         None, out.RegionSummary, errors=(401, 500, 503), peer_signed=True,
         description="503 when the gateway is not a federated region.",
     ),
+    ("GET", "/v1/events"): Operation(
+        "streamEvents", "Stream the region's events (server-sent events, gateway)", "operations",
+        Scope.ADMIN, None, media_type="text/event-stream", errors=(400, 500, 503),
+        description="One `data:` event per bus event (JSON: seq, type, time, source, data, "
+        "id), `id:` its sequence number. ?type= (repeatable or comma-separated) filters; "
+        "Last-Event-ID or ?after=N resumes; the stream ends after ?timeout_s= (default 60, at "
+        "most 600) or ?limit= events. 503 when the KV store is unreachable.",
+    ),
     ("GET", "/openapi.json"): Operation("openapiDocument", "This document", "meta", None, None),
     ("GET", "/docs"): Operation(
         "docsPage", "This document as an HTML page", "meta", None, None, media_type="text/html"

@@ -23,6 +23,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from app.autoscaling.config import merged
+from app.batches.settings import BatchSettings
 from app.fleet.breaker import BreakerConfig
 from app.regions.spec import Federation, ModelPlacement, Name, Region, StrictModel
 from app.security.config import Auth
@@ -150,6 +151,11 @@ class FleetSpec(StrictModel):
     )
     router_actor: Name = Field(
         "fleet-router", description="Name of the router actor (one control plane per cluster)."
+    )
+    batches: BatchSettings = Field(
+        default_factory=BatchSettings,
+        description="Files and Batch APIs (app.batches): file store, limits, quotas and the "
+        "batch workers; the gateway and the workers read the same settings from here.",
     )
 
     @model_validator(mode="before")

@@ -11,6 +11,7 @@ from typing import Any
 from ray.serve import Application
 
 from app.autoscaling.serve_policy import serve_autoscaling_config
+from app.batches.settings import BATCH_WORKER_APP
 from app.catalog.cards import Catalogue, ModelCard, load_catalogue
 from app.fleet.spec import REGION_LABEL, FleetSpec, load_fleet
 from app.regions.spec import ModelPlacement
@@ -30,7 +31,7 @@ class AppSpec:
     """One Serve application to run: name, HTTP route prefix and the bound application."""
 
     name: str
-    route_prefix: str
+    route_prefix: str | None  # None: no HTTP route (the batch workers)
     app: Application
 
 
@@ -237,7 +238,35 @@ def build_all(
         if fleet.serves_here(card.id)
     ]
     specs.append(AppSpec(GATEWAY_APP, "/", gateway_application(catalogue, fleet=fleet)))
+    if fleet.batches.replicas:
+        specs.append(AppSpec(BATCH_WORKER_APP, None, batch_worker_application(catalogue, fleet)))
     return specs
+
+
+def batch_worker_application(catalogue: Catalogue, fleet: FleetSpec) -> Application:
+    """The batch workers (app.batches.worker): they run batch workflows and send their lines
+    through the gateway, at the priority of spare capacity."""
+    from app.batches.worker import batch_worker_deployment
+
+    settings = fleet.batches
+    return batch_worker_deployment.options(
+        name="BatchWorker",
+        num_replicas=settings.replicas,
+        max_ongoing_requests=100,
+        health_check_period_s=10,
+        graceful_shutdown_timeout_s=20,  # longer than the worker's drain (10 s)
+        ray_actor_options={
+            "num_cpus": settings.num_cpus,
+            "runtime_env": {"env_vars": replica_env()},
+        },
+    ).bind([card.id for card in catalogue], settings.model_dump(mode="json"))
+
+
+def build_batch_worker_app(args: dict[str, Any]) -> Application:
+    """import_path target for the batch workers: args {catalogue?: dir, fleet?: file,
+    region?: this cluster's region}."""
+    catalogue = load_catalogue(args.get("catalogue") or catalogue_path())
+    return batch_worker_application(catalogue, _fleet(args))
 
 
 def _cluster_gpus() -> float:

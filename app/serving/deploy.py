@@ -42,7 +42,7 @@ def deploy(
     progress(f"fleet router: {len(fleet.regions)} region(s), {fleet.load_balancing.strategy}")
     ensure_router(fleet)
     for spec in specs:
-        progress(f"deploying {spec.name} at {spec.route_prefix}")
+        progress(f"deploying {spec.name} at {spec.route_prefix or '(no HTTP route)'}")
     serve.run_many(
         [
             serve.RunTarget(spec.app, name=spec.name, route_prefix=spec.route_prefix)

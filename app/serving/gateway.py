@@ -30,6 +30,7 @@ from app.api.http import (
     CURRENT_BODY,
     CURRENT_REQUEST,
     OpenAIRoutes,
+    error_response,
     json_response,
     route_path,
 )
@@ -41,7 +42,11 @@ from app.api.schemas import (
     EmbeddingRequest,
     ImageGenerationRequest,
 )
+from app.batches.http import BatchRoutes, handles
+from app.batches.worker import LazyKV, batch_services, kv_connector
 from app.catalog.cards import ModelCard
+from app.events.http import PATH as EVENTS_PATH
+from app.events.http import event_routes
 from app.fleet.breaker import ReplicaBreakers
 from app.fleet.failover import call_with_failover, stream_with_failover
 from app.fleet.geo import GeoLocator, forwarded_client_ip
@@ -63,6 +68,7 @@ from app.regions.forwarding import SUMMARY_PATH, PeerBusyError, PeerUnreachableE
 from app.regions.ingress import is_forwarded, peer_refusal
 from app.regions.peers import LOCAL
 from app.security.guard import guard_for
+from app.security.keys import Scope
 from app.serving.deadlines import bounded_relay, request_deadline
 
 logger = logging.getLogger(__name__)
@@ -101,6 +107,12 @@ class Gateway:
         self._routes = OpenAIRoutes(self, guard_for(self.fleet.auth), labels)
         self._routes.add_get("/v1/fleet", self._fleet_view)  # admin scope
         self._routes.add_get(SUMMARY_PATH, self._summary, scope=None)  # peer-signed instead
+        # Files, batches and events keep their state in this region's KV store.
+        connect = kv_connector(self.fleet.batches)
+        files, batches, start_batch = batch_services(connect, self.fleet.batches)
+        self._batches = BatchRoutes(files, batches, start_batch)
+        events_kv = LazyKV(connect)  # reconnects if the store is restarted
+        self._routes.add_get(EVENTS_PATH, event_routes(lambda: events_kv))  # admin scope
 
     async def handle_for(self, model: str) -> DeploymentHandle:
         card = self.cards.get(model)
@@ -133,8 +145,24 @@ class Gateway:
             refusal = await peer_refusal(request, secret)
             if refusal is not None:
                 return refusal
+        if handles(route_path(request)):
+            return await self._files_and_batches(request)
         # A peer's signed request was admitted, key and limits, by the region it entered.
         return await self._routes(request, trusted=is_forwarded(request))
+
+    async def _files_and_batches(self, request: Request) -> Response:
+        """/v1/files*, /v1/batches*: an inference key, whose id owns the objects (never taken
+        from a peer: these objects live in this region's store)."""
+        guard = self._routes.guard
+        key_id = None
+        if guard is not None:
+            try:
+                permit = await guard.check(request.headers.get("authorization"), Scope.INFERENCE)
+            except APIError as exc:
+                return error_response(exc)
+            await permit.finish(0)
+            key_id = permit.key_id
+        return await self._batches(request, key_id)
 
     async def _summary(self, request: Request) -> Response:
         """GET /federation/summary: this region's last summary, for its peers."""

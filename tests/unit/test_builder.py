@@ -8,6 +8,7 @@ import pytest
 from ray.serve.config import AutoscalingConfig as ServeAutoscalingConfig
 
 from app.autoscaling.serve_policy import POLICY_FUNCTION
+from app.batches.settings import BATCH_WORKER_APP, BatchSettings
 from app.catalog.cards import ModelCard, load_catalogue
 from app.fleet.spec import FleetSpec, embedded_fleet
 from app.serving.builder import (
@@ -69,14 +70,17 @@ def test_card_resources_and_limits_reach_the_deployment() -> None:
     assert unbounded["max_queued_requests"] == -1
 
 
-def test_build_all_makes_one_app_per_model_plus_gateway() -> None:
+def test_build_all_makes_one_app_per_model_plus_gateway_and_batch_workers() -> None:
     catalogue = load_catalogue(MODELS)
     specs = build_all(catalogue)
     names = {spec.name: spec.route_prefix for spec in specs}
     assert names[GATEWAY_APP] == "/"
+    assert names[BATCH_WORKER_APP] is None  # no HTTP route of their own
     for model in catalogue:
         assert names[model.deployment_name] == f"/models/{model.id}"
-    assert len(specs) == len(catalogue) + 1
+    assert len(specs) == len(catalogue) + 2
+    no_workers = embedded_fleet().model_copy(update={"batches": BatchSettings(replicas=0)})
+    assert BATCH_WORKER_APP not in {spec.name for spec in build_all(catalogue, fleet=no_workers)}
 
 
 def test_fleet_routing_only_where_there_is_a_choice() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from app.batches.settings import BATCH_WORKER_APP
 from app.catalog.cards import load_catalogue
 from app.serving.builder import GATEWAY_APP, model_route_prefix
 
@@ -20,7 +21,11 @@ def test_serve_config_matches_catalogue() -> None:
     )
     catalogue = load_catalogue(ROOT / "models")
     apps = {app.name: app for app in config.applications}
-    assert set(apps) == {card.deployment_name for card in catalogue} | {GATEWAY_APP}
+    assert set(apps) == {card.deployment_name for card in catalogue} | {
+        GATEWAY_APP,
+        BATCH_WORKER_APP,
+    }
+    assert apps[BATCH_WORKER_APP].route_prefix is None
     for card in catalogue:
         app = apps[card.deployment_name]
         assert app.route_prefix == model_route_prefix(card)
