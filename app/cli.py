@@ -183,6 +183,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         else:
             regions = ", ".join(fleet.serving_regions(card.id))
             say(f"  {card.id:20} served by {regions}: forwarded there through {base}/v1")
+    say(f"API description: {base}/docs ({base}/openapi.json)")
+    for node in ray.nodes():
+        if node.get("Alive") and node.get("MetricsExportPort"):
+            address, port = node["NodeManagerAddress"], node["MetricsExportPort"]
+            say(f"metrics: http://{address}:{port}/metrics (Prometheus scrape target)")
+    say("dashboard and alerts: deployments/grafana/, deployments/prometheus/")
     return 0
 
 
