@@ -17,6 +17,9 @@ from typing import Any, cast
 
 import ray
 
+from app.batches.worker import kv_connector
+from app.events.bus import EventType
+from app.events.outbox import Outbox
 from app.fleet.spec import FleetSpec, node_locality
 from app.regions.summary import summarize
 from app.runtime import ON_HEAD_NODE
@@ -65,6 +68,15 @@ class NodeRecord:
     drained: bool = False
 
 
+# The router's own events that the event bus carries, by bus type.
+BUS_EVENTS = {
+    "replica_healthy": EventType.REPLICA_HEALTHY,
+    "replica_unhealthy": EventType.REPLICA_UNHEALTHY,
+    "node_joined": EventType.NODE_JOINED,
+    "node_left": EventType.NODE_LEFT,
+}
+
+
 class FleetRouter:
     """Named, detached actor (see `ensure_router`). All methods are cheap and non-blocking."""
 
@@ -78,6 +90,8 @@ class FleetRouter:
         self.region_drained = False  # the whole region: its gateway forwards to peers instead
         self.federation: dict[str, Any] | None = None  # the gateway's peer view, as reported
         self.events: list[dict[str, Any]] = []
+        # Node and replica events also go to the region's event bus (app.events), in batches.
+        self.outbox = Outbox(kv_connector(self.spec.batches), "fleet-router")
         self._snapshot: dict[str, Any] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self._refresh_nodes()
@@ -315,8 +329,22 @@ class FleetRouter:
     def _event(self, kind: str, **fields: Any) -> None:
         self.events.append({"t": time.time(), "event": kind, **fields})
         del self.events[:-200]
+        if kind in BUS_EVENTS:
+            self.outbox.add(BUS_EVENTS[kind], fields)
 
     def _refresh_nodes(self) -> None:
+        before = {n.node_id for n in self.nodes.values() if n.alive} if self.nodes else None
+        self._read_nodes()
+        if before is None:  # the first reading: nothing joined or left yet
+            return
+        alive = {n.node_id for n in self.nodes.values() if n.alive}
+        for node_id in sorted(alive - before):
+            self._event("node_joined", node=node_id, region=self.nodes[node_id].region)
+        for node_id in sorted(before - alive):
+            region = self.nodes[node_id].region if node_id in self.nodes else None
+            self._event("node_left", node=node_id, region=region)
+
+    def _read_nodes(self) -> None:
         nodes: dict[str, NodeRecord] = {}
         for info in ray.nodes():
             region, zone = node_locality(info.get("Labels") or {})
@@ -354,6 +382,8 @@ class FleetRouter:
                 self._run_checks(interval)
             except Exception:  # the loop must survive anything; the next round retries
                 logger.exception("fleet health check failed")
+            if len(self.outbox):
+                await asyncio.to_thread(self.outbox.flush)
 
     def _run_checks(self, interval: float) -> None:
         self._refresh_nodes()

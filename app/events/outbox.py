@@ -1,0 +1,66 @@
+"""An outbox for components that publish to the event bus from a hot loop (the fleet router's
+health checks): events are queued in memory at once and sent in one batch later, off the loop;
+if the store is away they wait for the next flush, and the oldest go first when the buffer is
+full, so publishing never blocks or fails the component."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from app.events.bus import EventBus, EventType
+
+logger = logging.getLogger(__name__)
+
+Connect = Callable[[], Any]  # gives a KV client (app.kv.KVClient or a fake)
+
+
+class Outbox:
+    """Events waiting for the bus. `add` is cheap and never raises; `flush` (blocking: call it
+    from a thread) publishes everything queued in one batch and keeps it on failure."""
+
+    def __init__(
+        self, connect: Connect, source: str, *, stream: str = "events", capacity: int = 1000
+    ) -> None:
+        self._connect = connect
+        self._source, self._stream = source, stream
+        self._queued: deque[tuple[str, dict[str, Any]]] = deque(maxlen=capacity)
+        self._bus: EventBus | None = None
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def add(self, type: EventType | str, data: dict[str, Any]) -> None:
+        with self._lock:
+            if len(self._queued) == self._queued.maxlen:
+                self.dropped += 1  # the oldest goes: the store has been away a long time
+            self._queued.append((str(type), data))
+
+    def __len__(self) -> int:
+        return len(self._queued)
+
+    def flush(self) -> int:
+        """Publish what is queued; returns how many went (0 when the store is unreachable, and
+        then they are queued again, ahead of anything added meanwhile)."""
+        with self._lock:
+            batch = list(self._queued)
+            self._queued.clear()
+        if not batch:
+            return 0
+        try:
+            if self._bus is None:
+                self._bus = EventBus(self._connect(), self._stream)
+            self._bus.publish_batch([(t, data, self._source) for t, data in batch])
+        except Exception as exc:  # the bus is optional to the publisher: retry next flush
+            self._bus = None
+            with self._lock:
+                newer = list(self._queued)
+                self._queued.clear()
+                for item in (*batch, *newer)[-(self._queued.maxlen or len(batch)) :]:
+                    self._queued.append(item)
+                self.dropped += max(0, len(batch) + len(newer) - len(self._queued))
+            logger.debug("events not published yet (%d queued): %s", len(self._queued), exc)
+            return 0
+        return len(batch)

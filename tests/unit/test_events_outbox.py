@@ -1,0 +1,47 @@
+"""The event outbox (app.events.outbox): queued at once, published in one batch, kept and sent
+later while the store is away, bounded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.events.bus import EventBus
+from app.events.outbox import Outbox
+from tests.unit.kv_fakes import FakeClock, FakeKV
+
+
+class Flaky:
+    """Connects to the fake store only once `up`."""
+
+    def __init__(self, kv: FakeKV) -> None:
+        self.kv, self.up = kv, False
+
+    def __call__(self) -> Any:
+        if not self.up:
+            raise ConnectionError("store away")
+        return self.kv
+
+
+def test_events_wait_while_the_store_is_away_and_go_in_order_later() -> None:
+    kv = FakeKV(FakeClock())
+    connect = Flaky(kv)
+    outbox = Outbox(connect, "fleet-router")
+    outbox.add("replica.unhealthy", {"replica": "a"})
+    assert outbox.flush() == 0 and len(outbox) == 1
+    outbox.add("replica.healthy", {"replica": "a"})
+    connect.up = True
+    assert outbox.flush() == 2 and len(outbox) == 0
+    events = EventBus(kv).read(0)
+    assert [(e.type, e.data["replica"], e.source) for e in events] == [
+        ("replica.unhealthy", "a", "fleet-router"),
+        ("replica.healthy", "a", "fleet-router"),
+    ]
+    assert [e.seq for e in events] == [events[0].seq, events[0].seq + 1]
+
+
+def test_a_full_outbox_keeps_the_newest_and_counts_the_dropped() -> None:
+    outbox = Outbox(Flaky(FakeKV(FakeClock())), "x", capacity=3)
+    for i in range(5):
+        outbox.add("node.joined", {"i": i})
+    assert outbox.flush() == 0
+    assert len(outbox) == 3 and outbox.dropped == 2
