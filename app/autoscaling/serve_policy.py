@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,8 @@ from app.autoscaling.policy import AutoscalingCore
 from app.autoscaling.report import ReplicaMetric
 from app.autoscaling.signals import Signals
 from app.autoscaling.store import AutoscaleStore, shared_store
+from app.events.bus import EventType
+from app.events.outbox import Outbox
 from app.observability.recorder import metrics
 
 if TYPE_CHECKING:
@@ -204,6 +207,8 @@ class FleetAutoscalingPolicy:
         self.store = store if store is not None else shared_store(kv_name, kv_namespace)
         self.rate = MinuteRate()
         self.metrics = AutoscalingMetrics(model, region)
+        # Scaling decisions that act also go to the event bus (app.events), sent off this loop.
+        self.outbox = Outbox(_kv_connect(kv_name, kv_namespace), "autoscaler")
         if self.config.slo_p95_ms is not None:  # the latency alert's threshold per model
             slo_s = self.config.slo_p95_ms / 1000
             metrics().sample_slo(model, region, lambda: slo_s)
@@ -317,6 +322,11 @@ class FleetAutoscalingPolicy:
             entry = decision.to_dict() | {"running": signals.running_replicas}
             self.store.record(self.model, self.region, entry)
             if decision.changed:
+                self.outbox.add(
+                    EventType.SCALING_DECISION,
+                    {"model": self.model, "region": self.region} | decision.to_dict(),
+                )
+                threading.Thread(target=self.outbox.flush, daemon=True).start()
                 logger.info(
                     "autoscaling %s/%s: %d -> %d (%s: %s)",
                     self.model,
@@ -391,3 +401,12 @@ def _latest(mine: float | None, theirs: float | None) -> float | None:
     if theirs is None:
         return mine
     return float(theirs) if mine is None else max(mine, float(theirs))
+
+
+def _kv_connect(name: str, namespace: str) -> Callable[[], Any]:
+    def connect() -> Any:
+        from app.kv import KVClient
+
+        return KVClient.connect(name, namespace)
+
+    return connect
