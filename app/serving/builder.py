@@ -14,6 +14,7 @@ from app.autoscaling.serve_policy import serve_autoscaling_config
 from app.batches.settings import BATCH_WORKER_APP
 from app.catalog.cards import Catalogue, ModelCard, load_catalogue
 from app.fleet.spec import REGION_LABEL, FleetSpec, load_fleet
+from app.observability.logs import serve_logging_config
 from app.regions.spec import ModelPlacement
 from app.runtime import haproxy_ingress_enabled, replica_env
 from app.security.config import AuthMode
@@ -104,6 +105,7 @@ def replica_options(
         "backpressure_config": {"status_code": 429, "retry_after_s": 1},
         "health_check_period_s": 10,
         "graceful_shutdown_timeout_s": 20,
+        "logging_config": serve_logging_config(),  # APP_LOG_FORMAT=json: JSON replica logs
     }
     if fleet_routed(card, fleet):
         options["request_router_config"] = request_router_config(card, fleet)
@@ -192,6 +194,7 @@ def ingress_router_application(
     return ingress_router_deployment.options(
         name=f"{card.deployment_name}-router",
         max_ongoing_requests=1000,
+        logging_config=serve_logging_config(),
         ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": replica_env()}},
     ).bind(model_app, fleet.model_dump(mode="json"), card.id)
 
@@ -207,6 +210,7 @@ def gateway_application(
         name="Gateway",
         num_replicas=num_replicas,
         max_ongoing_requests=1024,
+        logging_config=serve_logging_config(),
         ray_actor_options={"num_cpus": 0.1, "runtime_env": {"env_vars": replica_env()}},
     ).bind(cards, fleet.model_dump(mode="json"))
 
@@ -255,6 +259,7 @@ def batch_worker_application(catalogue: Catalogue, fleet: FleetSpec) -> Applicat
         max_ongoing_requests=100,
         health_check_period_s=10,
         graceful_shutdown_timeout_s=20,  # longer than the worker's drain (10 s)
+        logging_config=serve_logging_config(),
         ray_actor_options={
             "num_cpus": settings.num_cpus,
             "runtime_env": {"env_vars": replica_env()},
