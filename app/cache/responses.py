@@ -21,6 +21,7 @@ from app.cache.policy import (
 )
 from app.catalog.cards import ModelCard
 from app.ids import new_id
+from app.observability.tracing import span
 
 _ID_PREFIX = {"chat.completion": "chatcmpl", "text_completion": "cmpl"}
 
@@ -65,7 +66,9 @@ class ResponseCache:
             return await compute()
 
         key = response_key(operation, self.card, req)
-        cached = await self.cache.get_or_load(key, load, ttl_s=self.policy.ttl_s)
+        with span("cache.response", operation=operation) as looked_up:
+            cached = await self.cache.get_or_load(key, load, ttl_s=self.policy.ttl_s)
+            looked_up.set_attribute("cache.hit", not computed)
         if computed:
             return cached | {CACHE_STATUS_FIELD: CacheStatus.MISS.value}
         return _fresh_identity(cached) | {CACHE_STATUS_FIELD: CacheStatus.HIT.value}

@@ -24,6 +24,7 @@ from app.kv.routing import Backoff, Op, Router
 from app.kv.slots import key_slot
 from app.observability.metrics import KVOutcome
 from app.observability.recorder import metrics
+from app.observability.tracing import span
 
 
 @dataclass(frozen=True)
@@ -112,10 +113,12 @@ class KVClient:
     # No per-call timeout: it costs ~10% of a call in Ray, and a member that stops answering
     # is the coordinator's to detect (health checks), after which the call fails and retries.
     def _run(self, op: Op) -> Any:
-        """Drive `op`, timed and counted by its name (get, put, ...) in the KV metrics."""
+        """Drive `op`, timed and counted by its name (get, put, ...) in the KV metrics, in a
+        span of the current trace."""
         started, outcome = time.perf_counter(), KVOutcome.ERROR
         try:
-            result = self._drive(op)
+            with span(f"kv.{_op_name(op)}"):
+                result = self._drive(op)
             outcome = KVOutcome.OK
             return result
         finally:
@@ -124,15 +127,16 @@ class KVClient:
     async def _arun(self, op: Op) -> Any:
         started, outcome = time.perf_counter(), KVOutcome.ERROR
         try:
-            result = await self._adrive(op)
+            with span(f"kv.{_op_name(op)}"):
+                result = await self._adrive(op)
             outcome = KVOutcome.OK
             return result
         finally:
             self._observe(op, outcome, started)
 
     def _observe(self, op: Op, outcome: KVOutcome, started: float) -> None:
-        name = getattr(op, "__name__", "op")
-        metrics().observe_kv(self.config.name, name, outcome, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        metrics().observe_kv(self.config.name, _op_name(op), outcome, elapsed)
 
     def _drive(self, op: Op) -> Any:
         direct = self._direct
@@ -514,3 +518,8 @@ class KVClient:
 
 def _reconnect(name: str, namespace: str, direct: bool | None) -> KVClient:
     return KVClient.connect(name, namespace, direct=direct)
+
+
+def _op_name(op: Op) -> str:
+    """The operation a routing generator performs: its function's name (get, put, cas...)."""
+    return getattr(op, "__name__", "op")
