@@ -8,12 +8,12 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import ray
 
 from app.kv import protocol
+from app.kv.client_async import AsyncKVCalls, ScanPage
 from app.kv.config import KVConfig, ReadConcern, WriteConcern, read_code, write_code
 from app.kv.direct import AsyncDirectClient, DirectClient
 from app.kv.errors import ClusterNotFoundError, InvalidArgumentError
@@ -25,14 +25,6 @@ from app.kv.slots import key_slot
 from app.observability.metrics import KVOutcome
 from app.observability.recorder import metrics
 from app.observability.tracing import span
-
-
-@dataclass(frozen=True)
-class ScanPage:
-    """One page of a prefix scan; pass `cursor` back for the next page (None: no more)."""
-
-    items: list[tuple[str, Any]]
-    cursor: str | None
 
 
 def coordinator_handle(name: str, namespace: str) -> Any:
@@ -51,7 +43,7 @@ def _with_direct(config: KVConfig, direct: bool | None) -> KVConfig:
     return config.model_copy(update={"direct_transport": bool(direct and config.direct_transport)})
 
 
-class KVClient:
+class KVClient(AsyncKVCalls):
     """Talks to shard primaries directly, using the slot map it caches from the coordinator.
 
     Usable from a driver, a task, an actor or a Serve replica (use the `a...` methods inside
@@ -405,75 +397,6 @@ class KVClient:
             if page.cursor is None:
                 return
             cursor = page.cursor
-
-    async def aget(
-        self,
-        key: str,
-        default: Any = None,
-        *,
-        read: ReadConcern | str | None = None,
-        max_lag_ms: float | None = None,
-    ) -> Any:
-        return await self._arun(self._get(key, default, read, max_lag_ms))
-
-    async def aget_versioned(self, key: str) -> tuple[Any, int] | None:
-        return await self._arun(self._router.get_versioned(key))
-
-    async def aput(
-        self,
-        key: str,
-        value: Any,
-        *,
-        ttl: float | None = None,
-        write: WriteConcern | str | None = None,
-        request_id: str | None = None,
-    ) -> int:
-        return int(await self._arun(self._put(key, value, ttl, write, request_id)))
-
-    async def adelete(
-        self, key: str, *, write: WriteConcern | str | None = None, request_id: str | None = None
-    ) -> bool:
-        code, rid = self._write_args(write, request_id)
-        return bool(await self._arun(self._router.delete(key, code, rid)))
-
-    async def acas(
-        self,
-        key: str,
-        expected_version: int | None,
-        value: Any,
-        *,
-        ttl: float | None = None,
-        write: WriteConcern | str | None = None,
-        request_id: str | None = None,
-    ) -> tuple[bool, int | None]:
-        reply = await self._arun(self._cas(key, expected_version, value, ttl, write, request_id))
-        return bool(reply[0]), reply[1]
-
-    async def amget(
-        self,
-        keys: Iterable[str],
-        default: Any = None,
-        *,
-        read: ReadConcern | str | None = None,
-        max_lag_ms: float | None = None,
-    ) -> list[Any]:
-        return await self._arun(self._mget(keys, default, read, max_lag_ms))
-
-    async def amset(
-        self,
-        mapping: Mapping[str, Any],
-        *,
-        ttl: float | None = None,
-        write: WriteConcern | str | None = None,
-        request_id: str | None = None,
-    ) -> None:
-        await self._arun(self._mset(mapping, ttl, write, request_id))
-
-    async def ascan(
-        self, prefix: str = "", *, page_size: int = 100, cursor: str | None = None
-    ) -> ScanPage:
-        items, nxt = await self._arun(self._scan(prefix, page_size, cursor))
-        return ScanPage(items, nxt)
 
     # Connections ------------------------------------------------------------------------
     def transport_stats(self) -> dict[str, int]:
