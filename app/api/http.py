@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from typing import Any, Protocol, TypeVar
 
@@ -163,6 +163,7 @@ class OpenAIRoutes:
             "/openapi.json": None,
             "/docs": None,
         }
+        self._described: list[Route] = []  # answered in front of this dispatcher (describe)
         # Built from this table on first request (app.api.openapi), so add_get routes show.
         self.description = APIDescription(self)
         b = backend
@@ -194,12 +195,20 @@ class OpenAIRoutes:
         self._scopes[path] = scope
         self.description.invalidate()
 
+    def describe(self, routes: Iterable[Route]) -> None:
+        """Routes another dispatcher answers in front of this one under the same base URL (the
+        gateway's Files and Batch routes), for the API description to list as well."""
+        self._described.extend(routes)
+        self.description.invalidate()
+
     def route_table(self) -> list[Route]:
-        """Every route answered here, with the scope it needs (for the API description)."""
+        """Every route answered here, with the scope it needs, and those `describe` was given
+        (for the API description)."""
         return [
             *(Route("POST", path, Scope.INFERENCE) for path in self._post),
             *(Route("GET", path, self._scopes.get(path, Scope.INFERENCE)) for path in self._get),
             Route("GET", self.MODEL_PREFIX + "{model}", Scope.INFERENCE),
+            *self._described,
         ]
 
     async def __call__(self, request: Request, trusted: bool = False) -> Response:

@@ -1,12 +1,12 @@
-"""The API description: an OpenAPI 3.1 document of every route an OpenAIRoutes answers, from the
-pydantic models it validates requests with (app.api.schemas) and the response models
+"""The API description: an OpenAPI 3.1 document of every route an OpenAIRoutes answers (and the
+routes it is told another dispatcher answers), as the registry (app.api.operations) describes
+them with the models requests are validated with and the response models
 (app.api.openapi_models), and the same document as a plain HTML page for /docs."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, NamedTuple, Protocol
 
@@ -18,10 +18,17 @@ from starlette.responses import Response
 
 from app.api import openapi_models as out
 from app.api.openapi_docs import docs_html
-from app.api.schemas import REQUEST_TYPES
-from app.cache.policy import BYPASS_HEADER, CACHE_HEADER, CacheStatus
-from app.fleet.hints import REGION_HEADER, STRATEGY_HEADER, ZONE_HEADER
-from app.fleet.spec import Strategy
+from app.api.operations import (
+    CACHE_PARAMS,
+    INTEGER,
+    OPERATIONS,
+    PATH_PARAMS,
+    ROUTING_PARAMS,
+    STRING,
+    Operation,
+    param,
+)
+from app.cache.policy import CACHE_HEADER, CacheStatus
 from app.regions.auth import FORWARDED_FROM, SIGNATURE
 from app.security.keys import Scope
 
@@ -50,98 +57,7 @@ class RouteDescriptionError(LookupError):
     """A route the service answers that OPERATIONS does not describe, or describes wrongly."""
 
 
-@dataclass(frozen=True)
-class Operation:
-    """How one route is described. `response` None: not a pydantic shape (this document and
-    its page); `stream`: the chunk each SSE event carries when the request sets stream."""
-
-    id: str
-    summary: str
-    tag: str
-    scope: Scope | None
-    response: type[BaseModel] | None
-    request: type[BaseModel] | None = None
-    stream: type[BaseModel] | None = None
-    media_type: str = "application/json"
-    description: str = ""
-    errors: tuple[int, ...] = (500,)
-    cached: bool = False  # the response cache: X-Cache out, bypass headers in
-    routed: bool = False  # the gateway reads routing hints from headers
-    peer_signed: bool = False  # peer regions only, signed with the federation secret
-
-
-# 499 (the client went away) is left out: nobody is there to read it.
-INFERENCE_ERRORS = (400, 404, 413, 429, 500, 503, 504)
 KEY_ERRORS = (401, 403, 429, 503)  # added to every keyed operation when auth is on
-
-
-def _inference(
-    op_id: str, summary: str, kind: str, response: type[BaseModel], **more: Any
-) -> Operation:
-    return Operation(
-        op_id,
-        summary,
-        "inference",
-        Scope.INFERENCE,
-        response,
-        REQUEST_TYPES[kind],
-        description="Served by the model's replicas; the gateway routes to them.",
-        errors=INFERENCE_ERRORS,
-        routed=True,
-        **more,
-    )
-
-
-OPERATIONS: dict[tuple[str, str], Operation] = {
-    ("POST", "/v1/chat/completions"): _inference(
-        "createChatCompletion", "Create a chat completion", "chat", out.ChatCompletion,
-        stream=out.ChatCompletionChunk, cached=True,
-    ),
-    ("POST", "/v1/completions"): _inference(
-        "createCompletion", "Create a completion", "completions", out.Completion,
-        stream=out.CompletionChunk, cached=True,
-    ),
-    ("POST", "/v1/embeddings"): _inference(
-        "createEmbedding", "Create embeddings", "embeddings", out.EmbeddingList, cached=True
-    ),
-    ("POST", "/v1/images/generations"): _inference(
-        "createImage", "Generate images", "images", out.ImagesResponse
-    ),
-    ("GET", "/v1/models"): Operation(
-        "listModels", "List the models this base URL serves", "models", Scope.INFERENCE,
-        out.ModelList,
-    ),
-    ("GET", "/v1/models/{model}"): Operation(
-        "retrieveModel", "Describe one model", "models", Scope.INFERENCE, out.Model,
-        errors=(404, 500),
-    ),
-    ("GET", "/healthz"): Operation(
-        "health", "Health", "operations", None, out.Health, errors=(500, 503),
-        description="The gateway answers 503 when no model application is running.",
-    ),
-    ("GET", "/v1/fleet"): Operation(
-        "fleetView", "Nodes, replicas, health, federation, autoscaling (gateway)", "operations",
-        Scope.ADMIN, out.FleetView, errors=(500, 503),
-        description="503 when the fleet router is not available.",
-    ),
-    ("GET", "/federation/summary"): Operation(
-        "regionSummary", "This region's load, for its peer regions (gateway)", "operations",
-        None, out.RegionSummary, errors=(401, 500, 503), peer_signed=True,
-        description="503 when the gateway is not a federated region.",
-    ),
-    ("GET", "/v1/events"): Operation(
-        "streamEvents", "Stream the region's events (server-sent events, gateway)", "operations",
-        Scope.ADMIN, None, media_type="text/event-stream", errors=(400, 500, 503),
-        description="One `data:` event per bus event (JSON: seq, type, time, source, data, "
-        "id), `id:` its sequence number. ?type= (repeatable or comma-separated) filters; "
-        "Last-Event-ID or ?after=N resumes; the stream ends after ?timeout_s= (default 60, at "
-        "most 600) or ?limit= events. 503 when the KV store is unreachable.",
-    ),
-    ("GET", "/openapi.json"): Operation("openapiDocument", "This document", "meta", None, None),
-    ("GET", "/docs"): Operation(
-        "docsPage", "This document as an HTML page", "meta", None, None, media_type="text/html"
-    ),
-}  # fmt: skip
 
 
 class ErrorStatus(NamedTuple):
@@ -162,14 +78,19 @@ ERROR_STATUSES: dict[int, ErrorStatus] = {
                      "request with a bad signature (invalid_federation_signature).",
                      ("WWW-Authenticate",)),
     403: ErrorStatus("Forbidden", "The key lacks the operation's scope (insufficient_scope)."),
-    404: ErrorStatus("NotFound", "No such model (model_not_found)."),
-    413: ErrorStatus("RequestTooLarge", "The body is over APP_MAX_REQUEST_BYTES (4 MiB default)."),
+    404: ErrorStatus("NotFound", "No such model (model_not_found), or no such file or batch "
+                     "of the key's (not_found)."),
+    409: ErrorStatus("Conflict", "The object's state forbids it: deleting a file a batch still "
+                     "reads (file_in_use), cancelling a batch that is finishing (conflict)."),
+    413: ErrorStatus("RequestTooLarge", "The body is over APP_MAX_REQUEST_BYTES (4 MiB default), "
+                     "or an upload over the file size limit (request_too_large)."),
     429: ErrorStatus("TooManyRequests", "A key's limit reached (rate_limit_exceeded, with the "
                      "x-ratelimit-* headers), or the model at capacity (overloaded).",
                      ("Retry-After", *RATE_LIMIT_HEADERS)),
     500: ErrorStatus("InternalError", "A fault on the server's side (internal_error)."),
     503: ErrorStatus("ServiceUnavailable", "No replica or region can take the request, the "
-                     "model's application is not running, or the API-key store is unreachable.",
+                     "model's application is not running, or the API-key or KV store is "
+                     "unreachable.",
                      ("Retry-After",)),
     504: ErrorStatus("GatewayTimeout", "The model ran past its card's timeouts.request_s; the "
                      "work was cancelled (request_timeout)."),
@@ -180,8 +101,6 @@ SSE_DESCRIPTION = (
     "after the first event is a `data:` event with an ErrorResponse; the last event is "
     "`data: [DONE]`."
 )
-STRING: dict[str, Any] = {"type": "string"}
-INTEGER: dict[str, Any] = {"type": "integer"}
 
 
 def _headers() -> dict[str, Any]:
@@ -198,38 +117,14 @@ def _headers() -> dict[str, Any]:
     return {name: {"description": d, "schema": s} for name, (d, s) in headers.items()}
 
 
-def _param(name: str, where: str, description: str, schema: Any = STRING) -> dict[str, Any]:
-    required = where == "path"
-    return {
-        "name": name,
-        "in": where,
-        "required": required,
-        "description": description,
-        "schema": schema,
-    }
-
-
-CACHE_PARAMS = [
-    _param("Cache-Control", "header", "`no-cache` or `no-store`: skip the response cache."),
-    _param(BYPASS_HEADER, "header", "`1`, `true` or `yes`: skip the response cache."),
-]
-ROUTING_PARAMS = [
-    _param(REGION_HEADER, "header", "The client's region (gateway; else from its IP)."),
-    _param(ZONE_HEADER, "header", "The client's zone (gateway)."),
-    _param(
-        STRATEGY_HEADER,
-        "header",
-        "Override the routing strategy (gateway).",
-        {"type": "string", "enum": [s.value for s in Strategy]},
-    ),
-]
-PATH_PARAMS = {"model": "A model id, as the model list gives it (it may contain `/`)."}
-
-
-def _schemas() -> tuple[dict[str, Any], dict[type[BaseModel], dict[str, Any]]]:
-    """Every request and response model's JSON schema, and the $ref of each."""
+def _schemas(
+    operations: Mapping[tuple[str, str], Operation],
+) -> tuple[dict[str, Any], dict[type[BaseModel], dict[str, Any]]]:
+    """Every request model of `operations` and every response model's JSON schema, and the
+    $ref of each."""
+    requests = dict.fromkeys(op.request for op in operations.values() if op.request is not None)
     modes: list[tuple[type[BaseModel], JsonSchemaMode]] = [
-        *((m, "validation") for m in REQUEST_TYPES.values()),
+        *((m, "validation") for m in requests),
         *((m, "serialization") for m in out.RESPONSE_MODELS),
     ]
     refs, top = models_json_schema(modes, ref_template=SCHEMA_REF)
@@ -245,7 +140,7 @@ def build_document(
 ) -> dict[str, Any]:
     """The OpenAPI document of `routes`; RouteDescriptionError for a route `operations` lacks or
     gives another scope. `auth`: API keys are checked (else no operation needs one)."""
-    schemas, refs = _schemas()
+    schemas, refs = _schemas(operations)
     paths: dict[str, dict[str, Any]] = {}
     used: list[Operation] = []
     for route in routes:
@@ -284,7 +179,7 @@ def _described(route: Route, operations: Mapping[tuple[str, str], Operation]) ->
     if op is None:
         raise RouteDescriptionError(
             f"{route.method} {route.path} is served but not described: add it to "
-            "app.api.openapi.OPERATIONS"
+            "app.api.operations.OPERATIONS"
         )
     if op.scope != route.scope:
         raise RouteDescriptionError(
@@ -300,14 +195,13 @@ def _operation(
     body: dict[str, Any] = {"operationId": op.id, "summary": op.summary, "tags": [op.tag]}
     if op.description:
         body["description"] = op.description
-    params = [
-        _param(name, "path", PATH_PARAMS[name]) for name in re.findall(r"{(\w+)}", route.path)
-    ]
+    params = [param(name, "path", PATH_PARAMS[name]) for name in re.findall(r"{(\w+)}", route.path)]
     params += (CACHE_PARAMS if op.cached else []) + (ROUTING_PARAMS if op.routed else [])
+    params += op.params
     if params:
         body["parameters"] = params
     if op.request is not None:
-        content = {"application/json": {"schema": refs[op.request]}}
+        content = {op.request_media_type: {"schema": refs[op.request]}}
         body["requestBody"] = {"required": True, "content": content}
     body["security"] = (
         [{"apiKey": []}] if keyed else [{"federationSignature": []}] if op.peer_signed else []
@@ -315,7 +209,7 @@ def _operation(
     if keyed and op.scope is not None:
         body["x-scope"] = op.scope.value
     statuses = sorted(set(op.errors) | (set(KEY_ERRORS) if keyed else set()))
-    body["responses"] = {"200": _success(op, refs, rate_limited=keyed and op.request is not None)}
+    body["responses"] = {"200": _success(op, refs, rate_limited=keyed and op.metered)}
     for status in statuses:
         body["responses"][str(status)] = _refs("responses", [ERROR_STATUSES[status].name])[0]
     return body

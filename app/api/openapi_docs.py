@@ -17,7 +17,7 @@ table{border-collapse:collapse;width:100%;margin:.4rem 0 1rem}
 th,td{border:1px solid #ddd;padding:.3rem .5rem;text-align:left;vertical-align:top}
 section{border-top:1px solid #ccc;margin-top:1.5rem}
 .m{font:bold 13px ui-monospace,monospace;padding:.1em .4em;border-radius:3px;color:#fff}
-.get{background:#2a7a4a}.post{background:#2a5fb0}
+.get{background:#2a7a4a}.post{background:#2a5fb0}.delete{background:#a33a2a}
 """
 
 

@@ -1,6 +1,8 @@
 """Pydantic models of what the service answers, for the OpenAPI document: the shapes the
 service, the gateway and the router actor build as plain dicts (app.serving.service,
-app.api.responses, app.serving.gateway, app.fleet.router_actor, app.regions.summary).
+app.api.responses, app.serving.gateway, app.fleet.router_actor, app.regions.summary,
+app.batches.files and app.batches.batches); and the upload form, which app.batches.multipart
+parses as it streams, without a model.
 
 The service never builds these models on the request path: the dicts go out as they are,
 and a unit test checks that real payloads validate against these models, so the document
@@ -9,10 +11,14 @@ cannot drift from the wire.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
+from pydantic.json_schema import SkipJsonSchema
 
+from app.batches.batches import COMPLETION_WINDOWS, BatchStatus
+from app.batches.files import MAX_EXPIRY_S, MIN_EXPIRY_S
+from app.batches.lines import ENDPOINTS
 from app.catalog.tasks import Task
 from app.fleet.spec import Strategy
 
@@ -257,6 +263,107 @@ class RegionSummary(_Response):
     models: dict[str, ModelLoad]
 
 
+class FileObject(_Response):
+    """A file (OpenAI's file object): an upload, or a batch's output or error file."""
+
+    id: str = Field(description="`file-...`")
+    object: Literal["file"]
+    bytes: int
+    created_at: int = Field(description="Unix time in seconds.")
+    filename: str
+    purpose: str = Field(description="`batch` (uploaded) or `batch_output` (a batch's output).")
+    status: Literal["processed"] = Field(description="A file is stored whole or not at all.")
+    expires_at: int | None = Field(description="Unix time it goes; null: kept until deleted.")
+    status_details: None = Field(description="Always null.")
+
+
+class FileList(_Response):
+    object: Literal["list"]
+    data: list[FileObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool = Field(description="Whether a page after this one has files (use `after`).")
+
+
+class FileDeleted(_Response):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+class BatchError(_Response):
+    code: str = Field(description="file_not_found, empty_file, start_failed, ...")
+    message: str
+
+
+class BatchErrors(_Response):
+    object: Literal["list"]
+    data: list[BatchError]
+
+
+class RequestCounts(_Response):
+    total: int = Field(description="Request lines in the input file (0 until validated).")
+    completed: int
+    failed: int = Field(description="Lines that failed, invalid ones included.")
+
+
+class Batch(_Response):
+    """A batch (OpenAI's batch object). Each `<status>_at` is the Unix time (seconds) it
+    entered that status; null until it does."""
+
+    id: str = Field(description="`batch_...`")
+    object: Literal["batch"]
+    endpoint: str = Field(description=f"One of {', '.join(ENDPOINTS)}.")
+    errors: BatchErrors | None = Field(description="Why a failed batch failed; else null.")
+    input_file_id: str
+    completion_window: str = Field(description=f"One of {', '.join(COMPLETION_WINDOWS)}.")
+    status: BatchStatus
+    output_file_id: str | None = Field(description="The results (JSONL), once finished.")
+    error_file_id: str | None = Field(description="The failed lines (JSONL), if any failed.")
+    created_at: int
+    in_progress_at: int | None
+    expires_at: int = Field(description="When an unfinished batch expires.")
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    request_counts: RequestCounts
+    metadata: dict[str, str] | None
+
+
+class BatchList(_Response):
+    object: Literal["list"]
+    data: list[Batch]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool = Field(description="Whether a page after this one has batches.")
+
+
+def _optional(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)  # a form field is sent or not: it has no null default
+
+
+class FileUpload(BaseModel):
+    """POST /v1/files: a multipart/form-data body; other parts are ignored."""
+
+    file: bytes = Field(description="The file, with its filename (a `batch` file: JSONL).")
+    purpose: str = Field(description="`batch` (the purposes a client may upload).")
+    expires_after_anchor: Literal["created_at"] | SkipJsonSchema[None] = Field(
+        None, alias="expires_after[anchor]", json_schema_extra=_optional
+    )
+    expires_after_seconds: (
+        Annotated[int, Field(ge=MIN_EXPIRY_S, le=MAX_EXPIRY_S)] | SkipJsonSchema[None]
+    ) = Field(
+        None,
+        alias="expires_after[seconds]",
+        description="With the anchor: the file goes this long after its creation (else it is "
+        "kept until deleted).",
+        json_schema_extra=_optional,
+    )
+
+
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     ChatCompletion,
     ChatCompletionChunk,
@@ -270,4 +377,9 @@ RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     Health,
     FleetView,
     RegionSummary,
+    FileObject,
+    FileList,
+    FileDeleted,
+    Batch,
+    BatchList,
 )

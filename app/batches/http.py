@@ -22,14 +22,18 @@ from app.api.errors import (
     NotFoundError,
 )
 from app.api.http import error_response, json_response, parse_request, read_body, route_path
+from app.api.openapi import Route
 from app.batches.batches import BatchCreateRequest, BatchStatus, BatchStore
 from app.batches.files import FileStore
 from app.batches.multipart import receive_file
 from app.batches.records import owner_of
+from app.security.keys import Scope
 
 logger = logging.getLogger(__name__)
 
 PREFIXES = ("/v1/files", "/v1/batches")
+# The scope the caller admits these requests with: an inference key, which owns its objects.
+SCOPE = Scope.INFERENCE
 StartBatch = Callable[[str], Awaitable[None] | None]
 Handler = Callable[[Request, str, dict[str, str]], Awaitable[Response]]
 
@@ -37,6 +41,11 @@ Handler = Callable[[Request, str, dict[str, str]], Awaitable[Response]]
 def handles(path: str) -> bool:
     """Whether a path (below the route prefix) is one of these routes' family."""
     return any(path == p or path.startswith(p + "/") for p in PREFIXES)
+
+
+def openapi_path(pattern: re.Pattern[str]) -> str:
+    """A route's pattern as an OpenAPI path template: each named group becomes `{name}`."""
+    return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern.pattern)
 
 
 def page_body(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
@@ -91,6 +100,11 @@ class BatchRoutes:
             ("GET", re.compile(r"/v1/batches/(?P<batch_id>[^/]+)"), self._get_batch),
             ("POST", re.compile(r"/v1/batches/(?P<batch_id>[^/]+)/cancel"), self._cancel),
         ]
+
+    def route_table(self) -> list[Route]:
+        """The routes answered here, from the list they are dispatched with (for the API
+        description: OpenAIRoutes.describe)."""
+        return [Route(method, openapi_path(pattern), SCOPE) for method, pattern, _ in self.routes]
 
     async def __call__(self, request: Request, key_id: str | None = None) -> Response:
         try:

@@ -111,6 +111,7 @@ class Gateway:
         connect = kv_connector(self.fleet.batches)
         files, batches, start_batch = batch_services(connect, self.fleet.batches)
         self._batches = BatchRoutes(files, batches, start_batch)
+        self._routes.describe(self._batches.route_table())  # answered before self._routes
         events_kv = LazyKV(connect)  # reconnects if the store is restarted
         self._routes.add_get(EVENTS_PATH, event_routes(lambda: events_kv))  # admin scope
 

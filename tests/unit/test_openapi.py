@@ -1,10 +1,13 @@
-"""The API description (app.api.openapi): every route either base URL answers is described, the
-document validates as OpenAPI 3.1, /openapi.json and /docs answer without a key on both base
-URLs, and the response models (app.api.openapi_models) accept what the service really sends."""
+"""The API description (app.api.openapi): every route either base URL answers is described (the
+gateway's Files and Batch routes included), the document validates as OpenAPI 3.1,
+/openapi.json and /docs answer without a key on both base URLs, and the response models
+(app.api.openapi_models) accept what the service really sends."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,14 +31,21 @@ from app.api.errors import (
     ServiceUnavailableError,
 )
 from app.api.http import OpenAIRoutes, json_response
-from app.api.openapi import OPERATIONS, RouteDescriptionError, build_document
+from app.api.openapi import OPERATIONS, Route, RouteDescriptionError, build_document
+from app.api.openapi_docs import docs_html
 from app.api.schemas import EmbeddingRequest
+from app.batches.http import handles
+from app.batches.multipart import FIELDS
 from app.catalog.cards import ModelCard
+from app.events.http import DEFAULT_TIMEOUT_S, MAX_LIMIT, MAX_TIMEOUT_S
 from app.regions.forwarding import SUMMARY_PATH
 from app.regions.summary import ModelLoad, RegionSummary
+from app.security.keys import Scope
 from app.serving.batching import LocalBatcher
 from app.serving.runners.base import EmbeddingRunner, LoadedInfo
 from app.serving.service import ModelService
+from tests.unit.test_batches_http import App as BatchApp
+from tests.unit.test_batches_http import upload
 from tests.unit.test_fleet_router_actor import SPEC, StaticNodesRouter, report
 from tests.unit.test_http import EchoBackend, chat
 from tests.unit.test_security import Clock, Keys, guard
@@ -48,8 +58,9 @@ def model_routes(auth: bool = False) -> OpenAIRoutes:
 
 
 def gateway_routes() -> OpenAIRoutes:
-    """The gateway's route table, with the admin and peer routes it adds: the real class, built
-    without Ray (no handle or Serve call happens until a request comes)."""
+    """The gateway's route table, with the admin and peer routes it adds and the Files and
+    Batch routes it answers first: the real class, built without Ray (no handle, Serve or KV
+    call happens until a request comes)."""
     from app.serving.gateway import Gateway
 
     gateway = Gateway([{"id": "echo", "task": "text-generation", "loader": "echo"}])
@@ -83,7 +94,22 @@ def test_the_registry_describes_exactly_the_routes_of_both_base_urls() -> None:
     gateway = {(r.method, r.path) for r in gateway_routes().route_table()}
     model = {(r.method, r.path) for r in model_routes().route_table()}
     assert {("GET", "/v1/fleet"), ("GET", SUMMARY_PATH)} <= gateway - model
+    assert {("DELETE", "/v1/files/{file_id}"), ("POST", "/v1/batches")} <= gateway - model
     assert gateway | model == set(OPERATIONS)  # no entry describes a route nobody serves
+
+
+async def test_every_files_and_batches_route_in_the_gateway_table_is_answered(
+    tmp_path: Path,
+) -> None:
+    """The described paths are the ones BatchRoutes dispatches: none is a 'no route' or 405."""
+    routes = [r for r in gateway_routes().route_table() if handles(r.path)]
+    assert len(routes) == 9 and {r.scope for r in routes} == {Scope.INFERENCE}
+    async with BatchApp(tmp_path).client() as c:
+        for route in routes:
+            path = route.path.format(file_id="file-x", batch_id="batch_x")
+            response = await c.request(route.method, path, json={})
+            message = response.json().get("error", {}).get("message", "")
+            assert response.status_code != 405 and not message.startswith("no route"), route
 
 
 async def test_every_route_in_the_table_is_answered() -> None:
@@ -114,6 +140,11 @@ def test_the_document_validates_as_openapi_3_1(make: Any, auth: bool) -> None:
     assert (chat_op["security"] == [{"apiKey": []}]) is auth
     assert ("401" in chat_op["responses"] and "403" in chat_op["responses"]) is auth
     assert ("apiKey" in document["components"].get("securitySchemes", {})) is auth
+    if make is gateway_routes:
+        upload_op = document["paths"]["/v1/files"]["post"]
+        assert set(upload_op["requestBody"]["content"]) == {"multipart/form-data"}
+        assert "409" in document["paths"]["/v1/files/{file_id}"]["delete"]["responses"]
+        assert 'class="m delete"' in docs_html(document)
 
 
 def test_the_validator_rejects_a_broken_document() -> None:
@@ -182,7 +213,7 @@ async def test_openapi_json_and_docs_answer_without_a_key(root_path: str) -> Non
     assert 'id="schema-ChatCompletionRequest"' in html and 'href="#schema-ChatMessage"' in html
 
 
-async def test_the_document_is_built_once_and_again_after_add_get(
+async def test_the_document_is_built_once_and_again_after_add_get_or_describe(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     builds: list[int] = []
@@ -201,7 +232,40 @@ async def test_the_document_is_built_once_and_again_after_add_get(
         assert len(builds) == 1
         routes.add_get("/v1/fleet", no_content)
         paths = (await c.get("/openapi.json")).json()["paths"]
-    assert "/v1/fleet" in paths and len(builds) == 2
+        assert "/v1/fleet" in paths and len(builds) == 2
+        routes.describe([Route("GET", "/v1/batches", Scope.INFERENCE)])
+        paths = (await c.get("/openapi.json")).json()["paths"]
+    assert "/v1/batches" in paths and len(builds) == 3
+
+
+# ---- parameters as the code checks them -----------------------------------------------------
+
+
+def schemas_of(method: str, path: str) -> dict[str, dict[str, Any]]:
+    return {p["name"]: p["schema"] for p in OPERATIONS[(method, path)].params}
+
+
+async def test_list_parameters_are_the_bounds_the_routes_check(tmp_path: Path) -> None:
+    async with BatchApp(tmp_path).client() as c:
+        for path in ("/v1/files", "/v1/batches"):
+            params = schemas_of("GET", path)
+            limit = params["limit"]
+            assert (await c.get(path, params={"limit": limit["maximum"]})).status_code == 200
+            for bad in (limit["minimum"] - 1, limit["maximum"] + 1):
+                assert (await c.get(path, params={"limit": bad})).status_code == 400, path
+            for order in params.get("order", {}).get("enum", []):
+                assert (await c.get(path, params={"order": order})).status_code == 200
+    events = schemas_of("GET", "/v1/events")
+    assert events["limit"]["maximum"] == MAX_LIMIT
+    assert (events["timeout_s"]["maximum"], events["timeout_s"]["default"]) == (
+        MAX_TIMEOUT_S,
+        DEFAULT_TIMEOUT_S,
+    )
+
+
+def test_the_upload_form_names_the_fields_the_parser_reads() -> None:
+    names = {field.alias or name for name, field in out.FileUpload.model_fields.items()}
+    assert names == {"file", *FIELDS}
 
 
 # ---- the response models accept real payloads ----------------------------------------------
@@ -293,3 +357,56 @@ async def test_fleet_view_and_region_summary_match_their_models(
         "eu", models={"echo": ModelLoad(1, 1, 8, 2, 3.5, 0.99)}, generated_at=1.0
     )
     out.RegionSummary.model_validate(summary.to_json())
+
+
+async def test_files_and_batches_match_their_models(tmp_path: Path) -> None:
+    """What the real FileStore and BatchStore (over the FakeKV) answer through BatchRoutes: a
+    batch created, cancelled, completed and failed, files listed, read and deleted, and 409s."""
+    batches = BatchApp(tmp_path, autorun=False)
+    world = batches.world
+    async with batches.client() as c:
+
+        async def batch(file_id: str, run: bool = True) -> dict[str, Any]:
+            request = {"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+                       "completion_window": "24h", "metadata": {"job": "nightly"}}  # fmt: skip
+            created = (await c.post("/v1/batches", json=request)).json()
+            if run:
+                await asyncio.to_thread(world.engine.run, created["id"])
+            return created
+
+        file, gone = (await upload(c)).json(), (await upload(c)).json()
+        created = await batch(file["id"], run=False)
+        cancelling = (await c.post(f"/v1/batches/{created['id']}/cancel")).json()
+        in_use = await c.delete(f"/v1/files/{file['id']}")
+        await asyncio.to_thread(world.engine.run, created["id"])
+        done = await batch(file["id"])
+        failing = await batch(gone["id"], run=False)
+        world.files.remove(gone["id"])  # expired before its batch validated it
+        await asyncio.to_thread(world.engine.run, failing["id"])
+        ids = (created["id"], done["id"], failing["id"])
+        finished = [(await c.get(f"/v1/batches/{i}")).json() for i in ids]
+        listing = (await c.get("/v1/batches", params={"limit": 2})).json()
+        too_late = await c.post(f"/v1/batches/{done['id']}/cancel")
+        files = (await c.get("/v1/files")).json()
+        output_id = finished[1]["output_file_id"]
+        content = await c.get(f"/v1/files/{output_id}/content")
+        deleted = (await c.delete(f"/v1/files/{output_id}")).json()
+        missing = await c.get(f"/v1/files/{output_id}")
+    assert [b["status"] for b in finished] == ["cancelled", "completed", "failed"]
+    assert finished[2]["errors"]["data"][0]["code"] == "file_not_found"
+    for payload in (file, *files["data"]):
+        out.FileObject.model_validate(payload)
+    out.FileList.model_validate(files)
+    out.FileDeleted.model_validate(deleted)
+    for payload in (created, cancelling, done, *finished):
+        out.Batch.model_validate(payload)
+    out.BatchList.model_validate(listing)
+    assert listing["has_more"] and len(files["data"]) == 2  # the input file and the output
+    for error in (in_use, too_late, missing):
+        out.ErrorResponse.model_validate(error.json())
+    assert (in_use.status_code, too_late.status_code, missing.status_code) == (409, 409, 404)
+    never_set = {k for k in out.Batch.model_fields if all(b[k] is None for b in finished)}
+    assert never_set == {"error_file_id", "expired_at"}  # every other field had a real value
+    document = build_document(gateway_routes().route_table(), auth=False)
+    answer = document["paths"]["/v1/files/{file_id}/content"]["get"]["responses"]["200"]
+    assert set(answer["content"]) == {content.headers["content-type"]}
