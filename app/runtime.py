@@ -86,8 +86,9 @@ def replica_env() -> dict[str, str]:
     environment. RAY_SERVE_THROUGHPUT_OPTIMIZED itself is not used: it also switches on direct
     ingress inside the replica, which hangs the replica when the cluster runs Serve's proxy.
     """
-    # Tracing (OTEL_*) and log format (APP_LOG_*) reach the replicas from the deploying
-    # process's environment: `OTEL_EXPORTER_OTLP_ENDPOINT=... app up` traces the service.
+    # Tracing (OTEL_*), log format (APP_LOG_*) and the metrics switch (APP_METRICS=off) reach
+    # the replicas from the deploying process's environment: `OTEL_EXPORTER_OTLP_ENDPOINT=...
+    # app up` traces the service.
     passed = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV_PREFIXES)}
     buffer = os.environ.get("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE", "1000")
     return {
@@ -101,7 +102,7 @@ def replica_env() -> dict[str, str]:
     }
 
 
-PASSED_ENV_PREFIXES = ("OTEL_", "APP_LOG_")
+PASSED_ENV_PREFIXES = ("OTEL_", "APP_LOG_", "APP_METRICS", "APP_FILES_URL")
 
 
 def stray_haproxy_pids(state_dir: str = DEFAULT_HAPROXY_DIR) -> list[int]:

@@ -1,11 +1,13 @@
 """The process-wide metrics recorder: turns catalogue definitions (app.observability.metrics)
 into ray.util.metrics objects, once per process and only on first use, and records through
-typed helpers. Without a Ray connection every call is a no-op, because creating a metric would
-start a local Ray; and no failure to create one ever reaches the request that recorded it."""
+typed helpers. Every call is a no-op without a Ray connection, because creating a metric would
+start a local Ray, and with APP_METRICS=off (a baseline without metrics, for benchmarks); no
+failure to create one ever reaches the request that recorded it."""
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +48,7 @@ SAMPLE_PERIOD_S = 5.0
 Tags = dict[str, str]
 Factory = Callable[[MetricDef], Any]
 SampleKey = tuple[str, tuple[tuple[str, str], ...]]  # metric name, sorted tags
+METRICS_ENV = "APP_METRICS"  # "off": this process records nothing (app.runtime passes it on)
 
 
 def create(definition: MetricDef) -> Any:
@@ -72,6 +75,12 @@ def ray_connected() -> bool:
     import ray
 
     return bool(ray.is_initialized())
+
+
+def metrics_enabled() -> bool:
+    """Ray is connected and APP_METRICS is not "off". Read at each check rather than once, so
+    the switch is the process environment's as it is now."""
+    return os.environ.get(METRICS_ENV, "").lower() != "off" and ray_connected()
 
 
 class Sampler:
@@ -119,7 +128,7 @@ class Recorder:
 
     def __init__(
         self,
-        enabled: Callable[[], bool] = ray_connected,
+        enabled: Callable[[], bool] = metrics_enabled,
         factory: Factory = create,
         sampler: Sampler | None = None,
     ) -> None:

@@ -21,7 +21,8 @@ from app.fleet.scoring import Decision, ReplicaView
 from app.fleet.spec import Strategy
 from app.observability import metrics as catalogue
 from app.observability.metrics import CATALOGUE, Base, ForwardOutcome, KVOutcome, Queue, Reason
-from app.observability.recorder import Recorder, Sampler, create
+from app.observability.recorder import METRICS_ENV, Recorder, Sampler, create
+from app.runtime import replica_env
 
 
 @dataclass
@@ -154,6 +155,23 @@ def test_a_metric_that_cannot_be_made_never_fails_the_caller() -> None:
     rec = Recorder(enabled=lambda: True, factory=factory, sampler=Sampler(autostart=False))
     rec.observe_request("echo", "east", Base.GATEWAY, 503, 0.1, stream=False)
     rec.count_forward("echo", "east", "west", ForwardOutcome.UNREACHABLE)
+
+
+def test_app_metrics_off_records_nothing_until_it_is_on_again(
+    monkeypatch: pytest.MonkeyPatch, connected: dict[str, Native]
+) -> None:
+    rec = Recorder(sampler=Sampler(autostart=False))  # the default check: Ray and APP_METRICS
+    monkeypatch.setenv(METRICS_ENV, "off")
+    rec.observe_request("echo", "east", Base.MODEL, 200, 0.1, stream=False)
+    assert "app_http_requests" not in connected
+    monkeypatch.setenv(METRICS_ENV, "on")
+    rec.observe_request("echo", "east", Base.MODEL, 200, 0.1, stream=False)
+    assert len(connected["app_http_requests"].records) == 1
+
+
+def test_the_metrics_switch_reaches_the_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(METRICS_ENV, "off")
+    assert replica_env()[METRICS_ENV] == "off"
 
 
 # ---- the modules that exported before the catalogue: same names, same tags ------------------
