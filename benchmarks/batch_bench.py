@@ -110,7 +110,7 @@ def start_cluster() -> tuple[str, str]:
     """A fresh local Ray of our own with Serve on a free port; HAProxy gets its own files and
     ports, so a cluster already running on this machine keeps its own. Returns the base URL
     and HAProxy's state directory."""
-    haproxy_dir = tempfile.mkdtemp(prefix="haproxy-batch-bench-")
+    haproxy_dir = tempfile.mkdtemp(prefix="hx", dir="/tmp")  # HAProxy socket paths: <= 97 chars
     with environment(cluster_env() | haproxy_env(haproxy_dir, free_port(), free_port())):
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     port = free_port()

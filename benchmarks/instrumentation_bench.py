@@ -210,7 +210,7 @@ def start_cluster() -> tuple[str, str]:
     """A fresh local Ray of our own with Serve on a free port; HAProxy gets its own files and
     ports, so a cluster already running on this machine keeps its own. Returns the base URL
     and HAProxy's state directory."""
-    haproxy_dir = tempfile.mkdtemp(prefix="haproxy-instr-bench-")
+    haproxy_dir = tempfile.mkdtemp(prefix="hx", dir="/tmp")  # HAProxy socket paths: <= 97 chars
     env = cluster_env() | haproxy_env(haproxy_dir, free_port(), free_port())
     with environment(env, drop=SWITCHES):  # the head and every process it starts inherit it
         ray.init(address="local", include_dashboard=False, log_to_driver=False)

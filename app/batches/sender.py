@@ -23,6 +23,7 @@ from app.api.errors import (
 from app.api.http import validate_request
 from app.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from app.cache.policy import CACHE_STATUS_FIELD
+from app.fleet.hints import BACKGROUND
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,9 @@ class GatewaySender:
             return exc.status, exc.body()
         handle = await self._gateway()
         try:
-            answer = await asyncio.wait_for(getattr(handle, method).remote(req), self.timeout_s)
+            answer = await asyncio.wait_for(
+                getattr(handle, method).remote(req, priority=BACKGROUND), self.timeout_s
+            )
         except Exception as exc:
             error = _api_error(exc)
             if error is None:

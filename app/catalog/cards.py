@@ -206,6 +206,14 @@ class ModelCard(_Strict):
     max_ongoing_requests: int = Field(
         64, ge=1, le=100_000, description="Requests one replica holds at once before Serve queues."
     )
+    batch_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Share of a replica's max_ongoing_requests slots that batch jobs "
+        "(app.batches) may hold at once; beyond it their lines get 429 and back off, so "
+        "interactive requests always find the other slots free.",
+    )
     max_queued_requests: int | None = Field(
         None,
         ge=-1,

@@ -19,6 +19,12 @@ class InvalidRouteHintError(ValueError):
     """A routing hint names an unknown strategy or has the wrong type."""
 
 
+# A `route` key the routers ignore and the model replica reads: work for the background (a
+# batch job's line) is admitted within the card's batch_share of the slots.
+PRIORITY = "priority"
+BACKGROUND = "background"
+
+
 def parse_strategy(value: str | None) -> Strategy | None:
     if value is None or value == "":
         return None

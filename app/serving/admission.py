@@ -24,6 +24,7 @@ class _Ticket:
     owner: Admission
     slots: int
     open: bool = True
+    background: bool = False  # batch work: bounded to the background share of the slots
 
 
 _TICKET: ContextVar[_Ticket | None] = ContextVar("app_admission_ticket", default=None)
@@ -32,16 +33,20 @@ _TICKET: ContextVar[_Ticket | None] = ContextVar("app_admission_ticket", default
 class Admission:
     """Counts the sequences in flight on one replica; beyond capacity a request gets a 429."""
 
-    def __init__(self, model_id: str, capacity: int) -> None:
+    def __init__(self, model_id: str, capacity: int, background_share: float = 1.0) -> None:
         self.model_id = model_id
         self.capacity = capacity
+        # Background (batch) work may fill the slots only while this share of them is in use,
+        # so interactive requests always find the rest free.
+        self.background_limit = max(1, int(capacity * background_share))
         self.inflight = 0
 
     @contextmanager
-    def admit(self, slots: int = 1) -> Iterator[None]:
-        """Hold `slots` for the block: a request arriving (OverloadedError, a 429, when full)."""
-        self._take(slots)
-        ticket = _Ticket(self, slots)
+    def admit(self, slots: int = 1, *, background: bool = False) -> Iterator[None]:
+        """Hold `slots` for the block: a request arriving (OverloadedError, a 429, when full;
+        for background work, when the background share is in use)."""
+        self._take(slots, background)
+        ticket = _Ticket(self, slots, background=background)
         token = _TICKET.set(ticket)
         try:
             yield
@@ -63,7 +68,7 @@ class Admission:
                 yield
             return
         extra = max(slots - ticket.slots, 0)
-        self._take(extra)
+        self._take(extra, ticket.background)
         ticket.slots += extra
         try:
             yield
@@ -72,10 +77,12 @@ class Admission:
                 ticket.slots -= extra
                 self.inflight -= extra
 
-    def _take(self, slots: int) -> None:
-        if slots and self.inflight + slots > self.capacity:
+    def _take(self, slots: int, background: bool = False) -> None:
+        limit = self.background_limit if background else self.capacity
+        if slots and self.inflight + slots > limit:
+            share = " (the share batch work may use)" if background else ""
             raise OverloadedError(
-                f"model {self.model_id!r} is at capacity ({self.inflight} of {self.capacity} "
+                f"model {self.model_id!r} is at capacity ({self.inflight} of {limit}{share} "
                 f"sequences in flight; this request needs {slots} more); retry shortly",
                 retry_after_s=1,
             )

@@ -51,6 +51,8 @@ from app.fleet.breaker import ReplicaBreakers
 from app.fleet.failover import call_with_failover, stream_with_failover
 from app.fleet.geo import GeoLocator, forwarded_client_ip
 from app.fleet.hints import (
+    BACKGROUND,
+    PRIORITY,
     REGION_HEADER,
     STRATEGY_HEADER,
     ZONE_HEADER,
@@ -223,8 +225,12 @@ class Gateway:
         except InvalidRouteHintError as exc:
             raise InvalidRequestError(str(exc), param=STRATEGY_HEADER) from exc
 
-    async def _call(self, method: str, req: Any) -> dict[str, Any]:
+    async def _call(self, method: str, req: Any, priority: str | None = None) -> dict[str, Any]:
+        """`priority` "background": a batch job's line, admitted by the replica within the
+        model's batch_share of its slots."""
         route = self._route()
+        if priority == BACKGROUND:
+            route[PRIORITY] = BACKGROUND
         with request_deadline(self.cards.get(req.model)) as deadline:
             if self.federation is None:
                 return await self._local_call(method, req, route, deadline)
@@ -388,22 +394,26 @@ class Gateway:
             logger.info("no autoscaling view for /v1/fleet: %r", exc)
             return None
 
-    async def chat(self, req: ChatCompletionRequest) -> dict[str, Any]:
-        return await self._call("chat", req)
+    async def chat(self, req: ChatCompletionRequest, priority: str | None = None) -> dict[str, Any]:
+        return await self._call("chat", req, priority)
 
     def chat_sse(self, req: ChatCompletionRequest) -> AsyncIterator[bytes]:
         writes = self._stream("relay_chat_sse", req, self._route())
         return bounded_relay(self.cards.get(req.model), writes)
 
-    async def completions(self, req: CompletionRequest) -> dict[str, Any]:
-        return await self._call("completions", req)
+    async def completions(
+        self, req: CompletionRequest, priority: str | None = None
+    ) -> dict[str, Any]:
+        return await self._call("completions", req, priority)
 
     def completions_sse(self, req: CompletionRequest) -> AsyncIterator[bytes]:
         writes = self._stream("relay_completions_sse", req, self._route())
         return bounded_relay(self.cards.get(req.model), writes)
 
-    async def embeddings(self, req: EmbeddingRequest) -> dict[str, Any]:
-        return await self._call("embeddings", req)
+    async def embeddings(
+        self, req: EmbeddingRequest, priority: str | None = None
+    ) -> dict[str, Any]:
+        return await self._call("embeddings", req, priority)
 
     async def images(self, req: ImageGenerationRequest) -> dict[str, Any]:
         return await self._call("images", req)

@@ -29,6 +29,7 @@ from app.autoscaling.report import WorkRates, replica_stats
 from app.cache.responses import ResponseCache
 from app.catalog.cards import ModelCard
 from app.fleet.agent import ReplicaAgent
+from app.fleet.hints import BACKGROUND, PRIORITY
 from app.fleet.spec import FleetSpec, embedded_fleet
 from app.observability.logs import configure_logging
 from app.observability.metrics import Base
@@ -120,10 +121,12 @@ class ModelServer:
         return response
 
     @asynccontextmanager
-    async def _serving(self) -> AsyncIterator[None]:
-        """Admission (429 beyond capacity) and the fleet's performance accounting."""
+    async def _serving(self, route: RouteArg = None) -> AsyncIterator[None]:
+        """Admission (429 beyond capacity; batch work within its share, see the route's
+        priority) and the fleet's performance accounting."""
+        background = route is not None and route.get(PRIORITY) == BACKGROUND
         async with self.fleet.observe():
-            with self.service.admit():
+            with self.service.admit(background=background):
                 yield
 
     def _time_limit(self) -> AbstractAsyncContextManager[None]:
@@ -176,7 +179,11 @@ class ModelServer:
     ) -> dict[str, Any]:
         request = validate_request(req, ChatCompletionRequest)
         with span("replica.chat", parent=extract(route), kind=SpanKind.SERVER, model=request.model):
-            async with self._keyed(api_key, request) as used, self._serving(), self._time_limit():
+            async with (
+                self._keyed(api_key, request) as used,
+                self._serving(route),
+                self._time_limit(),
+            ):
                 with span("runner.chat"):
                     answer = await self.service.chat(request)
                 return used.charge(self._stamp(answer))
@@ -192,7 +199,7 @@ class ModelServer:
         # aclosing: a consumer that stops early frees its slots and stops decoding at once.
         async with (
             self._keyed(api_key, request),
-            self._serving(),
+            self._serving(route),
             aclosing(self.service.chat_stream(request)) as chunks,
         ):
             async for chunk in self._bounded(chunks):
@@ -219,7 +226,11 @@ class ModelServer:
     ) -> dict[str, Any]:
         request = validate_request(req, CompletionRequest)
         with span("replica.completions", parent=extract(route), kind=SpanKind.SERVER):
-            async with self._keyed(api_key, request) as used, self._serving(), self._time_limit():
+            async with (
+                self._keyed(api_key, request) as used,
+                self._serving(route),
+                self._time_limit(),
+            ):
                 with span("runner.completions"):
                     answer = await self.service.completions(request)
                 return used.charge(self._stamp(answer))
@@ -233,7 +244,7 @@ class ModelServer:
         request = validate_request(req, CompletionRequest)
         async with (
             self._keyed(api_key, request),
-            self._serving(),
+            self._serving(route),
             aclosing(self.service.completions_stream(request)) as chunks,
         ):
             async for chunk in self._bounded(chunks):
@@ -257,7 +268,11 @@ class ModelServer:
     ) -> dict[str, Any]:
         request = validate_request(req, EmbeddingRequest)
         with span("replica.embeddings", parent=extract(route), kind=SpanKind.SERVER):
-            async with self._keyed(api_key, request) as used, self._serving(), self._time_limit():
+            async with (
+                self._keyed(api_key, request) as used,
+                self._serving(route),
+                self._time_limit(),
+            ):
                 with span("runner.embeddings"):
                     answer = await self.service.embeddings(request)
                 return used.charge(answer)
@@ -270,7 +285,7 @@ class ModelServer:
     ) -> dict[str, Any]:
         request = validate_request(req, ImageGenerationRequest)
         with span("replica.images", parent=extract(route), kind=SpanKind.SERVER):
-            async with self._keyed(api_key, request), self._serving(), self._time_limit():
+            async with self._keyed(api_key, request), self._serving(route), self._time_limit():
                 with span("runner.images"):
                     return await self.service.images(request)
 

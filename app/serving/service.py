@@ -77,7 +77,7 @@ class ModelService:
         self._batcher = batcher or ServeBatcher(
             card.batching.max_batch_size, card.batching.wait_timeout_s
         )
-        self._admission = Admission(card.id, card.max_ongoing_requests)
+        self._admission = Admission(card.id, card.max_ongoing_requests, card.batch_share)
         self._decoder = (
             SequenceDecoder(runner, self._batcher, self._count_batch)
             if isinstance(runner, TextGenerationRunner)
@@ -135,10 +135,11 @@ class ModelService:
 
     # ---- admission and identity -------------------------------------------------------------
 
-    def admit(self, slots: int = 1) -> AbstractContextManager[None]:
+    def admit(self, slots: int = 1, *, background: bool = False) -> AbstractContextManager[None]:
         """Hold a request's first slot (429 when the replica's max_ongoing_requests slots are
-        taken); the operation inside claims one more per further sequence or image."""
-        return self._admission.admit(slots)
+        taken, or for background work its share of them); the operation inside claims one
+        more per further sequence or image."""
+        return self._admission.admit(slots, background=background)
 
     @property
     def inflight(self) -> int:

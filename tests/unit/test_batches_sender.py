@@ -30,7 +30,8 @@ class Method:
         self.handle = handle
         self.name = name
 
-    def remote(self, req: Any) -> Awaitable[Any]:
+    def remote(self, req: Any, priority: str | None = None) -> Awaitable[Any]:
+        assert priority == "background"  # batch lines are admitted within the batch share
         self.handle.calls.append((self.name, req))
         return self.handle.answer(req)
 

@@ -148,7 +148,7 @@ class Method:
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def remote(self, req: Any) -> Awaitable[dict[str, Any]]:
+    def remote(self, req: Any, priority: str | None = None) -> Awaitable[dict[str, Any]]:
         async def answer() -> dict[str, Any]:
             text = req.messages[0].content
             return {"object": "chat.completion", "echo": text}

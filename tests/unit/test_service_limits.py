@@ -266,3 +266,22 @@ def test_embedding_inputs_are_bounded_in_count_and_length() -> None:
     with pytest.raises(InvalidRequestError, match="input 1 has 51 characters") as long:
         check_embeddings(model, EmbeddingRequest(model="emb", input=["a", "b" * 51]))
     assert long.value.param == "input"
+
+
+def test_batch_work_is_admitted_within_its_share_of_the_slots() -> None:
+    from app.serving.admission import Admission
+
+    admission = Admission("m", capacity=8, background_share=0.25)
+    with admission.admit(background=True), admission.admit(background=True):
+        with (
+            pytest.raises(OverloadedError, match="the share batch work may use"),
+            admission.admit(background=True),
+        ):
+            pass
+        # Interactive requests still find the other six slots.
+        with admission.admit(6):
+            assert admission.inflight == 8
+    assert admission.inflight == 0
+    # A batch request cannot grow past the share with its later sequences either.
+    with admission.admit(background=True), pytest.raises(OverloadedError), admission.hold(3):
+        pass
