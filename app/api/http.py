@@ -151,10 +151,13 @@ class OpenAIRoutes:
         backend: Backend,
         guard: Guard | None = None,
         labels: RouteLabels | None = None,
+        on_overload: Callable[[], object] | None = None,
     ) -> None:
         self.backend = backend
         # Metrics of every inference request (app.api.observed); None: not recorded.
-        self.observer = RequestObserver(labels) if labels is not None else None
+        self.observer = (
+            RequestObserver(labels, on_overload=on_overload) if labels is not None else None
+        )
         # API keys (app.security): None when the fleet's auth is off. GET routes need the
         # inference scope unless listed in _scopes (None: open, like /healthz).
         self.guard = guard

@@ -5,7 +5,7 @@ for load (429 rate limit, 429/503 overload), labelled by model, region and base 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -44,9 +44,15 @@ class RouteLabels:
 class RequestObserver:
     """Records one route table's inference requests; `recorder` injected for tests."""
 
-    def __init__(self, labels: RouteLabels, recorder: Recorder | None = None) -> None:
+    def __init__(
+        self,
+        labels: RouteLabels,
+        recorder: Recorder | None = None,
+        on_overload: Callable[[], object] | None = None,
+    ) -> None:
         self.labels = labels
         self._recorder = recorder
+        self._on_overload = on_overload  # told of each refusal for load (system.overload)
 
     @property
     def recorder(self) -> Recorder:
@@ -71,6 +77,8 @@ class RequestObserver:
         if reason is not None:
             labels = self.labels
             self.recorder.reject(labels.model(model), labels.region, labels.base, reason)
+        if reason is Reason.OVERLOADED and self._on_overload is not None:
+            self._on_overload()
 
     def finished(self, response: Response, started: float) -> Response:
         """Record the answer: at once when unary (or an error), at its last write when a

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -64,3 +65,38 @@ class Outbox:
             logger.debug("events not published yet (%d queued): %s", len(self._queued), exc)
             return 0
         return len(batch)
+
+
+class Notice:
+    """One event published at most every `every_s` however often it is noticed (a replica
+    shedding load notices on every refused request; the bus hears of it once a minute), sent
+    on a thread of its own so the noticer never waits on the store."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        type: EventType | str,
+        data: dict[str, Any],
+        *,
+        every_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        send: Callable[[Callable[[], int]], None] | None = None,
+    ) -> None:
+        self._outbox, self._type, self._data = outbox, type, data
+        # How a flush is started: on a daemon thread (tests run it themselves).
+        self._send = send or (lambda flush: threading.Thread(target=flush, daemon=True).start())
+        self._every_s, self._clock = every_s, clock
+        self._last: float | None = None
+        self.count = 0  # noticed since the last event
+
+    def notice(self) -> bool:
+        """Count one occurrence; True when this one published the event."""
+        self.count += 1
+        now = self._clock()
+        if self._last is not None and now - self._last < self._every_s:
+            return False
+        self._last = now
+        self._outbox.add(self._type, self._data | {"count": self.count})
+        self.count = 0
+        self._send(self._outbox.flush)
+        return True

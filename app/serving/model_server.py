@@ -26,8 +26,11 @@ from app.api.schemas import (
 )
 from app.api.sse import Chunk, SSEStream
 from app.autoscaling.report import WorkRates, replica_stats
+from app.batches.worker import kv_connector
 from app.cache.responses import ResponseCache
 from app.catalog.cards import ModelCard
+from app.events.bus import EventType
+from app.events.outbox import Notice, Outbox
 from app.fleet.agent import ReplicaAgent
 from app.fleet.hints import BACKGROUND, PRIORITY
 from app.fleet.spec import FleetSpec, embedded_fleet
@@ -80,7 +83,13 @@ class ModelServer:
         )
         logger.info("loaded %s on %s (%s)", parsed.id, self.loaded.device, self.loaded.dtype)
         labels = RouteLabels.of(Base.MODEL, region, (parsed.id,))
-        self._routes = OpenAIRoutes(self, guard_for(spec.auth), labels)
+        # Shedding load tells the event bus, at most once a minute per replica.
+        overload = Notice(
+            Outbox(kv_connector(spec.batches), f"replica:{replica}"),
+            EventType.SYSTEM_OVERLOAD,
+            {"model": parsed.id, "region": region, "replica": replica},
+        )
+        self._routes = OpenAIRoutes(self, guard_for(spec.auth), labels, overload.notice)
         self._peer_secret = load_secret(spec.federation) if spec.own_region else None
         self._work = WorkRates(parsed.batching.max_batch_size)
 

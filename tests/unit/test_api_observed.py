@@ -129,3 +129,21 @@ async def test_the_service_reports_the_tokens_of_computed_answers_only() -> None
     stream = backend.service.chat_stream(ChatCompletionRequest.model_validate(chat(stream=True)))
     chunks = [chunk async for chunk in stream]
     assert len(used) == 2 and used[1][1] > 0 and chunks
+
+
+async def test_a_refusal_for_load_is_told_to_the_overload_notice(
+    recorder: Recorder, records: Records
+) -> None:
+    told: list[bool] = []
+    backend = EchoBackend(max_ongoing=1)
+    routes = OpenAIRoutes(backend)
+    labels = RouteLabels.of(Base.MODEL, "eu", ["echo"])
+    routes.observer = RequestObserver(labels, recorder, on_overload=lambda: told.append(True))
+    held = backend.chat_stream(ChatCompletionRequest.model_validate(chat(stream=True)))
+    await anext(held)
+    transport = httpx.ASGITransport(app=routes.asgi)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        assert (await c.post("/v1/chat/completions", json=chat())).status_code == 429
+        assert (await c.post("/v1/chat/completions", content=b"{")).status_code == 400
+    await held.aclose()
+    assert told == [True]  # the 429 only, not the bad request

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.events.bus import EventBus
-from app.events.outbox import Outbox
+from app.events.outbox import Notice, Outbox
 from tests.unit.kv_fakes import FakeClock, FakeKV
 
 
@@ -45,3 +45,21 @@ def test_a_full_outbox_keeps_the_newest_and_counts_the_dropped() -> None:
         outbox.add("node.joined", {"i": i})
     assert outbox.flush() == 0
     assert len(outbox) == 3 and outbox.dropped == 2
+
+
+def test_a_notice_publishes_at_most_once_a_period_with_its_count() -> None:
+    kv, clock = FakeKV(FakeClock()), FakeClock()
+    outbox = Outbox(lambda: kv, "replica")
+    notice = Notice(
+        outbox, "system.overload", {"model": "m"}, every_s=60, clock=clock, send=lambda f: None
+    )
+    assert notice.notice() is True  # the first occurrence is told at once
+    assert [notice.notice() for _ in range(5)] == [False] * 5
+    clock.advance(61)
+    assert notice.notice() is True
+    outbox.flush()
+    events = EventBus(kv).read(0)
+    assert [(e.type, e.data["count"]) for e in events] == [
+        ("system.overload", 1),
+        ("system.overload", 6),
+    ]
