@@ -427,8 +427,11 @@ def _model_path(model: str, method: str) -> str:
 
 def _log_attempt(model: str, target: str, exc: BaseException) -> None:
     where = "this region" if target == LOCAL else f"region {target}"
-    body = getattr(exc, "body", b"")[:300]
-    logger.warning("model %s: %s could not serve (%r%s); trying the next", model, where, exc, body)
+    body = getattr(exc, "body", None)  # a busy peer's answer (bytes); APIError.body is a method
+    detail = f": {body[:300]!r}" if isinstance(body, bytes) else ""
+    logger.warning(
+        "model %s: %s could not serve (%r%s); trying the next", model, where, exc, detail
+    )
 
 
 def _forwarded() -> bool:

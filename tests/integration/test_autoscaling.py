@@ -57,6 +57,9 @@ def card(model: str) -> ModelCard:
         task="text-generation",
         loader="echo",
         max_ongoing_requests=2,
+        # Unbounded queue: the load must wait for the new replica, not be shed (the default
+        # queue, as many as the slots, would refuse most of this test's 4x load with 429).
+        max_queued_requests=-1,
         resources={"num_cpus": 0.1},  # type: ignore[arg-type]
     )
 

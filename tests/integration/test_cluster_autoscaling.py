@@ -43,7 +43,8 @@ SPEC = {
     "models": {MODEL: {"min_replicas": 1, "max_replicas": 2}},
     "autoscaling": FAST,
 }
-CARD = {"resources": {"num_cpus": 2}, "max_ongoing_requests": 2}
+# Unbounded queue: the load waits for the nodes and replicas that join rather than being shed.
+CARD = {"resources": {"num_cpus": 2}, "max_ongoing_requests": 2, "max_queued_requests": -1}
 
 
 @pytest.fixture(scope="module")

@@ -174,7 +174,14 @@ def test_model_url_is_routed_by_the_fleet_router_through_haproxy(fleet: Fleet) -
     for node in drained:
         ray.get(fleet.router.drain_node.remote(node))
     try:
-        time.sleep(0.6)  # one snapshot pull
+        # The drain reaches each ingress router with its next snapshot pull (every ~0.5 s; on
+        # a busy machine later): wait until it shows, then every request must follow it.
+        wait_until(
+            lambda: region_of(httpx.post(url, json=body, timeout=30).json()) == "ap-southeast-1",
+            timeout=10,
+            what="the drain to reach the ingress routers",
+        )
+        time.sleep(0.6)  # one more pull, so every router has it
         served = Counter(
             region_of(httpx.post(url, json=body, timeout=30).json()) for _ in range(20)
         )

@@ -39,7 +39,12 @@ REGIONS = {
     },
 }
 # Two requests fill an echo replica, so a third shows whether a full region spills.
-CARDS = {"echo": {"max_ongoing_requests": 2}, "echo-west": {"max_ongoing_requests": 8}}
+# Unbounded queues: a saturated region's requests wait or spill to its peer; shedding them with
+# 429 (the default queue bound) is tested elsewhere (test_cancellation.py).
+CARDS = {
+    "echo": {"max_ongoing_requests": 2, "max_queued_requests": -1},
+    "echo-west": {"max_ongoing_requests": 8, "max_queued_requests": -1},
+}
 
 
 @pytest.fixture(scope="module")
