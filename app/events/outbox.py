@@ -24,9 +24,20 @@ class Outbox:
     from a thread) publishes everything queued in one batch and keeps it on failure."""
 
     def __init__(
-        self, connect: Connect, source: str, *, stream: str = "events", capacity: int = 1000
+        self,
+        connect: Connect,
+        source: str,
+        *,
+        stream: str = "events",
+        capacity: int = 1000,
+        retry_s: float = 10.0,
     ) -> None:
         self._connect = connect
+        # After a failed flush the store is not tried again for this long: a component that
+        # flushes every health round must not spend its rounds reconnecting to a store that
+        # is not running.
+        self._retry_s = retry_s
+        self._retry_at = 0.0
         self._source, self._stream = source, stream
         self._queued: deque[tuple[str, dict[str, Any]]] = deque(maxlen=capacity)
         self._bus: EventBus | None = None
@@ -45,6 +56,8 @@ class Outbox:
     def flush(self) -> int:
         """Publish what is queued; returns how many went (0 when the store is unreachable, and
         then they are queued again, ahead of anything added meanwhile)."""
+        if time.monotonic() < self._retry_at:
+            return 0
         with self._lock:
             batch = list(self._queued)
             self._queued.clear()
@@ -54,8 +67,9 @@ class Outbox:
             if self._bus is None:
                 self._bus = EventBus(self._connect(), self._stream)
             self._bus.publish_batch([(t, data, self._source) for t, data in batch])
-        except Exception as exc:  # the bus is optional to the publisher: retry next flush
+        except Exception as exc:  # the bus is optional to the publisher: retry later
             self._bus = None
+            self._retry_at = time.monotonic() + self._retry_s
             with self._lock:
                 newer = list(self._queued)
                 self._queued.clear()

@@ -25,7 +25,7 @@ class Flaky:
 def test_events_wait_while_the_store_is_away_and_go_in_order_later() -> None:
     kv = FakeKV(FakeClock())
     connect = Flaky(kv)
-    outbox = Outbox(connect, "fleet-router")
+    outbox = Outbox(connect, "fleet-router", retry_s=0)
     outbox.add("replica.unhealthy", {"replica": "a"})
     assert outbox.flush() == 0 and len(outbox) == 1
     outbox.add("replica.healthy", {"replica": "a"})
@@ -40,7 +40,7 @@ def test_events_wait_while_the_store_is_away_and_go_in_order_later() -> None:
 
 
 def test_a_full_outbox_keeps_the_newest_and_counts_the_dropped() -> None:
-    outbox = Outbox(Flaky(FakeKV(FakeClock())), "x", capacity=3)
+    outbox = Outbox(Flaky(FakeKV(FakeClock())), "x", capacity=3, retry_s=0)
     for i in range(5):
         outbox.add("node.joined", {"i": i})
     assert outbox.flush() == 0
@@ -63,3 +63,13 @@ def test_a_notice_publishes_at_most_once_a_period_with_its_count() -> None:
         ("system.overload", 1),
         ("system.overload", 6),
     ]
+
+
+def test_a_store_that_is_away_is_not_tried_again_at_once() -> None:
+    kv = FakeKV(FakeClock())
+    connect = Flaky(kv)
+    outbox = Outbox(connect, "x", retry_s=60)
+    outbox.add("node.left", {})
+    assert outbox.flush() == 0
+    connect.up = True
+    assert outbox.flush() == 0 and len(outbox) == 1  # within the retry period: not tried
