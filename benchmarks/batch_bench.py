@@ -34,21 +34,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
 import shutil
-import socket
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from app.runtime import cluster_env, driver_env, haproxy_env, kill_stray_haproxy
+from app.runtime import driver_env, kill_stray_haproxy
 
 # Serve reads this when it is imported: a card of more than one replica (--replicas 0) then
 # gets the fleet's HTTP ingress router, as under `app up`.
@@ -65,38 +62,18 @@ from app.catalog.recipes import build_catalogue
 from app.fleet.spec import FleetSpec, embedded_fleet
 from app.kv import KVConfig, shutdown_kv, start_kv
 from app.serving.builder import build_all
-from app.serving.deploy import deploy, start_serve
+from app.serving.deploy import deploy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common
+from benchmarks.common import fresh_prompt, pct, start_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
-WORDS = ("alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "paper", "light", "green")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
-@contextlib.contextmanager
-def environment(values: dict[str, str]) -> Iterator[None]:
-    saved = dict(os.environ)
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def chat(model: str, rng: random.Random, max_tokens: int | None = None) -> dict[str, Any]:
     """A chat body with a prompt no earlier request had, and the response cache bypassed."""
-    prompt = " ".join(rng.choice(WORDS) for _ in range(6)) + f" {rng.getrandbits(48):x}"
+    prompt = fresh_prompt(rng)
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": prompt}]}
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
@@ -104,18 +81,6 @@ def chat(model: str, rng: random.Random, max_tokens: int | None = None) -> dict[
 
 
 # ---- the cluster ------------------------------------------------------------------------------
-
-
-def start_cluster() -> tuple[str, str]:
-    """A fresh local Ray of our own with Serve on a free port; HAProxy gets its own files and
-    ports, so a cluster already running on this machine keeps its own. Returns the base URL
-    and HAProxy's state directory."""
-    haproxy_dir = tempfile.mkdtemp(prefix="hx", dir="/tmp")  # HAProxy socket paths: <= 97 chars
-    with environment(cluster_env() | haproxy_env(haproxy_dir, free_port(), free_port())):
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    start_serve("127.0.0.1", port)
-    return f"http://127.0.0.1:{port}", haproxy_dir
 
 
 def bench_fleet(files_dir: str, poll_s: float | None) -> FleetSpec:

@@ -23,18 +23,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import random
 import shutil
-import socket
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, cast
@@ -46,40 +41,16 @@ from ray import serve
 from app.catalog.cards import load_catalogue
 from app.fleet.spec import embedded_fleet
 from app.observability.recorder import METRICS_ENV
-from app.runtime import cluster_env, haproxy_env, kill_stray_haproxy
+from app.runtime import kill_stray_haproxy
 from app.serving.builder import model_application
-from app.serving.deploy import start_serve, wait_running
+from app.serving.deploy import wait_running
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common
+from benchmarks.common import environment, fresh_prompt, pct, start_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the variants set; anything the invoking shell set under these names is dropped first.
 SWITCHES = ("OTEL_", METRICS_ENV)
-WORDS = ("alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "paper", "light", "green")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
-@contextlib.contextmanager
-def environment(values: dict[str, str], drop: tuple[str, ...] = ()) -> Iterator[None]:
-    """os.environ with the variables named by `drop` (prefixes) removed and `values` set;
-    restored afterwards."""
-    saved = dict(os.environ)
-    for key in [k for k in os.environ if drop and k.startswith(drop)]:
-        del os.environ[key]
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 class TraceSink(ThreadingHTTPServer):
@@ -145,7 +116,7 @@ def deploy_copies(envs: dict[str, dict[str, str]]) -> list[str]:
 
 def chat(model_id: str, rng: random.Random) -> dict[str, Any]:
     """A chat body with a prompt no earlier request had, and the response cache bypassed."""
-    prompt = " ".join(rng.choice(WORDS) for _ in range(6)) + f" {rng.getrandbits(48):x}"
+    prompt = fresh_prompt(rng)
     return {
         "model": model_id,
         "messages": [{"role": "user", "content": prompt}],
@@ -206,19 +177,6 @@ def measure(base: str, names: list[str], args: argparse.Namespace) -> dict[str, 
     return runs
 
 
-def start_cluster() -> tuple[str, str]:
-    """A fresh local Ray of our own with Serve on a free port; HAProxy gets its own files and
-    ports, so a cluster already running on this machine keeps its own. Returns the base URL
-    and HAProxy's state directory."""
-    haproxy_dir = tempfile.mkdtemp(prefix="hx", dir="/tmp")  # HAProxy socket paths: <= 97 chars
-    env = cluster_env() | haproxy_env(haproxy_dir, free_port(), free_port())
-    with environment(env, drop=SWITCHES):  # the head and every process it starts inherit it
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    start_serve("127.0.0.1", port)
-    return f"http://127.0.0.1:{port}", haproxy_dir
-
-
 def machine() -> str:
     sys.path.insert(0, str(ROOT))
     from benchmarks.http_bench import machine_description
@@ -270,7 +228,7 @@ def main() -> None:
     args = parser.parse_args()
     sink = TraceSink()
     threading.Thread(target=sink.serve_forever, daemon=True).start()
-    base, haproxy_dir = start_cluster()
+    base, haproxy_dir = start_cluster(drop=SWITCHES)
     try:
         runs = measure(base, deploy_copies(variants(sink)), args)
     finally:

@@ -28,8 +28,10 @@ import asyncio
 import json
 import multiprocessing
 import random
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -46,14 +48,8 @@ from app.security.keys import KeyLimits, Scope
 from app.serving.builder import model_application
 from app.serving.deploy import start_serve, wait_running
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.common
+from benchmarks.common import free_port, fresh_prompt, pct
 
 BODIES: dict[str, dict[str, Any]] = {
     "echo": {"model": "echo", "messages": [{"role": "user", "content": "one two three"}]},
@@ -66,31 +62,12 @@ BODIES: dict[str, dict[str, Any]] = {
 
 
 MAX_IN_FLIGHT = 1000  # per generator process: beyond this it measures only itself
-WORDS = [
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "river",
-    "stone",
-    "cloud",
-    "paper",
-    "light",
-    "green",
-    "quiet",
-    "north",
-]
 
 
 def fresh(body: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     """The body with a prompt no earlier request had, and the cache bypassed."""
-    prompt = " ".join(rng.choice(WORDS) for _ in range(6)) + f" {rng.getrandbits(48):x}"
+    prompt = fresh_prompt(rng)
     return body | {"messages": [{"role": "user", "content": prompt}], "cache_bypass": True}
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 def deploy(
