@@ -19,7 +19,7 @@ from app.autoscaling.metrics import AutoscalingMetrics
 from app.autoscaling.policy import AutoscalingCore
 from app.autoscaling.report import ReplicaMetric
 from app.autoscaling.signals import Signals
-from app.autoscaling.store import AutoscaleStore, shared_store
+from app.autoscaling.store import AutoscaleStore, kv_connector, shared_store
 from app.events.bus import EventType
 from app.events.outbox import Outbox
 from app.observability.recorder import metrics
@@ -208,7 +208,7 @@ class FleetAutoscalingPolicy:
         self.rate = MinuteRate()
         self.metrics = AutoscalingMetrics(model, region)
         # Scaling decisions that act also go to the event bus (app.events), sent off this loop.
-        self.outbox = Outbox(_kv_connect(kv_name, kv_namespace), "autoscaler")
+        self.outbox = Outbox(kv_connector(kv_name, kv_namespace), "autoscaler")
         if self.config.slo_p95_ms is not None:  # the latency alert's threshold per model
             slo_s = self.config.slo_p95_ms / 1000
             metrics().sample_slo(model, region, lambda: slo_s)
@@ -401,12 +401,3 @@ def _latest(mine: float | None, theirs: float | None) -> float | None:
     if theirs is None:
         return mine
     return float(theirs) if mine is None else max(mine, float(theirs))
-
-
-def _kv_connect(name: str, namespace: str) -> Callable[[], Any]:
-    def connect() -> Any:
-        from app.kv import KVClient
-
-        return KVClient.connect(name, namespace)
-
-    return connect

@@ -18,6 +18,7 @@ from ray.exceptions import RayActorError
 from ray.serve import Deployment
 
 from app.api.errors import ServiceUnavailableError
+from app.autoscaling.store import kv_connector as store_connector
 from app.batches.batches import BatchStore
 from app.batches.capacity import ActiveBatches, BatchQuota
 from app.batches.concurrency import AIMDLimit
@@ -107,13 +108,7 @@ class LazyKV:
 
 def kv_connector(settings: BatchSettings) -> Callable[[], Any]:
     """Connects to the settings' KV cluster from inside the Ray cluster."""
-
-    def connect() -> Any:
-        from app.kv import KVClient
-
-        return KVClient.connect(settings.kv_name, settings.kv_namespace)
-
-    return connect
+    return store_connector(settings.kv_name, settings.kv_namespace)
 
 
 @dataclass(frozen=True)
