@@ -173,7 +173,7 @@ class ReactiveRules:
         if last and now > last[0][0]:
             growth = (signals.queued_requests - queued_before) / (now - last[0][0])
         panic_before = _since(now, state.last_panic_s) <= cfg.panic_window_s
-        state.demand.add(now, signals.total_requests)
+        state.demand.add(now, signals.demand)
         state.queued.add(now, signals.queued_requests)
         if state.observing_since_s is None:
             state.observing_since_s = now
@@ -190,7 +190,7 @@ class ReactiveRules:
             low=low,
             high=max(high, low),
             per_replica=signals.max_ongoing_requests * cfg.target_utilization,
-            demand_now=signals.total_requests,
+            demand_now=signals.demand,
             demand_stable=state.demand.average(now, stable) or 0.0,
             demand_panic=state.demand.average(now, panic) or 0.0,
             queued_stable=state.queued.average(now, stable) or 0.0,

@@ -29,6 +29,10 @@ class ReplicaMetric(StrEnum):
     TOKENS_PER_S = "tokens_per_s"
     IMAGES_PER_S = "images_per_s"
     BATCH_FILL = "batch_fill"
+    # From a continuous-engine replica (app.serving.engines.EngineStats.figures).
+    ENGINE_QUEUED = "engine_queued"
+    ENGINE_RUNNING = "engine_running"
+    KV_CACHE_UTILIZATION = "kv_cache_utilization"
 
 
 @dataclass(frozen=True)

@@ -64,9 +64,16 @@ def signals_from_context(
             return sum(v for v, _ in pairs) / len(pairs)
         return sum(v * w for v, w in pairs) / total
 
+    def values(name: ReplicaMetric) -> list[float]:
+        return [v for v in (metrics.get(name.value) or {}).values() if math.isfinite(v)]
+
     def summed(name: ReplicaMetric) -> float | None:
-        values = [v for v in (metrics.get(name.value) or {}).values() if math.isfinite(v)]
-        return sum(values) if values else None
+        found = values(name)
+        return sum(found) if found else None
+
+    def mean(name: ReplicaMetric) -> float | None:
+        found = values(name)
+        return sum(found) / len(found) if found else None
 
     signals = Signals(
         timestamp_s=now,
@@ -79,6 +86,8 @@ def signals_from_context(
         error_rate=weighted(ReplicaMetric.ERROR_RATE),
         tokens_per_s=summed(ReplicaMetric.TOKENS_PER_S),
         images_per_s=summed(ReplicaMetric.IMAGES_PER_S),
+        engine_queued=summed(ReplicaMetric.ENGINE_QUEUED),
+        kv_cache_utilization=mean(ReplicaMetric.KV_CACHE_UTILIZATION),
     )
     return signals, summed(ReplicaMetric.REQUESTS_PER_S)
 

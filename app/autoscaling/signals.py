@@ -27,6 +27,10 @@ class Signals:
     error_rate: float | None = None
     tokens_per_s: float | None = None
     images_per_s: float | None = None
+    # Continuous-engine replicas: sequences waiting inside them, and the mean share of their KV
+    # cache budget in use (app.serving.engines).
+    engine_queued: float | None = None
+    kv_cache_utilization: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_ongoing_requests < 1:
@@ -36,6 +40,14 @@ class Signals:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @property
+    def demand(self) -> float:
+        """Requests in flight, or more when the replicas' KV caches are fuller than their
+        request slots: a replica whose cache is full takes no more work, whatever its slots
+        say, so it counts as full (kv_cache_utilization x its slots)."""
+        by_memory = (self.kv_cache_utilization or 0.0) * self.running_replicas
+        return max(self.total_requests, by_memory * self.max_ongoing_requests)
 
 
 class MetricWindow:

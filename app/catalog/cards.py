@@ -21,6 +21,7 @@ from pydantic import (
 from app.api.schemas import MAX_EMBEDDING_INPUTS, MAX_STOP_LENGTH, MAX_STOP_SEQUENCES
 from app.autoscaling.config import merged
 from app.cache.config import ResponseCachePolicy
+from app.catalog.engine import EngineSettings
 from app.catalog.loaders import loader_task
 from app.catalog.tasks import Task  # re-exported: `from app.catalog.cards import Task` still works
 
@@ -232,6 +233,11 @@ class ModelCard(_Strict):
         "regions' settings override them field by field.",
     )
     generation: GenerationDefaults = GenerationDefaults()
+    engine: EngineSettings = Field(
+        EngineSettings(),
+        description="How text generation is scheduled: static or continuous batching, and the "
+        "continuous engine's KV cache budget (app.catalog.engine).",
+    )
     image: ImageDefaults = ImageDefaults()
     limits: Limits = Limits()
     timeouts: Timeouts = Timeouts()

@@ -41,6 +41,8 @@ class ReplicaView:
     success_rate: float = 1.0
     throughput: float = 0.0  # completed requests per second
     actor_id: str | None = None
+    # Share of a continuous-engine replica's KV cache budget in use (None: not reported).
+    kv_cache_utilization: float | None = None
 
     @property
     def load(self) -> int:
@@ -48,10 +50,13 @@ class ReplicaView:
 
     @property
     def utilization(self) -> float:
-        return self.load / max(1, self.capacity)
+        """How full the replica is: its slots, or its KV cache when that is fuller."""
+        return max(self.load / max(1, self.capacity), self.kv_cache_utilization or 0.0)
 
     @property
     def has_room(self) -> bool:
+        if self.kv_cache_utilization is not None and self.kv_cache_utilization >= 1.0:
+            return False
         return self.ongoing is None or self.ongoing < self.capacity
 
 

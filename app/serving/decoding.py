@@ -1,87 +1,40 @@
-"""Sequences through a text-generation runner: batched into it (or run inline when the runner has
-no compute to batch), one stream of deltas per sequence, and stopped when its reader goes away.
+"""Sequences through a text-generation engine (app.serving.engines): one stream of deltas per
+sequence, stopped when its reader goes away.
 
 A sequence's runner request carries a cancel event. It is set when the task awaiting the
 sequence is cancelled or its stream is closed, which is what Serve does when a client
-disconnects; the runner drops the sequence at its next decode step while its batch neighbours
+disconnects; the engine drops the sequence at its next decode step while its batch neighbours
 go on. A sequence that fails on its own (a RowError) fails only its own stream.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from functools import cached_property
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import AsyncGenerator
 
 from app.api.errors import APIError, InternalError, InvalidRequestError
-from app.serving.batching import END_OF_STREAM, Batcher
+from app.serving.engines import Engine, tokenizer_call
 from app.serving.runners.base import (
     GenerationCancelled,
     GenerationRequest,
     RowError,
-    StepEntry,
-    TextGenerationRunner,
     TokenDelta,
 )
 from app.serving.streams import closing
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-# A runner with no compute (echo) runs on the event loop; it gives the loop back this often.
-INLINE_STEPS_PER_YIELD = 16
-# Tokeniser and chat-template calls on longer inputs run in a worker thread, so one long prompt
-# does not stall the other requests on the replica's event loop.
-INLINE_TOKENIZE_CHARS = 4096
+__all__ = ["SequenceDecoder", "runner_failure", "tokenizer_call"]
 
 
 class SequenceDecoder:
-    """Decodes sequences for one replica; counts the tokens it generates."""
+    """Decodes sequences for one replica through its engine; counts the tokens it generates."""
 
-    def __init__(
-        self,
-        runner: TextGenerationRunner,
-        batcher: Batcher,
-        on_batch: Callable[[int], None] = lambda size: None,
-    ) -> None:
-        self.runner = runner
-        self._batcher = batcher
-        self._on_batch = on_batch
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
         self.generated_tokens = 0
-
-    # Made on first use: serve.batch needs a replica context (see app.serving.batching).
-    @cached_property
-    def _batched(self) -> Callable[[GenerationRequest], AsyncIterator[StepEntry]]:
-        return self._batcher.wrap_stream(self._decode_batch)
-
-    async def _decode_batch(self, batch: list[GenerationRequest]) -> AsyncIterator[list[Any]]:
-        self._on_batch(len(batch))
-        steps = await asyncio.to_thread(self.runner.generate, batch)  # it tokenises the prompts
-        finished = [False] * len(batch)
-        while True:
-            step = await asyncio.to_thread(next, steps, None)
-            if step is None:
-                return
-            out: list[Any] = []
-            for i, entry in enumerate(step):
-                out.append(END_OF_STREAM if finished[i] else entry)
-                # A cancelled sequence's reader has gone: end its stream rather than feed it.
-                finished[i] = finished[i] or _final(entry) or batch[i].cancel.is_set()
-            yield out
-
-    async def _inline(self, request: GenerationRequest) -> AsyncIterator[StepEntry]:
-        """Unbatched, on the event loop: with no model compute to amortise, batching would only
-        add queueing."""
-        for count, (entry,) in enumerate(self.runner.generate([request]), 1):
-            yield entry
-            if count % INLINE_STEPS_PER_YIELD == 0:
-                await asyncio.sleep(0)  # let other requests, and a cancellation, in
 
     async def deltas(self, request: GenerationRequest) -> AsyncGenerator[TokenDelta, None]:
         """One sequence's deltas. However this ends (finished, failed, cancelled, closed), the
         request's cancel event is set, so the runner stops decoding it at its next step."""
-        stream = self._batched(request) if self.runner.blocking else self._inline(request)
+        stream = self.engine.stream(request)
         try:
             async with closing(stream):
                 async for entry in stream:
@@ -109,13 +62,6 @@ class SequenceDecoder:
         return "".join(text), tokens, finish
 
 
-def _final(entry: StepEntry) -> bool:
-    """Whether a step entry is its sequence's last."""
-    return isinstance(entry, RowError) or (
-        isinstance(entry, TokenDelta) and entry.finish_reason is not None
-    )
-
-
 def runner_failure(exc: Exception, what: str) -> Exception:
     """What a client sees for a runner's failure: API errors (and a cancellation) as they are,
     a ValueError (a request the runner cannot serve) as a 400, anything else as a 500."""
@@ -124,10 +70,3 @@ def runner_failure(exc: Exception, what: str) -> Exception:
     if isinstance(exc, ValueError):
         return InvalidRequestError(str(exc))
     return InternalError(f"{what} failed: {type(exc).__name__}: {exc}")
-
-
-async def tokenizer_call(chars: int, func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-    """A tokeniser call on `chars` characters: inline when short, else in a worker thread."""
-    if chars <= INLINE_TOKENIZE_CHARS:
-        return func(*args, **kwargs)
-    return await asyncio.to_thread(func, *args, **kwargs)

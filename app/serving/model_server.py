@@ -25,7 +25,7 @@ from app.api.schemas import (
     ImageGenerationRequest,
 )
 from app.api.sse import Chunk, SSEStream
-from app.autoscaling.report import WorkRates, replica_stats
+from app.autoscaling.report import ReplicaMetric, WorkRates, replica_stats
 from app.batches.worker import kv_connector
 from app.cache.responses import ResponseCache
 from app.catalog.cards import ModelCard
@@ -101,7 +101,8 @@ class ModelServer:
 
     async def record_routing_stats(self) -> dict[str, Any]:
         self.fleet.ensure_heartbeats()
-        return self.fleet.routing_stats()
+        engine = self.service.engine_stats()
+        return self.fleet.routing_stats() | (engine.figures() if engine else {})
 
     async def check_health(self) -> None:
         self.fleet.ensure_heartbeats()
@@ -115,6 +116,9 @@ class ModelServer:
         # Load in admission slots (sequences and images), not requests: a request for 8
         # sequences loads the replica as 8 would.
         load = max(self.fleet.ongoing, self.service.inflight)
+        engine = self.service.engine_stats()
+        if engine is not None:
+            work |= {ReplicaMetric(name): value for name, value in engine.figures().items()}
         return replica_stats(self.fleet.perf.snapshot(), load, self.fleet.capacity, work)
 
     def __del__(self) -> None:
@@ -123,6 +127,9 @@ class ModelServer:
         fleet = getattr(self, "fleet", None)
         if fleet is not None:
             fleet.deregister()
+        service = getattr(self, "service", None)
+        if service is not None:
+            service.close()
 
     def _stamp(self, response: dict[str, Any]) -> dict[str, Any]:
         """OpenAI's system_fingerprint names the backend that answered: region/zone/replica."""

@@ -31,7 +31,8 @@ from app.autoscaling.report import WorkTotals
 from app.catalog.cards import ModelCard, Task
 from app.serving.admission import Admission
 from app.serving.batching import Batcher, ServeBatcher
-from app.serving.decoding import SequenceDecoder, runner_failure, tokenizer_call
+from app.serving.decoding import SequenceDecoder, runner_failure
+from app.serving.engines import EngineStats, make_engine, tokenizer_call
 from app.serving.limits import check_chat, check_completion, check_embeddings, image_request
 from app.serving.runners.base import (
     EmbeddingRunner,
@@ -79,7 +80,7 @@ class ModelService:
         )
         self._admission = Admission(card.id, card.max_ongoing_requests, card.batch_share)
         self._decoder = (
-            SequenceDecoder(runner, self._batcher, self._count_batch)
+            SequenceDecoder(make_engine(card, runner, self._batcher, self._count_batch))
             if isinstance(runner, TextGenerationRunner)
             else None
         )
@@ -118,6 +119,7 @@ class ModelService:
         return usage(prompt_tokens, completion_tokens)
 
     def stats(self) -> dict[str, Any]:
+        engine = self.engine_stats()
         return {
             "inflight": self.inflight,
             "batches": self.batches,
@@ -125,7 +127,18 @@ class ModelService:
             "largest_batch": self.largest_batch,
             "generated_tokens": self.generated_tokens,
             "generated_images": self.generated_images,
+            **({"engine": engine.as_dict()} if engine else {}),
         }
+
+    def engine_stats(self) -> EngineStats | None:
+        """The text-generation engine's queue, batch and KV cache figures (None for other
+        tasks)."""
+        return self._decoder.engine.stats() if self._decoder else None
+
+    def close(self) -> None:
+        """Stop the engine's background work (the replica is going away)."""
+        if self._decoder is not None:
+            self._decoder.engine.close()
 
     def work_totals(self) -> WorkTotals:
         """Running totals for the autoscaling report (app.autoscaling.report)."""

@@ -65,3 +65,11 @@ def test_signals_validate_counts_and_omit_absent_metrics() -> None:
         "max_ongoing_requests": 8,
         "p95_latency_ms": 120.0,
     }
+
+
+def test_demand_counts_full_kv_caches_as_full_replicas() -> None:
+    plain = Signals(0.0, 2, 3, 0, 8)
+    assert plain.demand == 3
+    memory_bound = Signals(0.0, 2, 3, 0, 8, kv_cache_utilization=0.75)
+    assert memory_bound.demand == pytest.approx(0.75 * 2 * 8)
+    assert Signals(0.0, 2, 15, 0, 8, kv_cache_utilization=0.1).demand == 15

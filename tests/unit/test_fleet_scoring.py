@@ -226,3 +226,13 @@ def test_composite_spreads_load_among_equal_replicas() -> None:
         p.rank(fleet, RouteHints(region="us-east-1")).chosen.replica_id for _ in range(400)
     )  # type: ignore[union-attr]
     assert len(picks) == 4 and min(picks.values()) > 50
+
+
+def test_a_full_kv_cache_counts_as_load() -> None:
+    idle_slots = view("a", "us", capacity=8, ongoing=1, kv_cache_utilization=0.9)
+    busy_slots = view("b", "us", capacity=8, ongoing=4)
+    assert idle_slots.utilization == pytest.approx(0.9)
+    assert busy_slots.utilization == pytest.approx(0.5)
+    assert idle_slots.has_room
+    full = view("c", "us", capacity=8, ongoing=1, kv_cache_utilization=1.0)
+    assert not full.has_room

@@ -25,7 +25,8 @@ from app.serving.runners.common import StopScanner
 from app.serving.runners.echo import EchoRunner
 from app.serving.runners.embedding import SentenceTransformersRunner
 from app.serving.runners.image import StableDiffusionRunner
-from app.serving.runners.text import TransformersCausalLMRunner, _Row
+from app.serving.runners.text import TransformersCausalLMRunner
+from app.serving.runners.text_batch import Row
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 CATALOGUE = load_catalogue(MODELS_DIR)
@@ -189,7 +190,7 @@ def test_incremental_decode_never_splits_characters(llama: TransformersCausalLMR
     text = "日本語 ok 🎉!"
     ids = llama.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > len(text)  # some characters span several byte tokens
-    row = _Row(_greedy("", len(ids)), [], None, llama._decode)
+    row = Row(_greedy("", len(ids)), [], None, llama._decode)
     deltas = [d for d in (row.advance(token, False) for token in ids) if d is not None]
     assert all(isinstance(d, TokenDelta) for d in deltas)
     pieces = [d.text for d in deltas if isinstance(d, TokenDelta)]

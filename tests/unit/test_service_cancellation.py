@@ -16,9 +16,10 @@ import pytest
 
 from app.api.schemas import ChatCompletionRequest, CompletionRequest, ImageGenerationRequest
 from app.catalog.cards import ModelCard, load_catalogue
+from app.catalog.engine import EngineKind, EngineSettings
 from app.catalog.recipes import build_card
 from app.serving.batching import LocalBatcher
-from app.serving.decoding import INLINE_STEPS_PER_YIELD
+from app.serving.engines.static import INLINE_STEPS_PER_YIELD
 from app.serving.runners.base import GenerationRequest, ImageRequest, RowError, StepEntry
 from app.serving.runners.echo import EchoRunner
 from app.serving.runners.image import StableDiffusionRunner
@@ -191,8 +192,11 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> CountingLlama:
 
 
 async def test_cancelled_llama_row_leaves_the_batch_within_one_step(llama: CountingLlama) -> None:
+    # The static engine: both requests in one batch from its first step (the continuous
+    # engine's cancellation is tested in test_engines).
+    static = llama.card.model_copy(update={"engine": EngineSettings(kind=EngineKind.STATIC)})
     llama.forwards = []
-    svc = service(llama.card, llama)
+    svc = service(static, llama)
     long = asyncio.create_task(svc.chat(chat("tiny-llama", "hi", max_tokens=300, temperature=0)))
     short_request = chat("tiny-llama", "hello", max_tokens=20, temperature=0)
     short = asyncio.create_task(svc.chat(short_request))

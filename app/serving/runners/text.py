@@ -1,14 +1,16 @@
 """The transformers causal-LM runner: batched incremental decoding with a KV cache.
 
-Rows leave the batch as they finish, fail or are cancelled: their KV cache rows are dropped, so
-the rest of the batch decodes at its own size and an abandoned request costs nothing further.
+`generate` decodes one batch in lock step (the static engine). The continuous engine
+(app.serving.engines) drives the same pieces, `prepare`, `start_batch` and the DecodeBatch it
+returns, one iteration at a time. Either way rows leave the batch as they finish, fail or are
+cancelled: their KV cache rows are dropped, so the rest decodes at its own size and an abandoned
+request costs nothing further.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from app.catalog.cards import ModelCard
@@ -18,14 +20,13 @@ from app.serving.runners.base import (
     RowError,
     StepEntry,
     TextGenerationRunner,
-    TokenDelta,
 )
 from app.serving.runners.common import (
-    StopScanner,
     count_parameters,
     torch_dtype,
     transformers_dtype_arg,
 )
+from app.serving.runners.text_batch import DecodeBatch, Row
 
 if TYPE_CHECKING:
     import torch
@@ -33,62 +34,6 @@ if TYPE_CHECKING:
 # Prompt tokens decoded in front of the completion so tokenizers that drop a word's leading space
 # at the start of a decode (SentencePiece) still produce it for the first generated word.
 _PROMPT_TAIL = 4
-_REPLACEMENT = "\ufffd"  # what a decode shows for an incomplete multi-byte character
-
-
-@dataclass
-class _Row:
-    """Decode state of one request in a batch."""
-
-    request: GenerationRequest
-    prompt_tail: list[int]
-    generator: torch.Generator | None
-    decode: Callable[[list[int]], str]
-    scanner: StopScanner = field(init=False)
-    prefix: str = field(init=False)  # the prompt tail's own text, cut off each decode
-    ids: list[int] = field(default_factory=list)
-    generated: int = 0
-    pending: int = 0  # tokens generated since this row's last delta
-    done: bool = False
-    error: Exception | None = None  # set when this row alone failed (e.g. while sampling)
-
-    def __post_init__(self) -> None:
-        self.scanner = StopScanner(self.request.stop)
-        self.prefix = self.decode(self.prompt_tail)
-
-    @property
-    def live(self) -> bool:
-        """Still decoding: not finished, failed or cancelled."""
-        return not self.done and not self.request.cancel.is_set()
-
-    def advance(self, token: int, is_eos: bool) -> StepEntry:
-        """Take one generated token; the delta (or this row's error) to send for it, if any."""
-        if self.done:
-            return None
-        if self.error is not None:
-            self.done = True
-            return RowError(self.error)
-        self.generated += 1
-        self.pending += 1
-        if not is_eos:
-            self.ids.append(token)
-        at_length = self.generated >= self.request.max_tokens
-        final = is_eos or at_length
-        text = self._text()
-        # Hold back a trailing incomplete character until its remaining bytes arrive.
-        piece = self.scanner.feed(text if final else text.rstrip(_REPLACEMENT), final=final)
-        reason = "stop" if self.scanner.stopped or is_eos else "length" if at_length else None
-        if reason is None and not piece:
-            return None
-        delta = TokenDelta(piece, self.pending, reason)
-        self.pending = 0
-        self.done = reason is not None
-        return delta
-
-    def _text(self) -> str:
-        """The completion so far, decoded whole so characters split across tokens come out right."""
-        text = self.decode(self.prompt_tail + self.ids)
-        return text[len(self.prefix) :] if text.startswith(self.prefix) else self.decode(self.ids)
 
 
 class TransformersCausalLMRunner(TextGenerationRunner, loader="transformers-causal-lm"):
@@ -184,15 +129,40 @@ class TransformersCausalLMRunner(TextGenerationRunner, loader="transformers-caus
             raise RuntimeError("load() must run before generate()")
         if not batch:
             return iter(())
-        return self._decode_batch([self._prepare(request) for request in batch])
+        return self._decode_batch([self.prepare(request) for request in batch])
 
-    def _prepare(self, request: GenerationRequest) -> tuple[_Row, list[int]] | RowError:
+    def prepare(self, request: GenerationRequest) -> tuple[Row, list[int]] | RowError:
+        """A request's decode row and prompt ids, or the RowError it alone fails with (a
+        ValueError naming the limit for a prompt that does not fit)."""
         try:
             ids = self._checked_prompt(request)
-            row = _Row(request, ids[-_PROMPT_TAIL:], self._generator(request.seed), self._decode)
+            row = Row(
+                request,
+                ids[-_PROMPT_TAIL:],
+                self._generator(request.seed),
+                self._decode,
+                prompt_tokens=len(ids),
+            )
         except Exception as exc:  # this request alone is bad: its prompt, its seed
             return RowError(exc)
         return row, ids
+
+    def start_batch(self, rows: list[Row], prompts: list[list[int]]) -> DecodeBatch:
+        """A batch of prepared rows; its first step is their prefill."""
+        if self.model is None:
+            raise RuntimeError("load() must run before start_batch()")
+        return DecodeBatch.start(
+            self._forward, frozenset(self.eos_ids), self.pad_id, rows, prompts, self.device
+        )
+
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes one position of one sequence takes: keys and values in every layer."""
+        config = self.model.config.get_text_config()
+        heads = getattr(config, "num_attention_heads", 1)
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        element = next(self.model.parameters()).element_size()
+        return 2 * config.num_hidden_layers * kv_heads * head_dim * element
 
     def _checked_prompt(self, request: GenerationRequest) -> list[int]:
         if request.max_tokens < 1:
@@ -211,78 +181,25 @@ class TransformersCausalLMRunner(TextGenerationRunner, loader="transformers-caus
         return ids
 
     def _decode_batch(
-        self, prepared: list[tuple[_Row, list[int]] | RowError]
+        self, prepared: list[tuple[Row, list[int]] | RowError]
     ) -> Iterator[list[StepEntry]]:
-        import torch
-
         step: list[StepEntry] = [p if isinstance(p, RowError) else None for p in prepared]
         slots = [i for i, p in enumerate(prepared) if not isinstance(p, RowError)]
         rows = [p[0] for p in prepared if not isinstance(p, RowError)]
         prompts = [p[1] for p in prepared if not isinstance(p, RowError)]
-        tensors = self._left_pad(prompts) if prompts else None
-        past: Any = None
+        batch = self.start_batch(rows, prompts) if rows else None
         while True:
-            keep = [k for k, row in enumerate(rows) if row.live]
-            if tensors is None or not keep:
+            keep = [k for k, row in enumerate(batch.rows) if row.live] if batch else []
+            if batch is None or not keep:
                 if any(entry is not None for entry in step):
                     yield step  # failures not delivered yet
                 return
-            if len(keep) < len(rows):
-                cut = self._cut_rows(keep, tensors, past)
-                if cut is None:  # they stay, decoding pad tokens
-                    for row in rows:
-                        row.done = not row.live
-                else:
-                    tensors, past = cut
-                    slots = [slots[k] for k in keep]
-                    rows = [rows[k] for k in keep]
-            input_ids, attention_mask, position_ids = tensors
-            # Inference mode per step, not around the yield: it is thread-local state and must
-            # not leak into the caller between steps.
-            with torch.inference_mode():
-                logits, past = self._forward(input_ids, attention_mask, position_ids, past)
-                tokens = self._next_tokens(logits, rows)
-            for slot, row, token in zip(slots, rows, tokens, strict=True):
-                step[slot] = row.advance(token, token in self.eos_ids)
+            if batch.keep(keep):
+                slots = [slots[k] for k in keep]
+            for slot, entry in zip(slots, batch.step(), strict=True):
+                step[slot] = entry
             yield step
             step = [None] * len(prepared)
-            tensors = self._next_inputs(rows, tokens, attention_mask, position_ids)
-
-    def _next_inputs(
-        self,
-        rows: list[_Row],
-        tokens: list[int],
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
-        """The next step's inputs: each row's new token, one more mask column, next positions."""
-        import torch
-
-        # Rows that stayed in the batch (see _cut_rows) decode a pad token once done.
-        fed = [self.pad_id if row.done else t for row, t in zip(rows, tokens, strict=True)]
-        return (
-            torch.tensor(fed, device=self.device).unsqueeze(1),
-            torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], 1),
-            position_ids[:, -1:] + 1,
-        )
-
-    def _cut_rows(
-        self, keep: list[int], tensors: tuple[torch.Tensor, ...], past: Any
-    ) -> tuple[tuple[torch.Tensor, ...], Any] | None:
-        """Only the `keep` rows of the batch and its KV cache; None for a cache we cannot cut."""
-        import torch
-
-        index = torch.tensor(keep, device=self.device)
-        if past is None:
-            cache: Any = None
-        elif hasattr(past, "batch_select_indices"):  # transformers' Cache classes
-            past.batch_select_indices(index)
-            cache = past
-        elif isinstance(past, tuple):  # the legacy per-layer (key, value) tuples
-            cache = tuple(tuple(tensor[index] for tensor in layer) for layer in past)
-        else:
-            return None
-        return tuple(tensor[index] for tensor in tensors), cache
 
     def _generator(self, seed: int | None) -> torch.Generator | None:
         import torch
@@ -290,24 +207,6 @@ class TransformersCausalLMRunner(TextGenerationRunner, loader="transformers-caus
         if seed is None:
             return None  # the global RNG
         return torch.Generator(device=self.device).manual_seed(seed)
-
-    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, ...]:
-        """Right-align prompts so every row's next token lands in the last column."""
-        import torch
-
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            attention_mask[i, width - len(prompt) :] = 1
-        # Positions count real tokens only, so a padded row sees the positions it would alone.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return (
-            input_ids.to(self.device),
-            attention_mask.to(self.device),
-            position_ids.to(self.device),
-        )
 
     def _forward(
         self,
@@ -327,35 +226,3 @@ class TransformersCausalLMRunner(TextGenerationRunner, loader="transformers-caus
             **extra,
         )
         return out.logits[:, -1, :].float(), getattr(out, self._cache_name)
-
-    def _next_tokens(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
-        """Greedy for temperature 0, else temperature plus top-p sampling with the row's RNG."""
-        import torch
-
-        chosen = logits.argmax(dim=-1)
-        sampled = [i for i, row in enumerate(rows) if not row.done and row.request.temperature > 0]
-        if sampled:
-            pick = torch.tensor(sampled, device=logits.device)
-            temperature = logits.new_tensor([rows[i].request.temperature for i in sampled])
-            top_p = logits.new_tensor([rows[i].request.top_p for i in sampled])
-            probs = _nucleus(torch.softmax(logits[pick] / temperature[:, None], dim=-1), top_p)
-            for j, i in enumerate(sampled):
-                try:
-                    chosen[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
-                except RuntimeError as exc:  # e.g. non-finite probabilities in this row alone
-                    rows[i].error = exc
-        tokens: list[int] = chosen.tolist()
-        return tokens
-
-
-def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Zero all but the smallest set of most likely tokens whose mass reaches top_p (per row)."""
-    import torch
-
-    ordered, order = probs.sort(dim=-1, descending=True)
-    # Probability mass ranked above each token: a token is kept while that is below top_p.
-    before = ordered.cumsum(dim=-1) - ordered
-    drop = before >= top_p[:, None]
-    drop[:, 0] = False  # the most likely token survives even top_p=0
-    ordered = ordered.masked_fill(drop, 0.0)
-    return torch.zeros_like(ordered).scatter(-1, order, ordered)

@@ -1,0 +1,151 @@
+"""Which sequences the continuous engine decodes next, against its KV cache budget. Pure logic:
+no torch, no threads (the engine holds a lock around every call).
+
+A running batch keeps its rows right-aligned, so its cache is as wide as its longest live
+context, and each row may grow to its reservation (prompt plus max_tokens). The batch can
+therefore come to hold `rows * max(reservation)` positions, padding included, and that bound,
+not the sum of the reservations, is what must fit the budget: admitting by it means the cache
+never outgrows the memory it was sized from, whatever the rows generate.
+
+Admission is first come, first served: a sequence that does not fit yet blocks the ones behind
+it rather than being overtaken for ever by smaller ones. Sequences that could run at once are
+always accepted; beyond them at most `max_waiting` wait, and the next is refused (a 429 with
+Retry-After) rather than queued behind work that will take longer than a client should wait.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterable
+from typing import Generic, Protocol, TypeVar
+
+
+class Schedulable(Protocol):
+    @property
+    def reservation(self) -> int:
+        """KV cache positions the sequence may come to hold."""
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def max_tokens(self) -> int: ...
+
+    @property
+    def cancelled(self) -> bool: ...
+
+
+S = TypeVar("S", bound=Schedulable)
+
+RETRY_AFTER_MAX_S = 30
+
+
+class ExceedsCapacity(ValueError):
+    """The sequence alone needs more KV cache than the replica has: it can never run here."""
+
+
+class QueueFull(RuntimeError):
+    """Running and waiting places are taken; retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Scheduler(Generic[S]):
+    def __init__(
+        self,
+        capacity_tokens: int,
+        max_running: int,
+        max_waiting: int,
+        max_prefill_tokens: int,
+    ) -> None:
+        self.capacity_tokens = capacity_tokens
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self.max_prefill_tokens = max_prefill_tokens
+        self.waiting: deque[S] = deque()
+        self.running: list[S] = []
+
+    def footprint(self, sequences: Iterable[S]) -> int:
+        """KV positions a batch of these sequences may come to hold, padding included."""
+        reservations = [s.reservation for s in sequences]
+        return len(reservations) * max(reservations, default=0)
+
+    def fits(self, sequences: list[S]) -> bool:
+        return len(sequences) <= self.max_running and (
+            self.footprint(sequences) <= self.capacity_tokens
+        )
+
+    @property
+    def utilization(self) -> float:
+        """Share of the KV budget the running batch may come to fill."""
+        return self.footprint(self.running) / self.capacity_tokens
+
+    def offer(self, sequence: S, tokens_per_s: float = 0.0) -> None:
+        """Queue a sequence, or refuse it: ExceedsCapacity if it can never fit, QueueFull if it
+        cannot run now and max_waiting sequences already wait."""
+        if sequence.reservation > self.capacity_tokens:
+            raise ExceedsCapacity(
+                f"the prompt ({sequence.prompt_tokens} tokens) plus max_tokens "
+                f"({sequence.max_tokens}) needs {sequence.reservation} KV cache positions, "
+                f"more than this replica's whole cache holds ({self.capacity_tokens}); "
+                "shorten the prompt or lower max_tokens"
+            )
+        # Everyone already queued goes first, so "could run now" means after all of them.
+        if not self.fits([*self.running, *self.waiting, sequence]):
+            blocked = len(self.waiting) - self._runnable_waiting()
+            if blocked >= self.max_waiting:
+                raise QueueFull(
+                    f"the KV cache and running batch are full ({len(self.running)} sequences "
+                    f"running, {len(self.waiting)} waiting); retry shortly",
+                    self.retry_after_s(tokens_per_s),
+                )
+        self.waiting.append(sequence)
+
+    def _runnable_waiting(self) -> int:
+        """Waiting sequences that would be admitted if admit ran now."""
+        count, batch = 0, list(self.running)
+        for sequence in self.waiting:
+            if sequence.cancelled:
+                count += 1
+                continue
+            batch.append(sequence)
+            if not self.fits(batch):
+                break
+            count += 1
+        return count
+
+    def admit(self) -> list[S]:
+        """Move waiting sequences into the running batch, in arrival order, while they fit and
+        the prefill budget lasts (one is always taken when it fits); they are the caller's to
+        prefill. Cancelled waiting sequences are dropped on the way."""
+        taken: list[S] = []
+        prefill = 0
+        while self.waiting:
+            head = self.waiting[0]
+            if head.cancelled:
+                self.waiting.popleft()
+                continue
+            if not self.fits([*self.running, *taken, head]):
+                break
+            if taken and prefill + head.prompt_tokens > self.max_prefill_tokens:
+                break
+            taken.append(self.waiting.popleft())
+            prefill += head.prompt_tokens
+        self.running.extend(taken)
+        return taken
+
+    def release(self, sequences: Iterable[S]) -> None:
+        """Sequences that left the running batch (finished, failed or cancelled)."""
+        gone = {id(s) for s in sequences}
+        if gone:
+            self.running = [s for s in self.running if id(s) not in gone]
+
+    def retry_after_s(self, tokens_per_s: float) -> int:
+        """Seconds until the queued work has likely drained: its tokens at the recent rate."""
+        if tokens_per_s <= 0:
+            return 1
+        queued = sum(s.max_tokens for s in self.waiting)
+        return max(1, min(RETRY_AFTER_MAX_S, math.ceil(queued / tokens_per_s)))

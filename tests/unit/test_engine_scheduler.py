@@ -1,0 +1,135 @@
+"""The continuous engine's scheduler (pure): admission against the padded KV bound, arrival
+order, the prefill budget, bounded waiting, refusals and Retry-After, and the capacity sizing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from app.catalog.engine import EngineSettings
+from app.serving.engines import kv_capacity_tokens
+from app.serving.engines.scheduler import ExceedsCapacity, QueueFull, Scheduler
+
+
+@dataclass(eq=False)
+class Seq:
+    prompt_tokens: int
+    max_tokens: int
+    cancelled: bool = False
+
+    @property
+    def reservation(self) -> int:
+        return self.prompt_tokens + self.max_tokens
+
+
+def scheduler(
+    capacity: int = 100, running: int = 4, waiting: int = 2, prefill: int = 1000
+) -> Scheduler[Seq]:
+    return Scheduler(capacity, max_running=running, max_waiting=waiting, max_prefill_tokens=prefill)
+
+
+def test_admission_counts_padding_not_the_sum() -> None:
+    s = scheduler(capacity=100)
+    long, short = Seq(10, 40), Seq(1, 4)  # 50 and 5 positions: 55 in all, but 2 x 50 padded
+    s.offer(long)
+    s.offer(short)
+    assert s.admit() == [long, short]
+    assert s.utilization == 1.0
+    third = Seq(1, 4)
+    s.offer(third)  # waits: three rows would pad to 150
+    assert s.admit() == []
+    s.release([long])
+    assert s.admit() == [third]
+    assert s.utilization == pytest.approx(2 * 5 / 100)
+
+
+def test_arrival_order_is_kept_and_the_prefill_budget_splits_bursts() -> None:
+    s = scheduler(capacity=10_000, running=8, prefill=100)
+    a, b, c = Seq(60, 10), Seq(60, 10), Seq(5, 10)
+    for seq in (a, b, c):
+        s.offer(seq)
+    assert s.admit() == [a]  # b would take the prefill past 100; c may not overtake it
+    assert s.admit() == [b, c]
+    huge = Seq(500, 10)
+    s.offer(huge)
+    assert s.admit() == [huge]  # one prompt is always taken, however long
+
+
+def test_max_running_bounds_the_batch() -> None:
+    s = scheduler(capacity=10_000, running=2, waiting=5)
+    seqs = [Seq(1, 1) for _ in range(3)]
+    for seq in seqs:
+        s.offer(seq)
+    assert s.admit() == seqs[:2]
+    s.release(seqs[:1])
+    assert s.admit() == seqs[2:]
+
+
+def test_waiting_is_bounded_and_refusals_say_when_to_retry() -> None:
+    s = scheduler(capacity=100, running=1, waiting=1)
+    s.offer(Seq(10, 80))
+    s.admit()
+    s.offer(Seq(10, 80))  # waits (the one place)
+    with pytest.raises(QueueFull) as full:
+        s.offer(Seq(10, 80), tokens_per_s=20.0)
+    assert full.value.retry_after_s == 4  # 80 queued tokens at 20 tokens/s
+    assert scheduler().retry_after_s(0.0) == 1
+
+
+def test_sequences_that_can_run_now_are_never_refused() -> None:
+    s = scheduler(capacity=100, running=4, waiting=0)
+    first, second = Seq(5, 5), Seq(5, 5)
+    s.offer(first)
+    s.offer(second)  # both fit together, so neither counts against max_waiting
+    with pytest.raises(QueueFull):
+        s.offer(Seq(60, 30))
+    assert s.admit() == [first, second]
+
+
+def test_cancelled_waiting_sequences_are_dropped() -> None:
+    s = scheduler(capacity=100, running=1, waiting=1)
+    s.offer(Seq(10, 80))
+    s.admit()
+    gone = Seq(10, 80)
+    s.offer(gone)
+    gone.cancelled = True
+    s.offer(Seq(10, 80))  # the cancelled one holds no place
+    s.release(list(s.running))
+    admitted = s.admit()
+    assert len(admitted) == 1 and admitted[0] is not gone
+
+
+def test_a_sequence_larger_than_the_cache_is_refused_for_good() -> None:
+    with pytest.raises(ExceedsCapacity, match="101 KV cache positions"):
+        scheduler(capacity=100).offer(Seq(1, 100))
+
+
+def test_capacity_from_memory_and_overrides() -> None:
+    settings = EngineSettings()
+    gib = 1 << 30
+    sized = kv_capacity_tokens(
+        settings,
+        bytes_per_token=1 << 20,
+        free_bytes=10 * gib,
+        on_gpu=True,
+        max_running=1000,
+        max_context=4096,
+    )
+    assert sized == int(10 * gib * 0.85) // (1 << 20)
+    capped = kv_capacity_tokens(
+        settings,
+        bytes_per_token=1,
+        free_bytes=10 * gib,
+        on_gpu=False,
+        max_running=8,
+        max_context=512,
+    )
+    assert capped == 8 * 512  # no more than the batch can ever fill
+    fixed = EngineSettings(kv_cache_tokens=123)
+    assert (
+        kv_capacity_tokens(
+            fixed, bytes_per_token=1, free_bytes=1, on_gpu=False, max_running=1, max_context=1
+        )
+        == 123
+    )
