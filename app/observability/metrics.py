@@ -105,7 +105,7 @@ class Queue(StrEnum):
     """Where requests wait."""
 
     INGRESS = "ingress"  # in a model's ingress router, for a replica with a free slot
-    BATCH = "batch"  # in a replica, for the next batch
+    BATCH = "batch"  # in a replica, for the next batch or a place in the running one
 
 
 class ForwardOutcome(StrEnum):
@@ -182,6 +182,13 @@ BATCH_FILL = MetricDef(
     "app_batch_fill",
     G,
     "Size of a replica's last batch over its max_batch_size (0 to 1).",
+    ("model", "region", "replica"),
+)
+KV_CACHE_UTILIZATION = MetricDef(
+    "app_kv_cache_utilization",
+    G,
+    "Share of a continuous-engine replica's KV cache budget its running batch may fill "
+    "(0 to 1; padding included).",
     ("model", "region", "replica"),
 )
 QUEUE_DEPTH = MetricDef(
@@ -308,6 +315,7 @@ CATALOGUE: tuple[MetricDef, ...] = (
     COMPLETION_TOKENS,
     REJECTIONS,
     BATCH_FILL,
+    KV_CACHE_UTILIZATION,
     QUEUE_DEPTH,
     SLO_P95,
     ROUTING_DECISIONS,

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from app.observability.metrics import (
     BATCH_FILL,
@@ -21,6 +21,7 @@ from app.observability.metrics import (
     FEDERATION_PEER_AVAILABLE,
     HTTP_REQUEST_DURATION,
     HTTP_REQUESTS,
+    KV_CACHE_UTILIZATION,
     KV_OPERATION_DURATION,
     KV_OPERATIONS,
     KV_REPLICATION_LAG,
@@ -122,6 +123,16 @@ class Sampler:
             self.sample_once()
 
 
+class EngineFigures(Protocol):
+    """What sample_engine reads (app.serving.engines.EngineStats has these)."""
+
+    @property
+    def queued(self) -> int: ...
+
+    @property
+    def kv_cache_utilization(self) -> float | None: ...
+
+
 class Recorder:
     """Creates each metric on first use and records it. `enabled` and `factory` are injected
     so tests can record without Ray."""
@@ -215,6 +226,22 @@ class Recorder:
     ) -> Callable[[], None]:
         tags = {"model": model, "region": region, "queue": str(queue), "replica": replica}
         return self.sample(QUEUE_DEPTH, tags, read)
+
+    def sample_engine(
+        self, model: str, region: str, replica: str, stats: Callable[[], EngineFigures]
+    ) -> Callable[[], None]:
+        """A text-generation engine's queue and KV cache use, sampled; returns the stop."""
+        tags = {"model": model, "region": region, "replica": replica}
+        stops = [
+            self.sample_queue_depth(model, region, Queue.BATCH, replica, lambda: stats().queued),
+            self.sample(KV_CACHE_UTILIZATION, tags, lambda: stats().kv_cache_utilization or 0.0),
+        ]
+
+        def stop_all() -> None:
+            for stop in stops:
+                stop()
+
+        return stop_all
 
     def sample_slo(
         self, model: str, region: str, p95_seconds: Callable[[], float]

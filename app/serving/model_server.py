@@ -82,6 +82,9 @@ class ModelServer:
             on_batch=lambda n: recorder.set_batch_fill(parsed.id, region, replica, n / batch),
         )
         logger.info("loaded %s on %s (%s)", parsed.id, self.loaded.device, self.loaded.dtype)
+        engine = self.service.engine
+        if engine is not None:
+            recorder.sample_engine(parsed.id, region, replica, engine.stats)
         labels = RouteLabels.of(Base.MODEL, region, (parsed.id,))
         # Shedding load tells the event bus, at most once a minute per replica.
         overload = Notice(

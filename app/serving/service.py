@@ -32,7 +32,7 @@ from app.catalog.cards import ModelCard, Task
 from app.serving.admission import Admission
 from app.serving.batching import Batcher, ServeBatcher
 from app.serving.decoding import SequenceDecoder, runner_failure
-from app.serving.engines import EngineStats, make_engine, tokenizer_call
+from app.serving.engines import Engine, EngineStats, make_engine, tokenizer_call
 from app.serving.limits import check_chat, check_completion, check_embeddings, image_request
 from app.serving.runners.base import (
     EmbeddingRunner,
@@ -130,10 +130,14 @@ class ModelService:
             **({"engine": engine.as_dict()} if engine else {}),
         }
 
+    @property
+    def engine(self) -> Engine | None:
+        """The text-generation engine (None for other tasks)."""
+        return self._decoder.engine if self._decoder else None
+
     def engine_stats(self) -> EngineStats | None:
-        """The text-generation engine's queue, batch and KV cache figures (None for other
-        tasks)."""
-        return self._decoder.engine.stats() if self._decoder else None
+        """The engine's queue, batch and KV cache figures (None for other tasks)."""
+        return self.engine.stats() if self.engine else None
 
     def close(self) -> None:
         """Stop the engine's background work (the replica is going away)."""

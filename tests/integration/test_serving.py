@@ -100,8 +100,11 @@ def test_batching_forms_batches_under_concurrency(serving: str) -> None:
     responses = [handle.completions.remote(r) for r in requests]
     assert all(r.result()["choices"][0]["text"] is not None for r in responses)
     stats = handle.stats.remote().result()
+    # tiny-llama's card runs the continuous engine on a CPU: requests decode together (the
+    # running batch grew past one) and each iteration counts as a batch.
+    assert stats["engine"]["engine"] == "continuous"
     assert stats["largest_batch"] > 1
-    assert stats["batches"] - before < len(requests)
+    assert stats["batches"] > before
 
 
 def test_embeddings_string_and_list(serving: str) -> None:

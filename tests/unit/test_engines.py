@@ -5,6 +5,7 @@ max_tokens, refusals when the budget is full, streaming order, and the card's en
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,7 +50,9 @@ class CountingLlama(TransformersCausalLMRunner):
 def llama(tmp_path_factory: pytest.TempPathFactory) -> CountingLlama:
     card = CATALOGUE.get("tiny-llama")
     assert card is not None
-    runner = CountingLlama(card, str(build_card(card, tmp_path_factory.mktemp("llama"))))
+    source = str(build_card(card, tmp_path_factory.mktemp("llama")))
+    # benchmarks/gpu_check.py runs these tests on a GPU with APP_TEST_DEVICE=cuda.
+    runner = CountingLlama(card, source, os.environ.get("APP_TEST_DEVICE", "cpu"))
     runner.load()
     runner.forwards = []
     return runner

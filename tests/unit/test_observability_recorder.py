@@ -23,6 +23,7 @@ from app.observability import metrics as catalogue
 from app.observability.metrics import CATALOGUE, Base, ForwardOutcome, KVOutcome, Queue, Reason
 from app.observability.recorder import METRICS_ENV, Recorder, Sampler, create
 from app.runtime import replica_env
+from app.serving.engines import EngineStats
 
 
 @dataclass
@@ -91,6 +92,7 @@ def test_every_helper_records_every_tag_key(natives: dict[str, Native]) -> None:
     rec.count_forward("tiny", "east", "west", ForwardOutcome.BUSY)
     stops = [
         rec.sample_queue_depth("echo", "east", Queue.BATCH, "r1", lambda: 3),
+        rec.sample_engine("tiny", "east", "r2", lambda: EngineStats("continuous", 2, 4, 0.5, 100)),
         rec.sample_slo("echo", "east", lambda: 0.5),
         rec.sample_replication_lag("kv", 0, "g0-r1", lambda: 12.5),
         rec.sample_peer_available("east", "west", lambda: False),
@@ -111,10 +113,14 @@ def test_every_helper_records_every_tag_key(natives: dict[str, Native]) -> None:
         (12.5, {"store": "kv", "group": "0", "member": "g0-r1"})
     ]
     assert natives["app_federation_peer_available"].records[0][0] == 0.0
+    assert natives["app_kv_cache_utilization"].records == [
+        (0.5, {"model": "tiny", "region": "east", "replica": "r2"})
+    ]
+    assert sorted(value for value, _ in natives["app_queue_depth"].records) == [2.0, 3.0]
     for stop in stops:
         stop()
     rec.sampler.sample_once()
-    assert len(natives["app_queue_depth"].records) == 1
+    assert len(natives["app_queue_depth"].records) == 2
 
 
 def test_a_failing_sample_is_dropped_and_the_others_go_on(natives: dict[str, Native]) -> None:

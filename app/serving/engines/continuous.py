@@ -210,7 +210,7 @@ class ContinuousEngine(Engine):
     def _iterate(self, taken: list[_Sequence]) -> None:
         if taken:
             fresh = self.runner.start_batch([s.row for s in taken], [s.prompt for s in taken])
-            self._deliver(taken, fresh.step())
+            self._step(fresh, taken)
             if self._batch is None:
                 self._batch, self._sequences = fresh, list(taken)
             else:
@@ -219,10 +219,18 @@ class ContinuousEngine(Engine):
             self._reap()
         if self._batch is not None:
             self._notify_batch(len(self._sequences))
-            self._deliver(self._sequences, self._batch.step())
+            self._step(self._batch, self._sequences)
             self._reap()
 
-    def _deliver(self, sequences: list[_Sequence], entries: list[StepEntry]) -> None:
+    def _step(self, batch: DecodeBatch, sequences: list[_Sequence]) -> None:
+        """One forward pass; the budget of sequences it ended is returned before their readers
+        see their last entry, so a client that sends its next request on seeing it finds the
+        room its last one left."""
+        entries = batch.step()
+        ended = [s for s, row in zip(sequences, batch.rows, strict=True) if not row.live]
+        if ended:
+            with self._cond:
+                self._scheduler.release(ended)
         tokens = 0
         for sequence, entry in zip(sequences, entries, strict=True):
             if entry is not None:

@@ -38,7 +38,14 @@ class UnmergeableCache(TypeError):
 
 @dataclass
 class Row:
-    """Decode state of one request."""
+    """Decode state of one request.
+
+    Text is detokenised incrementally, as vLLM and TGI do: each step decodes only a short
+    window (the tokens since the last committed text, plus the few before them for context),
+    so a step costs the same at token 5 and token 5,000. The window starts in the prompt's
+    tail, so tokenizers that drop a word's leading space at the start of a decode
+    (SentencePiece) still produce it for the first generated word.
+    """
 
     request: GenerationRequest
     prompt_tail: list[int]
@@ -46,16 +53,21 @@ class Row:
     decode: Callable[[list[int]], str]
     prompt_tokens: int = 0
     scanner: StopScanner = field(init=False)
-    prefix: str = field(init=False)  # the prompt tail's own text, cut off each decode
-    ids: list[int] = field(default_factory=list)
     generated: int = 0
     pending: int = 0  # tokens generated since this row's last delta
     done: bool = False
     error: Exception | None = None  # set when this row alone failed (e.g. while sampling)
+    text: str = ""  # the completion's committed text
+    _tokens: list[int] = field(init=False)  # the prompt tail, then every generated token
+    _prefix_offset: int = 0  # where the decode window starts (context before the new tokens)
+    _read_offset: int = field(init=False)  # tokens before this are in `text`
+    _prefix_text: str = field(init=False)  # decode(_tokens[_prefix_offset:_read_offset])
 
     def __post_init__(self) -> None:
         self.scanner = StopScanner(self.request.stop)
-        self.prefix = self.decode(self.prompt_tail)
+        self._tokens = list(self.prompt_tail)
+        self._read_offset = len(self._tokens)
+        self._prefix_text = self.decode(self._tokens)
 
     @property
     def live(self) -> bool:
@@ -77,12 +89,11 @@ class Row:
         self.generated += 1
         self.pending += 1
         if not is_eos:
-            self.ids.append(token)
+            self._tokens.append(token)
         at_length = self.generated >= self.request.max_tokens
         final = is_eos or at_length
-        text = self._text()
-        # Hold back a trailing incomplete character until its remaining bytes arrive.
-        piece = self.scanner.feed(text if final else text.rstrip(_REPLACEMENT), final=final)
+        text = self._detokenize(final)
+        piece = self.scanner.feed(text, final=final)
         reason = "stop" if self.scanner.stopped or is_eos else "length" if at_length else None
         if reason is None and not piece:
             return None
@@ -91,10 +102,16 @@ class Row:
         self.done = reason is not None
         return delta
 
-    def _text(self) -> str:
-        """The completion so far, decoded whole so characters split across tokens come out right."""
-        text = self.decode(self.prompt_tail + self.ids)
-        return text[len(self.prefix) :] if text.startswith(self.prefix) else self.decode(self.ids)
+    def _detokenize(self, final: bool) -> str:
+        """The completion so far. A trailing incomplete character (a multi-byte character split
+        across tokens decodes as U+FFFD) is held back until its remaining bytes arrive, unless
+        the completion ends here."""
+        window = self.decode(self._tokens[self._prefix_offset :])
+        if len(window) > len(self._prefix_text) and (final or not window.endswith(_REPLACEMENT)):
+            self.text += window[len(self._prefix_text) :]
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
+            self._prefix_text = self.decode(self._tokens[self._prefix_offset : self._read_offset])
+        return self.text
 
 
 @dataclass
