@@ -31,9 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.catalog.cards import ModelCard, load_card, load_catalogue
+from app.catalog.engine import EngineKind
 from app.catalog.recipes import build_card
 from app.serving.batching import LocalBatcher
 from app.serving.decoding import SequenceDecoder
@@ -181,11 +184,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: what a Serve replica of the card gets, as Ray sets "
+        "OMP_NUM_THREADS from its num_cpus: the floor, at least 1)",
+    )
+    parser.add_argument(
         "--weights", type=Path, default=None, help="build a card's weights here (kept between runs)"
     )
     args = parser.parse_args()
 
     card = _card(args.card)
+    threads = args.threads or max(1, math.floor(card.resources.num_cpus))
+    torch.set_num_threads(threads)
     catalogue = Path(args.card).parent if args.card.endswith((".yaml", ".yml")) else MODELS
     batch = args.batch or card.engine.max_running or card.batching.max_batch_size
     # Room for the longest prompt plus the longest output.
@@ -208,7 +220,7 @@ def main() -> None:
         results: list[dict[str, Any]] = []
         print(
             f"# {card.id} on {args.device} ({platform.processor() or platform.machine()}), "
-            f"batch {batch}, {what}, {args.duration:.0f} s per step"
+            f"batch {batch}, {threads} torch threads, {what}, {args.duration:.0f} s per step"
         )
         print(
             f"{'load':>10} {'engine':>10} {'req':>5} {'err':>4} {'tok/s':>8} {'ttft p50':>9} "
@@ -218,7 +230,7 @@ def main() -> None:
             row: dict[str, Any] = {label: load}
             for kind in args.engines:
                 engine_card = card.model_copy(
-                    update={"engine": card.engine.model_copy(update={"kind": kind})}
+                    update={"engine": card.engine.model_copy(update={"kind": EngineKind(kind)})}
                 )
                 batcher = LocalBatcher(batch, card.batching.wait_timeout_s)
                 decoder = SequenceDecoder(make_engine(engine_card, runner, batcher))
@@ -249,7 +261,13 @@ def main() -> None:
                 )
             results.append(row)
         if args.json:
-            summary = {"card": card.id, "device": args.device, "batch": batch, "results": results}
+            summary = {
+                "card": card.id,
+                "device": args.device,
+                "batch": batch,
+                "threads": threads,
+                "results": results,
+            }
             args.json.write_text(json.dumps(summary, indent=2))
 
 

@@ -76,6 +76,15 @@ class EngineSettings(BaseModel):
         "amount (one prompt is always taken, however long).",
     )
 
+    max_prefill_delay_steps: int = Field(
+        4,
+        ge=0,
+        le=64,
+        description="Decode steps arrivals may wait while a batch runs, so that several are "
+        "prefilled in one forward pass instead of one pass each; they are prefilled sooner "
+        "once they number at least running / this. 0: prefill at every step.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _kind_alone(cls, value: Any) -> Any:

@@ -25,7 +25,7 @@ def _card(model_id: str, engine: dict[str, Any]) -> ModelCard:
     base = load_catalogue(ROOT / "models").get("tiny-llama")
     assert base is not None
     one = {"id": model_id, "replicas": {"min": 1, "max": 1}, "engine": engine}
-    # The tight card: room for one long sequence (2 x 60 positions do not fit 100), no waiting.
+    # The tight card: room for one long sequence (2 x 85 positions do not fit 100), no waiting.
     return ModelCard.model_validate(base.model_dump(mode="json") | one)
 
 
@@ -104,9 +104,14 @@ def test_replicas_report_their_engine(base: str) -> None:
 
 def test_a_full_kv_budget_is_a_429_with_retry_after(base: str) -> None:
     url = f"{base}/models/{TIGHT}/v1/completions"
-    body = {"model": TIGHT, "prompt": "Once upon a time", "max_tokens": 60, "temperature": 0}
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(lambda _: httpx.post(url, json=body, timeout=120), range(6)))
+    body = {"model": TIGHT, "max_tokens": 80, "temperature": 0}
+
+    def post(i: int) -> httpx.Response:
+        # Distinct prompts: identical greedy requests would be answered by the response cache.
+        return httpx.post(url, json=body | {"prompt": f"Once upon a time {i}"}, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(post, range(8)))
     codes = sorted(a.status_code for a in answers)
     assert 200 in codes and 429 in codes and set(codes) <= {200, 429}, codes
     refused = next(a for a in answers if a.status_code == 429)
@@ -114,6 +119,6 @@ def test_a_full_kv_budget_is_a_429_with_retry_after(base: str) -> None:
     error = refused.json()["error"]
     assert error["type"] == "rate_limit_error" and "KV cache" in error["message"]
     # Too large for the whole cache: a 400 naming max_tokens, not a wait or a 500.
-    too_big = httpx.post(url, json=body | {"max_tokens": 200}, timeout=60)
+    too_big = httpx.post(url, json=body | {"prompt": "Hello", "max_tokens": 200}, timeout=60)
     assert too_big.status_code == 400
     assert too_big.json()["error"]["param"] == "max_tokens"

@@ -133,3 +133,27 @@ def test_capacity_from_memory_and_overrides() -> None:
         )
         == 123
     )
+
+
+def test_arrivals_are_gathered_while_a_batch_runs() -> None:
+    s = Scheduler(
+        10_000, max_running=64, max_waiting=64, max_prefill_tokens=4096, max_prefill_delay_steps=4
+    )
+    assert not s.prefill_due(0)  # nothing waits
+    first = Seq(5, 5)
+    s.offer(first)
+    assert s.prefill_due(0)  # nothing runs: at once
+    s.admit()
+    for _ in range(7):
+        s.offer(Seq(5, 5))
+        s.admit()
+    s.offer(Seq(5, 5))
+    assert not s.prefill_due(0)  # one waits beside eight running: gather more
+    assert s.prefill_due(4)  # ... for at most four steps
+    s.offer(Seq(5, 5))
+    assert s.prefill_due(1)  # two waiting serve a quarter of the batch: worth a pass
+    eager = Scheduler(10_000, max_running=64, max_waiting=64, max_prefill_tokens=4096)
+    eager.offer(Seq(5, 5))
+    eager.admit()
+    eager.offer(Seq(5, 5))
+    assert eager.prefill_due(0)

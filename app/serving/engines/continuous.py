@@ -86,6 +86,11 @@ class _Sequence:
             self.loop.call_soon_threadsafe(func, *args)
 
 
+def _post(letters: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for outbox, entry in letters:
+        outbox.put_nowait(entry)
+
+
 class _Rate:
     """Generated tokens per second, exponentially weighted over the last few seconds."""
 
@@ -122,7 +127,9 @@ class ContinuousEngine(Engine):
                 card.max_ongoing_requests if settings.max_waiting is None else settings.max_waiting
             ),
             max_prefill_tokens=settings.max_prefill_tokens,
+            max_prefill_delay_steps=settings.max_prefill_delay_steps,
         )
+        self._since_prefill = 0  # decode steps since the last prefill (decode thread only)
         self._on_batch = on_batch
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -200,7 +207,9 @@ class ContinuousEngine(Engine):
                 if self._closed:
                     self._fail(RuntimeError("the engine stopped"), [])
                     return
-                taken = self._scheduler.admit()
+                due = self._scheduler.prefill_due(self._since_prefill)
+                taken = self._scheduler.admit() if due else []
+            self._since_prefill = 0 if taken else self._since_prefill + 1
             try:
                 self._iterate(taken)
             except Exception as exc:  # a failed forward pass fails the sequences it carried
@@ -232,11 +241,18 @@ class ContinuousEngine(Engine):
             with self._cond:
                 self._scheduler.release(ended)
         tokens = 0
+        mail: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
         for sequence, entry in zip(sequences, entries, strict=True):
             if entry is not None:
-                sequence.send(entry)
+                mail.setdefault(sequence.loop, []).append((sequence.outbox, entry))
                 if isinstance(entry, TokenDelta):
                     tokens += entry.tokens
+        # One wake-up per event loop per step, not one per sequence: each is a write to the
+        # loop's self-pipe and a turn of the loop, which at hundreds of sequences would cost
+        # more than the step.
+        for loop, letters in mail.items():
+            with suppress(RuntimeError):  # the loop has closed: nobody is reading
+                loop.call_soon_threadsafe(_post, letters)
         self._rate.add(tokens)
 
     def _reap(self) -> None:

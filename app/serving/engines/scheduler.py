@@ -7,6 +7,9 @@ therefore come to hold `rows * max(reservation)` positions, padding included, an
 not the sum of the reservations, is what must fit the budget: admitting by it means the cache
 never outgrows the memory it was sized from, whatever the rows generate.
 
+Arrivals are prefilled together when a batch is running (`prefill_due`): each prefill costs a
+forward pass of its own, which on a small batch costs about what a decode step does.
+
 Admission is first come, first served: a sequence that does not fit yet blocks the ones behind
 it rather than being overtaken for ever by smaller ones. Sequences that could run at once are
 always accepted; beyond them at most `max_waiting` wait, and the next is refused (a 429 with
@@ -60,11 +63,13 @@ class Scheduler(Generic[S]):
         max_running: int,
         max_waiting: int,
         max_prefill_tokens: int,
+        max_prefill_delay_steps: int = 0,
     ) -> None:
         self.capacity_tokens = capacity_tokens
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_delay_steps = max_prefill_delay_steps
         self.waiting: deque[S] = deque()
         self.running: list[S] = []
 
@@ -116,6 +121,18 @@ class Scheduler(Generic[S]):
                 break
             count += 1
         return count
+
+    def prefill_due(self, steps_since_prefill: int) -> bool:
+        """Whether to prefill waiting sequences now. Each prefill is a forward pass of its own
+        between decode steps, so while a batch runs, arrivals are gathered for up to
+        max_prefill_delay_steps steps, or until there are enough of them (running / delay) that
+        one pass serves many: a bounded wait for a new request, fewer passes for everyone."""
+        if not self.waiting:
+            return False
+        delay = self.max_prefill_delay_steps
+        if not self.running or delay == 0 or steps_since_prefill >= delay:
+            return True
+        return len(self.waiting) * delay >= len(self.running)
 
     def admit(self) -> list[S]:
         """Move waiting sequences into the running batch, in arrival order, while they fit and
