@@ -84,7 +84,7 @@ def main() -> None:
         bench += ["--card", "models/gpu/llama-1b-random.yaml", "--weights", "/tmp/llama-1b-random"]
         bench += ["--duration", str(args.duration)]
         streams = ["--streams", "1", "64", "512", "--new-tokens", "128"]
-        rates = ["--rates", "8", "32", "--max-new", "512"]
+        rates = ["--rates", "16", "64", "--max-new", "512"]
     for step, load in (("streams", streams), ("poisson", rates)):
         command = [*bench, *load, "--json", str(args.out / f"{step}.json")]
         codes[step] = run(step, command, args.out, env, 420)
