@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from app.api.errors import InvalidRequestError, OverloadedError
+from app.api.errors import InternalError, InvalidRequestError, OverloadedError
 from app.catalog.cards import ModelCard, load_catalogue
 from app.catalog.engine import EngineKind, EngineSettings
 from app.catalog.recipes import build_card
@@ -37,12 +37,16 @@ PROMPTS = [
 
 
 class CountingLlama(TransformersCausalLMRunner):
-    """The transformers runner, recording the rows of every forward pass."""
+    """The transformers runner, recording the rows of every forward pass; with fail_prefill
+    set, a prefill (a pass of more than one token per row) raises."""
 
     forwards: list[int]
+    fail_prefill = False
 
     def _forward(self, input_ids: Any, *args: Any) -> Any:
         self.forwards.append(int(input_ids.shape[0]))
+        if self.fail_prefill and input_ids.shape[1] > 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
         return super()._forward(input_ids, *args)
 
 
@@ -211,6 +215,24 @@ async def test_a_request_larger_than_the_whole_cache_is_a_400(llama: CountingLla
     with pytest.raises(InvalidRequestError, match="KV cache") as refused:
         await dec.collect(greedy(PROMPTS[0], 60))
     assert refused.value.status == 400
+    dec.engine.close()
+
+
+async def test_a_failed_prefill_fails_its_requests_and_the_batch_goes_on(
+    llama: CountingLlama,
+) -> None:
+    dec = decoder(llama, kind="continuous")
+    expected = await dec.collect(greedy(PROMPTS[0], 200))
+    running = asyncio.create_task(dec.collect(greedy(PROMPTS[0], 200)))
+    await until(lambda: dec.engine.stats().running == 1)
+    llama.fail_prefill = True
+    try:
+        with pytest.raises(InternalError, match="out of memory"):
+            await dec.collect(greedy(PROMPTS[1], 8))
+    finally:
+        llama.fail_prefill = False
+    assert await running == expected
+    assert dec.engine.stats().running == 0
     dec.engine.close()
 
 

@@ -218,8 +218,14 @@ class ContinuousEngine(Engine):
 
     def _iterate(self, taken: list[_Sequence]) -> None:
         if taken:
-            fresh = self.runner.start_batch([s.row for s in taken], [s.prompt for s in taken])
-            self._step(fresh, taken)
+            try:
+                fresh = self.runner.start_batch([s.row for s in taken], [s.prompt for s in taken])
+                self._step(fresh, taken)
+            except Exception as exc:  # the prefill failed: its sequences fail, the batch goes on
+                logger.exception("%s: prefill of %d sequences failed", self.model_id, len(taken))
+                self._fail(exc, taken, batch_too=False)
+                taken = []
+        if taken:
             if self._batch is None:
                 self._batch, self._sequences = fresh, list(taken)
             else:
@@ -275,12 +281,15 @@ class ContinuousEngine(Engine):
         with self._cond:
             self._scheduler.release(gone)
 
-    def _fail(self, error: Exception, taken: list[_Sequence]) -> None:
-        """Every sequence in the batch, or just admitted to it, fails with `error`."""
-        failed = self._sequences + [s for s in taken if s not in self._sequences]
+    def _fail(self, error: Exception, taken: list[_Sequence], batch_too: bool = True) -> None:
+        """The sequences just admitted, and (batch_too) every one in the running batch, fail
+        with `error`."""
+        running = self._sequences if batch_too else []
+        failed = running + [s for s in taken if s not in running]
         for sequence in failed:
             sequence.send(RowError(error))
-        self._batch, self._sequences = None, []
+        if batch_too:
+            self._batch, self._sequences = None, []
         with self._cond:
             self._scheduler.release(failed)
             if self._closed:
