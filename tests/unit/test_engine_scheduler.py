@@ -157,3 +157,20 @@ def test_arrivals_are_gathered_while_a_batch_runs() -> None:
     eager.admit()
     eager.offer(Seq(5, 5))
     assert eager.prefill_due(0)
+
+
+def test_cancelled_sequences_behind_a_blocked_head_hold_no_place() -> None:
+    s = scheduler(capacity=100, running=1, waiting=1)
+    s.offer(Seq(10, 80))
+    s.admit()
+    head = Seq(10, 80)
+    s.offer(head)  # waits: the one place
+    gone = [Seq(10, 80), Seq(10, 80)]
+    s.waiting.extend(gone)  # as if offered when there was more room
+    for seq in gone:
+        seq.cancelled = True
+    with pytest.raises(QueueFull):
+        s.offer(Seq(10, 80))  # the live head holds the place ...
+    head.cancelled = True
+    s.offer(Seq(10, 80))  # ... and once it too is gone, there is room
+    assert len(s.waiting) == 1

@@ -277,3 +277,13 @@ async def test_service_reports_engine_stats(llama: CountingLlama) -> None:
     assert stats["running"] == 0 and stats["queued"] == 0
     assert stats["kv_cache_tokens"] >= 1
     svc.close()
+
+
+def test_static_drops_rows_cancelled_before_the_prefill(llama: CountingLlama) -> None:
+    batch = [greedy(PROMPTS[0], 3), greedy(PROMPTS[1], 6), greedy(PROMPTS[2], 6)]
+    batch[1].cancel.set()  # its caller left while serve.batch was gathering
+    llama.forwards = []
+    steps = list(llama.generate(batch))
+    # Prefill and two decode steps for two rows, then the third row alone.
+    assert llama.forwards == [2, 2, 2, 1, 1, 1]
+    assert all(step[1] is None for step in steps)

@@ -194,27 +194,37 @@ class ContinuousEngine(Engine):
         with self._cond:
             self._closed = True
             self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout=5)  # the current step ends; the thread then fails the rest
 
     # ---- the decode thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closed and self._batch is None and not self._scheduler.waiting:
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                    due = self._scheduler.prefill_due(self._since_prefill)
+                    taken = self._scheduler.admit() if due else []
+                self._since_prefill = 0 if taken else self._since_prefill + 1
+                try:
+                    self._iterate(taken)
+                except Exception as exc:  # a failed forward pass fails the sequences it carried
+                    logger.exception("%s: decode iteration failed", self.model_id)
+                    self._fail(exc, taken)
+        except BaseException as exc:  # the thread itself is dying: nobody may wait on it
+            logger.exception("%s: decode thread failed", self.model_id)
+            self._fail(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)), [])
+            self._fail_waiting(RuntimeError(f"the decode thread failed: {exc!r}"))
             with self._cond:
-                while not self._closed and self._batch is None and not self._scheduler.waiting:
-                    self._cond.wait()
-                if self._closed:
-                    self._fail(RuntimeError("the engine stopped"), [])
-                    return
-                due = self._scheduler.prefill_due(self._since_prefill)
-                taken = self._scheduler.admit() if due else []
-            self._since_prefill = 0 if taken else self._since_prefill + 1
-            try:
-                self._iterate(taken)
-            except Exception as exc:  # a failed forward pass fails the sequences it carried
-                logger.exception("%s: decode iteration failed", self.model_id)
-                self._fail(exc, taken)
+                self._thread = None  # the next request starts a new one
+            raise
+        self._fail(RuntimeError("the engine stopped"), [])
+        self._fail_waiting(RuntimeError("the engine stopped"))
 
     def _iterate(self, taken: list[_Sequence]) -> None:
         if taken:
@@ -292,10 +302,13 @@ class ContinuousEngine(Engine):
             self._batch, self._sequences = None, []
         with self._cond:
             self._scheduler.release(failed)
-            if self._closed:
-                for sequence in self._scheduler.waiting:
-                    sequence.send(RowError(error))
-                self._scheduler.waiting.clear()
+
+    def _fail_waiting(self, error: Exception) -> None:
+        with self._cond:
+            waiting = list(self._scheduler.waiting)
+            self._scheduler.waiting.clear()
+        for sequence in waiting:
+            sequence.send(RowError(error))
 
     def _notify_batch(self, size: int) -> None:
         if self._sequences:

@@ -91,6 +91,7 @@ class Scheduler(Generic[S]):
     def offer(self, sequence: S, tokens_per_s: float = 0.0) -> None:
         """Queue a sequence, or refuse it: ExceedsCapacity if it can never fit, QueueFull if it
         cannot run now and max_waiting sequences already wait."""
+        self._drop_cancelled()
         if sequence.reservation > self.capacity_tokens:
             raise ExceedsCapacity(
                 f"the prompt ({sequence.prompt_tokens} tokens) plus max_tokens "
@@ -109,13 +110,15 @@ class Scheduler(Generic[S]):
                 )
         self.waiting.append(sequence)
 
+    def _drop_cancelled(self) -> None:
+        """Forget waiting sequences whose callers went away: they hold no place."""
+        if any(s.cancelled for s in self.waiting):
+            self.waiting = deque(s for s in self.waiting if not s.cancelled)
+
     def _runnable_waiting(self) -> int:
         """Waiting sequences that would be admitted if admit ran now."""
         count, batch = 0, list(self.running)
         for sequence in self.waiting:
-            if sequence.cancelled:
-                count += 1
-                continue
             batch.append(sequence)
             if not self.fits(batch):
                 break
@@ -127,6 +130,7 @@ class Scheduler(Generic[S]):
         between decode steps, so while a batch runs, arrivals are gathered for up to
         max_prefill_delay_steps steps, or until there are enough of them (running / delay) that
         one pass serves many: a bounded wait for a new request, fewer passes for everyone."""
+        self._drop_cancelled()
         if not self.waiting:
             return False
         delay = self.max_prefill_delay_steps
@@ -138,13 +142,11 @@ class Scheduler(Generic[S]):
         """Move waiting sequences into the running batch, in arrival order, while they fit and
         the prefill budget lasts (one is always taken when it fits); they are the caller's to
         prefill. Cancelled waiting sequences are dropped on the way."""
+        self._drop_cancelled()
         taken: list[S] = []
         prefill = 0
         while self.waiting:
             head = self.waiting[0]
-            if head.cancelled:
-                self.waiting.popleft()
-                continue
             if not self.fits([*self.running, *taken, head]):
                 break
             if taken and prefill + head.prompt_tokens > self.max_prefill_tokens:

@@ -203,13 +203,14 @@ class DecodeBatch:
         if self._stuck:
             return False
         index = torch.tensor(indices, device=self.input_ids.device, dtype=torch.long)
-        try:
-            self.past = _select_rows(self.past, index)
-        except UnmergeableCache:
-            self._stuck = True
-            for row in self.rows:
-                row.done = not row.live
-            return False
+        if self.past is not None:  # before the prefill there is no cache to cut
+            try:
+                self.past = _select_rows(self.past, index)
+            except UnmergeableCache:
+                self._stuck = True
+                for row in self.rows:
+                    row.done = not row.live
+                return False
         self.rows = [self.rows[i] for i in indices]
         self.input_ids = self.input_ids[index]
         self.attention_mask = self.attention_mask[index]
@@ -218,13 +219,19 @@ class DecodeBatch:
         return True
 
     def trim(self) -> None:
-        """Drop leading cache columns that no row attends to any more."""
-        if self.past is None or not self.rows:
+        """Drop leading columns that no row attends to any more: cache columns once the
+        batch has stepped, padding of the prompts before its prefill."""
+        if not self.rows:
             return
         used = self.attention_mask.any(dim=0)
         first = int(used.to(dtype=self.attention_mask.dtype).argmax())
-        cached = self.width - self.input_ids.shape[1]
-        unused = min(first, cached)
+        if self.past is None:
+            if first > 0:
+                self.input_ids = self.input_ids[:, first:]
+                self.attention_mask = self.attention_mask[:, first:]
+                self.position_ids = self.position_ids[:, first:]
+            return
+        unused = min(first, self.width - self.input_ids.shape[1])
         if unused > 0:
             self.past = _slice_columns(self.past, unused)
             self.attention_mask = self.attention_mask[:, unused:]
