@@ -104,10 +104,10 @@ def test_nodes_join_for_replicas_under_load_and_leave_when_idle(region: Regions)
         for thread in threads:
             thread.join(timeout=120)
         region.app("fleet", "--address", "127.0.0.1:28000", "fault", replica, "0", timeout=60)
-    # Seen once in about twenty runs: while the new node joined, Serve's HAProxy answered one
-    # request from its default backend ("Path '...' not found"), as if its route table briefly
-    # lacked the app. That is Serve's proxy, not this app (whose own 404s carry an OpenAI body);
-    # at most one such answer is tolerated, anything else fails.
+    # Seen once in about twenty runs: one 404 while the new node joined (its body was not
+    # recorded then). The likely source is Serve's HAProxy default backend ("Path '...' not
+    # found"), answering while its route table briefly lacked the app; this app's own 404s carry
+    # an OpenAI body. One such answer is tolerated; any other refusal fails and is shown.
     route_misses = [r for r in refusals if r[0] == 404 and r[1].startswith("Path '")]
     assert statuses and len(route_misses) <= 1, refusals
     assert all(r in route_misses for r in refusals), refusals
