@@ -179,11 +179,13 @@ class ModelServer:
         return [self.service.model_info()]
 
     async def health(self) -> dict[str, Any]:
+        engine = self.service.engine_stats()
         return {
             "status": "ok",
             "model": self.service.card.id,
             "device": self.loaded.device,
             "inflight": self.service.inflight,
+            **({"engine": engine.as_dict()} if engine else {}),
         }
 
     async def stats(self) -> dict[str, Any]:

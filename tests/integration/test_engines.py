@@ -95,7 +95,11 @@ def test_both_engines_give_the_same_greedy_text(base: str) -> None:
 
 
 def test_replicas_report_their_engine(base: str) -> None:
+    from ray import serve
+
     assert _stats("model-tiny-llama")["engine"]["engine"] == "continuous"
+    health = serve.get_app_handle("model-tiny-llama").health.remote().result()
+    assert health["engine"]["engine"] == "continuous" and health["engine"]["running"] >= 0
     static = _stats(f"model-{STATIC}")["engine"]
     assert static["engine"] == "static" and "kv_cache_tokens" not in static
     tight = _stats(f"model-{TIGHT}")["engine"]
