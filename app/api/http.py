@@ -290,7 +290,9 @@ class OpenAIRoutes:
             if getattr(req, "stream", False):
                 if stream is None:
                     raise InvalidRequestError("this endpoint does not stream", param="stream")
-                response = await streaming_response(stream(req))
+                # Until its first chunk a stream is as blind to a disconnect as a unary
+                # request (a sequence waiting for a place in the running batch, say).
+                response = await until_disconnected(request, streaming_response(stream(req)))
                 STREAMED.set(True)
                 return with_permit(response, permit, streamed=True)
             if bypass_requested(request.headers):

@@ -257,6 +257,37 @@ async def test_a_client_that_disconnects_cancels_its_unary_request() -> None:
     assert cancelled.is_set() and response.status_code == 499
 
 
+async def test_a_client_that_disconnects_before_the_first_chunk_cancels_its_stream() -> None:
+    from starlette.requests import Request
+
+    started, closed = asyncio.Event(), asyncio.Event()
+
+    class Queued(EchoBackend):
+        def chat_sse(self, req: ChatCompletionRequest) -> SSEStream:
+            async def chunks() -> AsyncIterator[dict[str, Any]]:
+                started.set()
+                try:
+                    await asyncio.sleep(60)  # waiting for a place in the running batch
+                    yield {"never": True}
+                finally:
+                    closed.set()
+
+            return SSEStream(chunks())
+
+    body = orjson.dumps(chat(stream=True))
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await started.wait()
+        return {"type": "http.disconnect"}
+
+    scope = post_scope("/v1/chat/completions", body)
+    response = await asyncio.wait_for(OpenAIRoutes(Queued())(Request(scope, receive)), 5)
+    assert closed.is_set() and response.status_code == 499
+
+
 def post_scope(path: str, body: bytes) -> dict[str, Any]:
     """The ASGI scope of a POST with this body, for calling routes without a server."""
     return {
