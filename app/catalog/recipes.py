@@ -185,6 +185,46 @@ def _byte_level_tokenizer(vocab_size: int, specials: list[str]) -> object:
 @recipe("tiny-llama")
 def build_tiny_llama(target: Path, seed: int) -> None:
     """A 2-layer Llama with random weights and a byte-level BPE tokenizer with a chat template."""
+    _write_llama(
+        target,
+        seed,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        # Wider than the usual 0.02 so logits are well separated: greedy decoding then does not
+        # hinge on float rounding, and batched and single decodes agree.
+        initializer_range=0.2,
+    )
+
+
+@recipe("llama-1b")
+def build_llama_1b(target: Path, seed: int) -> None:
+    """A Llama-3.2-1B-shaped model with random weights (bf16, about 1.2 B parameters) and the
+    tiny tokenizer, for GPU throughput checks (models/gpu/llama-1b-random.yaml). The tokenizer's
+    1,024 tokens replace Llama 3's 128 k vocabulary, so the model has 20 layers instead of 16
+    to keep the weights a decode step reads (about 2.4 GB) at the reference model's size."""
+    _write_llama(
+        target,
+        seed,
+        bfloat16=True,
+        init_on_gpu=True,  # where there is one: a minute less than on the CPU
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=20,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+    )
+
+
+def _write_llama(
+    target: Path, seed: int, *, bfloat16: bool = False, init_on_gpu: bool = False, **shape: Any
+) -> None:
+    """A Llama of this shape with random weights from `seed`, and the tiny byte-level BPE
+    tokenizer with its chat template, written as a hub model directory."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -201,60 +241,22 @@ def build_tiny_llama(target: Path, seed: int) -> None:
     tokenizer.chat_template = _LLAMA_CHAT_TEMPLATE
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        # Wider than the usual 0.02 so logits are well separated: greedy decoding then does not
-        # hinge on float rounding, and batched and single decodes agree.
-        initializer_range=0.2,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
+        **shape,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    device = "cuda" if init_on_gpu and torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    if bfloat16:
+        model = model.bfloat16()
+    model = model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
-
-
-@recipe("llama-1b")
-def build_llama_1b(target: Path, seed: int) -> None:
-    """A Llama-3.2-1B-shaped model with random weights (bf16, about 1.2 B parameters) and the
-    tiny tokenizer, for GPU throughput checks (models/gpu/llama-1b-random.yaml). The tokenizer's
-    1,024 tokens replace Llama 3's 128 k vocabulary, so the model has 20 layers instead of 16
-    to keep the weights a decode step reads (about 2.4 GB) at the reference model's size."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    build_tiny_llama(target, seed)  # the tokenizer and chat template; the weights are replaced
-    tokenizer_ids = LlamaConfig.from_pretrained(target)
-    for stale in target.glob("*.safetensors"):
-        stale.unlink()
-    config = LlamaConfig(
-        vocab_size=tokenizer_ids.vocab_size,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=20,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=4096,
-        pad_token_id=tokenizer_ids.pad_token_id,
-        bos_token_id=tokenizer_ids.bos_token_id,
-        eos_token_id=tokenizer_ids.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    # Initialised on the GPU where there is one: a minute less than on the CPU.
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(config)
-    model = model.bfloat16().eval()
-    model.generation_config.pad_token_id = config.pad_token_id
-    model.save_pretrained(target, safe_serialization=True)
 
 
 # --- tiny-stable-diffusion ---------------------------------------------------------------------
