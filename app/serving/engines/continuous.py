@@ -78,17 +78,10 @@ class _Sequence:
         return self.row.request.cancel.is_set()
 
     def send(self, entry: Any) -> None:
-        self.call(self.outbox.put_nowait, entry)
-
-    def call(self, func: Callable[..., Any], *args: Any) -> None:
-        """Run func(*args) on this sequence's event loop."""
+        """Put one entry in the outbox, from the decode thread (a step's tokens go in bulk,
+        ContinuousEngine._step)."""
         with suppress(RuntimeError):  # its event loop has closed: nobody is reading
-            self.loop.call_soon_threadsafe(func, *args)
-
-
-def _post(letters: list[tuple[asyncio.Queue[Any], Any]]) -> None:
-    for outbox, entry in letters:
-        outbox.put_nowait(entry)
+            self.loop.call_soon_threadsafe(self.outbox.put_nowait, entry)
 
 
 class _Rate:
@@ -243,14 +236,14 @@ class ContinuousEngine(Engine):
                 self._sequences.extend(taken)
             self._reap()
         if self._batch is not None:
-            self._notify_batch(len(self._sequences))
-            self._step(self._batch, self._sequences)
+            self._step(self._batch, self._sequences, decode=True)
             self._reap()
 
-    def _step(self, batch: DecodeBatch, sequences: list[_Sequence]) -> None:
+    def _step(self, batch: DecodeBatch, sequences: list[_Sequence], decode: bool = False) -> None:
         """One forward pass; the budget of sequences it ended is returned before their readers
         see their last entry, so a client that sends its next request on seeing it finds the
-        room its last one left."""
+        room its last one left. A decode step also tells on_batch how many rows it ran."""
+        size = len(sequences)
         entries = batch.step()
         ended = [s for s, row in zip(sequences, batch.rows, strict=True) if not row.live]
         if ended:
@@ -265,10 +258,14 @@ class ContinuousEngine(Engine):
                     tokens += entry.tokens
         # One wake-up per event loop per step, not one per sequence: each is a write to the
         # loop's self-pipe and a turn of the loop, which at hundreds of sequences would cost
-        # more than the step.
+        # more than the step. The batch size rides along with the first loop's tokens.
+        first = sequences[0].loop
+        if decode:
+            mail.setdefault(first, [])
         for loop, letters in mail.items():
+            count = size if decode and loop is first else None
             with suppress(RuntimeError):  # the loop has closed: nobody is reading
-                loop.call_soon_threadsafe(_post, letters)
+                loop.call_soon_threadsafe(self._post, letters, count)
         self._rate.add(tokens)
 
     def _reap(self) -> None:
@@ -310,9 +307,13 @@ class ContinuousEngine(Engine):
         for sequence in waiting:
             sequence.send(RowError(error))
 
-    def _notify_batch(self, size: int) -> None:
-        if self._sequences:
-            self._sequences[0].call(self._on_batch, size)
+    def _post(self, letters: list[tuple[asyncio.Queue[Any], Any]], size: int | None) -> None:
+        """On an event loop: hand a step's entries to their readers (and its size to
+        on_batch)."""
+        for outbox, entry in letters:
+            outbox.put_nowait(entry)
+        if size is not None:
+            self._on_batch(size)
 
 
 def probe(runner: TransformersCausalLMRunner) -> None:

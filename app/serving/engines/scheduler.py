@@ -78,10 +78,20 @@ class Scheduler(Generic[S]):
         reservations = [s.reservation for s in sequences]
         return len(reservations) * max(reservations, default=0)
 
-    def fits(self, sequences: list[S]) -> bool:
-        return len(sequences) <= self.max_running and (
-            self.footprint(sequences) <= self.capacity_tokens
-        )
+    def fitting(self, extra: Iterable[S]) -> int:
+        """How many of `extra`, taken in order after the running batch, fit it: within
+        max_running and the KV budget. One pass, since adding a sequence only ever grows the
+        footprint (rows x widest reservation)."""
+        rows = len(self.running)
+        widest = max((s.reservation for s in self.running), default=0)
+        count = 0
+        for sequence in extra:
+            rows += 1
+            widest = max(widest, sequence.reservation)
+            if rows > self.max_running or rows * widest > self.capacity_tokens:
+                break
+            count += 1
+        return count
 
     @property
     def utilization(self) -> float:
@@ -100,8 +110,9 @@ class Scheduler(Generic[S]):
                 "shorten the prompt or lower max_tokens"
             )
         # Everyone already queued goes first, so "could run now" means after all of them.
-        if not self.fits([*self.running, *self.waiting, sequence]):
-            blocked = len(self.waiting) - self._runnable_waiting()
+        runnable = self.fitting([*self.waiting, sequence])
+        if runnable <= len(self.waiting):  # it would not fit behind them
+            blocked = len(self.waiting) - runnable
             if blocked >= self.max_waiting:
                 raise QueueFull(
                     f"the KV cache and running batch are full ({len(self.running)} sequences "
@@ -114,16 +125,6 @@ class Scheduler(Generic[S]):
         """Forget waiting sequences whose callers went away: they hold no place."""
         if any(s.cancelled for s in self.waiting):
             self.waiting = deque(s for s in self.waiting if not s.cancelled)
-
-    def _runnable_waiting(self) -> int:
-        """Waiting sequences that would be admitted if admit ran now."""
-        count, batch = 0, list(self.running)
-        for sequence in self.waiting:
-            batch.append(sequence)
-            if not self.fits(batch):
-                break
-            count += 1
-        return count
 
     def prefill_due(self, steps_since_prefill: int) -> bool:
         """Whether to prefill waiting sequences now. Each prefill is a forward pass of its own
@@ -145,10 +146,8 @@ class Scheduler(Generic[S]):
         self._drop_cancelled()
         taken: list[S] = []
         prefill = 0
-        while self.waiting:
+        for _ in range(self.fitting(self.waiting)):
             head = self.waiting[0]
-            if not self.fits([*self.running, *taken, head]):
-                break
             if taken and prefill + head.prompt_tokens > self.max_prefill_tokens:
                 break
             taken.append(self.waiting.popleft())
