@@ -199,7 +199,7 @@ def main() -> None:
     threads = args.threads or max(1, math.floor(card.resources.num_cpus))
     torch.set_num_threads(threads)
     catalogue = Path(args.card).parent if args.card.endswith((".yaml", ".yml")) else MODELS
-    batch = args.batch or card.engine.max_running or card.batching.max_batch_size
+    batch = args.batch or card.engine_max_running
     # Room for the longest prompt plus the longest output.
     context = max(card.generation.max_context_tokens, args.max_new + 4 * args.max_prompt)
     card = card.model_copy(

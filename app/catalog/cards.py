@@ -308,6 +308,20 @@ class ModelCard(_Strict):
         return self.max_queued_requests
 
     @property
+    def engine_max_running(self) -> int:
+        """Sequences the continuous engine decodes at once (engine.max_running, else
+        batching.max_batch_size)."""
+        return self.engine.max_running or self.batching.max_batch_size
+
+    @property
+    def engine_max_waiting(self) -> int:
+        """Sequences that may wait in the continuous engine (engine.max_waiting, else
+        max_ongoing_requests)."""
+        if self.engine.max_waiting is None:
+            return self.max_ongoing_requests
+        return self.engine.max_waiting
+
+    @property
     def sequence_limit(self) -> int:
         """Sequences one request may decode: limits.max_sequences within the replica's slots."""
         return min(self.limits.max_sequences, self.max_ongoing_requests)

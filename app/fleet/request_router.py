@@ -19,6 +19,7 @@ from typing import Any
 import ray
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from app.autoscaling.report import ReplicaMetric
 from app.fleet.geo import region_distances
 from app.fleet.hints import ROUTE_KWARG, hints_from
 from app.fleet.metrics import RoutingMetrics
@@ -143,7 +144,7 @@ class FleetRequestRouter(RequestRouter):
         view.latency_ms = fleet.get("latency_ms", stats.get("latency_ms"))
         view.success_rate = fleet.get("success_rate", stats.get("success_rate", 1.0))
         view.throughput = fleet.get("throughput", stats.get("throughput", 0.0))
-        view.kv_cache_utilization = stats.get("kv_cache_utilization")
+        view.kv_cache_utilization = stats.get(ReplicaMetric.KV_CACHE_UTILIZATION.value)
         view.ongoing = self.replica_queue_len_cache.get(r.replica_id)
         self._views[r.replica_id] = (view, version, stats)
         return view

@@ -60,7 +60,7 @@ def make_engine(
         bytes_per_token=runner.kv_bytes_per_token(),
         free_bytes=_free_bytes(runner.device),
         on_gpu=runner.device.startswith("cuda"),
-        max_running=card.engine.max_running or card.batching.max_batch_size,
+        max_running=card.engine_max_running,
         max_context=card.generation.max_context_tokens,
     )
     logger.info("%s: continuous engine, KV cache budget %d positions", card.id, capacity)

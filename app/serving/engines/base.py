@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from typing import ClassVar, ParamSpec, TypeVar
 
+from app.autoscaling.report import ReplicaMetric
 from app.catalog.engine import EngineKind
 from app.serving.runners.base import GenerationRequest, RowError, StepEntry, TokenDelta
 
@@ -39,11 +40,15 @@ class EngineStats:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     def figures(self) -> dict[str, float]:
-        """The numbers routers and the autoscaler read, under the names replicas report them
-        by (app.autoscaling.report.ReplicaMetric, routing stats)."""
-        figures = {"engine_queued": float(self.queued), "engine_running": float(self.running)}
+        """The numbers routers (routing stats) and the autoscaler (replica stats) read, under
+        the names replicas report them by (plain strings: Serve carries them to processes
+        that need not import this package)."""
+        figures = {
+            ReplicaMetric.ENGINE_QUEUED.value: float(self.queued),
+            ReplicaMetric.ENGINE_RUNNING.value: float(self.running),
+        }
         if self.kv_cache_utilization is not None:
-            figures["kv_cache_utilization"] = self.kv_cache_utilization
+            figures[ReplicaMetric.KV_CACHE_UTILIZATION.value] = self.kv_cache_utilization
         return figures
 
 

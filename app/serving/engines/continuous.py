@@ -110,17 +110,14 @@ class ContinuousEngine(Engine):
         capacity_tokens: int,
         on_batch: Callable[[int], None] = lambda size: None,
     ) -> None:
-        settings = card.engine
         self.runner = runner
         self.model_id = card.id
         self._scheduler: Scheduler[_Sequence] = Scheduler(
             capacity_tokens,
-            max_running=settings.max_running or card.batching.max_batch_size,
-            max_waiting=(
-                card.max_ongoing_requests if settings.max_waiting is None else settings.max_waiting
-            ),
-            max_prefill_tokens=settings.max_prefill_tokens,
-            max_prefill_delay_steps=settings.max_prefill_delay_steps,
+            max_running=card.engine_max_running,
+            max_waiting=card.engine_max_waiting,
+            max_prefill_tokens=card.engine.max_prefill_tokens,
+            max_prefill_delay_steps=card.engine.max_prefill_delay_steps,
         )
         self._since_prefill = 0  # decode steps since the last prefill (decode thread only)
         self._on_batch = on_batch
