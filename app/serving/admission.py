@@ -77,6 +77,11 @@ class Admission:
                 ticket.slots -= extra
                 self.inflight -= extra
 
+    def background_now(self) -> bool:
+        """Whether the request being served here (this context's ticket) is batch work."""
+        ticket = _TICKET.get()
+        return ticket is not None and ticket.open and ticket.owner is self and ticket.background
+
     def _take(self, slots: int, background: bool = False) -> None:
         limit = self.background_limit if background else self.capacity
         if slots and self.inflight + slots > limit:

@@ -213,6 +213,7 @@ class ModelService:
                 param=param,
                 code="context_length_exceeded",
             )
+        background = self._admission.background_now()
         requests = [
             GenerationRequest(
                 prompt=prompt,
@@ -221,6 +222,7 @@ class ModelService:
                 top_p=req.top_p,
                 stop=req.stop_sequences(),
                 seed=None if req.seed is None else (req.seed + i) % SEED_SPACE,
+                background=background,
             )
             for i in range(req.n)
         ]

@@ -17,6 +17,7 @@ class Seq:
     prompt_tokens: int
     max_tokens: int
     cancelled: bool = False
+    background: bool = False
 
     @property
     def reservation(self) -> int:
@@ -24,9 +25,19 @@ class Seq:
 
 
 def scheduler(
-    capacity: int = 100, running: int = 4, waiting: int = 2, prefill: int = 1000
+    capacity: int = 100,
+    running: int = 4,
+    waiting: int = 2,
+    prefill: int = 1000,
+    share: float = 1.0,
 ) -> Scheduler[Seq]:
-    return Scheduler(capacity, max_running=running, max_waiting=waiting, max_prefill_tokens=prefill)
+    return Scheduler(
+        capacity,
+        max_running=running,
+        max_waiting=waiting,
+        max_prefill_tokens=prefill,
+        background_share=share,
+    )
 
 
 def test_admission_counts_padding_not_the_sum() -> None:
@@ -174,3 +185,61 @@ def test_cancelled_sequences_behind_a_blocked_head_hold_no_place() -> None:
     head.cancelled = True
     s.offer(Seq(10, 80))  # ... and once it too is gone, there is room
     assert len(s.waiting) == 1
+
+
+def test_background_work_runs_within_its_share_of_rows_and_cache() -> None:
+    s = scheduler(capacity=1000, running=8, waiting=8, share=0.25)  # 2 rows, 250 positions
+    lines = [Seq(10, 20, background=True) for _ in range(4)]
+    for line in lines:
+        s.offer(line)
+    assert s.admit() == lines[:2]  # the rest wait although rows and cache are free
+    s.release(lines[:1])
+    assert s.admit() == [lines[2]]
+    wide = scheduler(capacity=1000, running=8, waiting=8, share=0.25)
+    big = [Seq(100, 100, background=True) for _ in range(2)]  # 2 x 200 > 250 positions
+    for line in big:
+        wide.offer(line)
+    assert wide.admit() == big[:1]  # the first background row fits whatever its share
+    assert wide.admit() == []
+
+
+def test_interactive_sequences_overtake_waiting_background_ones() -> None:
+    s = scheduler(capacity=1000, running=2, waiting=8, share=1.0)
+    first, second = Seq(10, 20, background=True), Seq(10, 20, background=True)
+    s.offer(first)
+    assert s.admit() == [first]
+    s.offer(second)
+    urgent = Seq(10, 20)
+    s.offer(urgent)  # arrived after `second`, admitted before it
+    assert s.admit() == [urgent]
+    assert s.admit() == []
+    s.release([first])
+    assert s.admit() == [second]
+
+
+def test_no_background_sequence_is_admitted_while_an_interactive_one_waits() -> None:
+    s = scheduler(capacity=100, running=4, waiting=8, share=1.0)
+    running = Seq(10, 40)
+    s.offer(running)
+    assert s.admit() == [running]
+    blocked, small = Seq(10, 50), Seq(1, 1, background=True)  # 2 x 60 > 100; 2 x 50 fits
+    s.offer(blocked)
+    s.offer(small)
+    assert s.admit() == []  # the small line would fit, but it would take the blocked one's room
+    assert s.queued == 2
+    s.release([running])
+    assert s.admit() == [blocked]  # and the small line still waits: 2 x 60 > 100
+    s.release([blocked])
+    assert s.admit() == [small]
+
+
+def test_background_waiting_is_bounded_apart_from_interactive_waiting() -> None:
+    s = scheduler(capacity=1000, running=4, waiting=1, share=0.25)  # one background row
+    lines = [Seq(10, 10, background=True) for _ in range(2)]
+    for line in lines:
+        s.offer(line)  # one runs, one waits
+    with pytest.raises(QueueFull, match="background"):
+        s.offer(Seq(10, 10, background=True))
+    s.offer(Seq(10, 10))  # interactive work still gets in
+    assert [x.background for x in s.admit()] == [False, True]
+    assert len(s.drain()) == 1 and s.queued == 0

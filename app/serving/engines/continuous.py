@@ -2,7 +2,8 @@
 
 Each iteration of the engine's thread
 1. admits waiting sequences in arrival order while they fit the KV budget and the running batch
-   (app.serving.engines.scheduler), up to max_prefill_tokens of prompt;
+   (app.serving.engines.scheduler), up to max_prefill_tokens of prompt: interactive ones
+   first, batch jobs' lines only within the card's batch_share of the rows and the budget;
 2. prefills them as a batch of their own, which gives each its first token, and joins that
    batch to the running one (DecodeBatch.absorb);
 3. runs one decode step for every running sequence;
@@ -77,6 +78,10 @@ class _Sequence:
     def cancelled(self) -> bool:
         return self.row.request.cancel.is_set()
 
+    @property
+    def background(self) -> bool:
+        return self.row.request.background
+
     def send(self, entry: Any) -> None:
         """Put one entry in the outbox, from the decode thread (a step's tokens go in bulk,
         ContinuousEngine._step)."""
@@ -118,6 +123,7 @@ class ContinuousEngine(Engine):
             max_waiting=card.engine_max_waiting,
             max_prefill_tokens=card.engine.max_prefill_tokens,
             max_prefill_delay_steps=card.engine.max_prefill_delay_steps,
+            background_share=card.batch_share,
         )
         self._since_prefill = 0  # decode steps since the last prefill (decode thread only)
         self._on_batch = on_batch
@@ -136,7 +142,7 @@ class ContinuousEngine(Engine):
             scheduler = self._scheduler
             return EngineStats(
                 self.kind.value,
-                len(scheduler.waiting),
+                scheduler.queued,
                 len(scheduler.running),
                 round(scheduler.utilization, 4),
                 scheduler.capacity_tokens,
@@ -194,7 +200,7 @@ class ContinuousEngine(Engine):
         try:
             while True:
                 with self._cond:
-                    while not self._closed and self._batch is None and not self._scheduler.waiting:
+                    while not self._closed and self._batch is None and not self._scheduler.queued:
                         self._cond.wait()
                     if self._closed:
                         break
@@ -299,8 +305,7 @@ class ContinuousEngine(Engine):
 
     def _fail_waiting(self, error: Exception) -> None:
         with self._cond:
-            waiting = list(self._scheduler.waiting)
-            self._scheduler.waiting.clear()
+            waiting = self._scheduler.drain()
         for sequence in waiting:
             sequence.send(RowError(error))
 

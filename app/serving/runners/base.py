@@ -54,6 +54,9 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # A batch job's line: the continuous engine runs it after interactive requests, within
+    # the card's batch_share (app.serving.engines.scheduler).
+    background: bool = False
     cancel: threading.Event = field(default_factory=_cancel_event, compare=False, repr=False)
 
 
