@@ -1,5 +1,10 @@
 """How many batch lines a worker keeps in flight: additive increase, multiplicative decrease
-(AIMD), so batches fill spare capacity and give it back the moment replicas say 429 or 503."""
+(AIMD), so batches fill spare capacity and give it back the moment replicas say 429 or 503.
+
+Like TCP, it starts with slow start: until the first overload the limit grows by one line per
+success, doubling each round trip, instead of by one line per window of successes. Additive
+increase alone takes about ceiling²/2 lines to reach the ceiling (some 500 lines at 32), which
+is most of a small batch run below its fair share; slow start takes about 2 x ceiling."""
 
 from __future__ import annotations
 
@@ -23,6 +28,11 @@ class AIMDConfig(BaseModel):
     pause_s: float = Field(
         1.0, gt=0, description="Pause after an overload that gave no Retry-After."
     )
+    slow_start: bool = Field(
+        True,
+        description="Until the first overload, grow by one line per success (doubling each "
+        "window) instead of one per window.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> AIMDConfig:
@@ -42,6 +52,7 @@ class AIMDLimit:
         self.clock = clock
         self.limit = self.config.initial
         self.paused_until = 0.0
+        self.slow_start = self.config.slow_start  # until the first overload
 
     def available(self, in_flight: int) -> int:
         """How many more lines may start now."""
@@ -53,11 +64,13 @@ class AIMDLimit:
         return max(0.0, self.paused_until - self.clock())
 
     def on_success(self) -> None:
-        self.limit = min(self.config.ceiling, self.limit + self.config.increase / self.limit)
+        step = self.config.increase if self.slow_start else self.config.increase / self.limit
+        self.limit = min(self.config.ceiling, self.limit + step)
 
     def on_overload(self, retry_after_s: float | None = None) -> float:
         """Record a 429/503; returns how long this worker now waits before starting lines."""
         now = self.clock()
+        self.slow_start = False
         if now >= self.paused_until:
             self.limit = max(self.config.minimum, self.limit * self.config.decrease)
         wait = self.config.pause_s if retry_after_s is None else max(0.0, retry_after_s)

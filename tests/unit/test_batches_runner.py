@@ -174,3 +174,19 @@ async def test_a_line_run_twice_keeps_its_first_result() -> None:
     assert rig.result("a")["response"]["body"]["choices"][0]["text"] == "first"  # type: ignore[index]
     assert read_counts(rig.kv, "b1") == (1, 0)
     assert rig.queue.stats().done == 1
+
+
+def test_slow_start_doubles_per_window_until_the_first_overload() -> None:
+    limit = AIMDLimit(AIMDConfig(initial=2, ceiling=32), clock=FakeClock())
+    for _ in range(2 + 4 + 8):  # three windows of successes: 2 -> 4 -> 8 -> 16
+        limit.on_success()
+    assert limit.limit == 16
+    limit.on_overload(0)
+    assert limit.limit == 8
+    for _ in range(8):  # one window after the overload: additive, about one line
+        limit.on_success()
+    assert 8.9 < limit.limit < 9.1
+    additive = AIMDLimit(AIMDConfig(initial=2, ceiling=32, slow_start=False), clock=FakeClock())
+    for _ in range(14):
+        additive.on_success()
+    assert additive.limit < 6

@@ -18,7 +18,13 @@ from app.batches.content import LocalContent
 from app.batches.files import FileStore
 from app.batches.output import ResultStore
 from app.batches.runner import ActiveQueues, LineRunner, batch_queue
-from app.batches.workflow import WORKFLOW, BatchDeps, batch_workflow, start_input
+from app.batches.workflow import (
+    WORKFLOW,
+    BatchDeps,
+    batch_workflow,
+    next_poll_s,
+    start_input,
+)
 from app.workflows.engine import RunStatus, WorkflowEngine
 from tests.unit.kv_fakes import FakeClock, FakeKV
 
@@ -278,3 +284,10 @@ def test_a_line_whose_workers_keep_dying_is_reported_not_lost(tmp_path: Path) ->
     assert error["custom_id"] == "a" and error["error"]["code"] == "server_error"
     assert "lease expired 2 times" in error["error"]["message"]
     world.assert_released(batch_id)
+
+
+def test_the_wait_looks_sooner_when_the_lines_left_should_end_sooner() -> None:
+    assert next_poll_s(100, 0.0, 2.0) == 2.0  # no rate yet: the configured poll
+    assert next_poll_s(1000, 100.0, 2.0) == 2.0  # 10 s of lines left
+    assert next_poll_s(50, 100.0, 2.0) == 0.5  # half a second left
+    assert next_poll_s(1, 100.0, 2.0) == 0.1  # never a busy loop
