@@ -119,6 +119,25 @@ async def test_a_request_joining_mid_flight_gets_its_tokens_alone(llama: Countin
     dec.engine.close()
 
 
+async def test_batch_lines_leave_rows_to_interactive_requests(llama: CountingLlama) -> None:
+    card = card_with(llama, kind="continuous", max_running=4)
+    card = card.model_copy(update={"batch_share": 0.5})  # two rows for batch work
+    dec = SequenceDecoder(make_engine(card, llama, LocalBatcher(8, 0.02)))
+    engine = dec.engine
+    alone = await dec.collect(greedy(PROMPTS[1], 8))
+    lines = [asyncio.create_task(dec.collect(greedy(p, 200, background=True))) for p in PROMPTS]
+    await until(lambda: engine.stats().running == 2)
+    assert engine.stats().queued == 2  # two rows are free, but batch work has its share
+    # An interactive request runs at once beside the lines, with the tokens it gets alone.
+    assert await dec.collect(greedy(PROMPTS[1], 8)) == alone
+    assert not any(line.done() for line in lines)
+    for line in lines:
+        line.cancel()
+    await asyncio.gather(*lines, return_exceptions=True)
+    await until(lambda: engine.stats().running == 0)
+    engine.close()
+
+
 async def test_seeded_sampling_is_reproducible_and_per_request(llama: CountingLlama) -> None:
     def sampled(seed: int) -> GenerationRequest:
         return GenerationRequest("Tell me a story", 16, temperature=0.9, top_p=0.9, seed=seed)

@@ -72,6 +72,14 @@ class SlowEcho(BatchedEcho):
     step_s = 0.02
 
 
+class PriorityEcho(CountingEcho):
+    """The echo runner, recording whether each request it decodes is batch work."""
+
+    def generate(self, batch: Sequence[GenerationRequest]) -> Iterator[list[StepEntry]]:
+        self.seen = [*getattr(self, "seen", []), *(r.background for r in batch)]
+        return super().generate(batch)
+
+
 def card(**fields: Any) -> ModelCard:
     return ModelCard.model_validate(
         {"id": "echo", "task": "text-generation", "loader": "echo"} | fields
@@ -266,6 +274,17 @@ def test_embedding_inputs_are_bounded_in_count_and_length() -> None:
     with pytest.raises(InvalidRequestError, match="input 1 has 51 characters") as long:
         check_embeddings(model, EmbeddingRequest(model="emb", input=["a", "b" * 51]))
     assert long.value.param == "input"
+
+
+async def test_batch_work_reaches_the_engine_marked_as_background() -> None:
+    svc = service(PriorityEcho)
+    with svc.admit(background=True):
+        await svc.chat(chat("a"))
+    with svc.admit():
+        await svc.chat(chat("b"))
+    await svc.completions(completion("c"))  # no admission around it: interactive
+    assert isinstance(svc.runner, PriorityEcho)
+    assert svc.runner.seen == [True, False, False]
 
 
 def test_batch_work_is_admitted_within_its_share_of_the_slots() -> None:
