@@ -34,6 +34,8 @@ class EngineKind(StrEnum):
 # time to first token to a fraction of the static engine's at equal throughput (BENCHMARKS.md,
 # "Generation engines").
 CPU_DEFAULT = EngineKind.CONTINUOUS
+# How long batch lines yield to interactive sequences on a CPU (BENCHMARKS.md, "Batch API").
+CPU_BACKGROUND_PAUSE_S = 1.0
 
 
 class EngineSettings(BaseModel):
@@ -84,6 +86,23 @@ class EngineSettings(BaseModel):
         "prefilled in one forward pass instead of one pass each; they are prefilled sooner "
         "once they number at least running / this. 0: prefill at every step.",
     )
+
+    background_pause_s: float | None = Field(
+        None,
+        ge=0,
+        le=60,
+        description="While interactive sequences decode, batch jobs' lines pause (keeping "
+        "their KV cache) for up to this long, then decode beside them for as long again before "
+        "they may pause anew, so a batch always progresses. 0: never pause. Default: 1.0 on a "
+        "CPU, where every row adds to a decode step's compute, and 0 on a GPU, where a decode "
+        "step is bound by memory traffic and extra rows cost little.",
+    )
+
+    def background_pause_for(self, device: str) -> float:
+        """background_pause_s on `device` (its default filled in)."""
+        if self.background_pause_s is not None:
+            return self.background_pause_s
+        return 0.0 if device.startswith("cuda") else CPU_BACKGROUND_PAUSE_S
 
     @model_validator(mode="before")
     @classmethod

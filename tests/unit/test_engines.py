@@ -22,7 +22,7 @@ from app.serving.decoding import SequenceDecoder
 from app.serving.engines import make_engine
 from app.serving.engines.continuous import ContinuousEngine
 from app.serving.engines.static import StaticEngine
-from app.serving.runners.base import GenerationRequest, RunnerError, TokenDelta
+from app.serving.runners.base import GenerationRequest, RowError, RunnerError, TokenDelta
 from app.serving.runners.echo import EchoRunner
 from app.serving.runners.text import TransformersCausalLMRunner
 from app.serving.service import ModelService
@@ -136,6 +136,80 @@ async def test_batch_lines_leave_rows_to_interactive_requests(llama: CountingLla
     await asyncio.gather(*lines, return_exceptions=True)
     await until(lambda: engine.stats().running == 0)
     engine.close()
+
+
+def test_rows_split_off_and_joined_back_decode_as_they_would_alone(llama: CountingLlama) -> None:
+    def decode(prompts: list[str], steps: int, split_at: int | None = None) -> list[str]:
+        prepared = [llama.prepare(greedy(p, steps)) for p in prompts]
+        pairs = [p for p in prepared if not isinstance(p, RowError)]
+        batch = llama.start_batch([row for row, _ in pairs], [ids for _, ids in pairs])
+        aside = None
+        for step in range(steps):
+            if step == split_at:
+                aside = batch.split([0, 2])
+                assert aside is not None and len(aside) == 2 and len(batch) == 1
+            if aside is not None and step < split_at + 5:  # set aside for five steps
+                batch.step()
+                continue
+            if aside is not None:
+                batch.absorb(aside)
+                aside = None
+            batch.step()
+        return [row.text for row, _ in pairs]
+
+    alone = [decode([p], 20)[0] for p in PROMPTS[:3]]
+    assert decode(PROMPTS[:3], 20, split_at=3)[1] == alone[1]
+    # The rows set aside fell five steps behind, then caught up after the join.
+    prepared = [llama.prepare(greedy(p, 30)) for p in PROMPTS[:3]]
+    pairs = [p for p in prepared if not isinstance(p, RowError)]
+    batch = llama.start_batch([row for row, _ in pairs], [ids for _, ids in pairs])
+    for _ in range(3):
+        batch.step()
+    aside = batch.split([0, 2])
+    assert aside is not None
+    for _ in range(5):
+        batch.step()
+    batch.absorb(aside)
+    while any(row.live for row in batch.rows):
+        batch.step()
+    texts = {id(row): row.text for row in batch.rows}
+    for (row, _), prompt in zip(pairs, PROMPTS[:3], strict=True):
+        assert texts[id(row)] == decode([prompt], 30)[0]
+
+
+async def test_batch_lines_stand_aside_while_interactive_requests_decode(
+    llama: CountingLlama,
+) -> None:
+    card = card_with(llama, kind="continuous", max_running=8, background_pause_s=30)
+    dec = SequenceDecoder(make_engine(card, llama, LocalBatcher(8, 0.02)))
+    engine = dec.engine
+    alone = [await dec.collect(greedy(p, 60)) for p in PROMPTS[:2]]
+    lines = [asyncio.create_task(dec.collect(greedy(p, 60, background=True))) for p in PROMPTS[:2]]
+    await until(lambda: engine.stats().running == 2)
+    interactive = asyncio.create_task(dec.collect(greedy(PROMPTS[3], 100)))
+    await until(lambda: engine.stats().paused == 2)
+    llama.forwards = []
+    await until(lambda: len(llama.forwards) >= 20)
+    assert set(llama.forwards) == {1}  # the interactive request decodes alone
+    assert engine.stats().running == 3  # the lines keep their place and cache
+    await interactive
+    assert [await line for line in lines] == alone  # then they finish, as they would alone
+    assert engine.stats().paused == 0
+    engine.close()
+
+
+async def test_batch_lines_still_progress_under_steady_interactive_load(
+    llama: CountingLlama,
+) -> None:
+    card = card_with(llama, kind="continuous", max_running=8, background_pause_s=0.05)
+    dec = SequenceDecoder(make_engine(card, llama, LocalBatcher(8, 0.02)))
+    interactive = asyncio.create_task(dec.collect(greedy(PROMPTS[3], 480)))
+    await until(lambda: dec.engine.stats().running == 1)
+    lines = [asyncio.create_task(dec.collect(greedy(p, 40, background=True))) for p in PROMPTS[:2]]
+    await asyncio.gather(*lines)  # taking turns: 0.05 s aside, then 0.05 s beside it
+    assert not interactive.done()
+    await interactive
+    dec.engine.close()
 
 
 async def test_seeded_sampling_is_reproducible_and_per_request(llama: CountingLlama) -> None:

@@ -35,6 +35,7 @@ class EngineStats:
     running: int  # sequences decoding
     kv_cache_utilization: float | None = None  # share of the KV budget the batch may fill
     kv_cache_tokens: int | None = None  # the KV budget, in positions
+    paused: int | None = None  # batch lines set aside (in `running`) while interactive ones run
 
     def as_dict(self) -> dict[str, float | int | str]:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -6,7 +6,8 @@ Each iteration of the engine's thread
    first, batch jobs' lines only within the card's batch_share of the rows and the budget;
 2. prefills them as a batch of their own, which gives each its first token, and joins that
    batch to the running one (DecodeBatch.absorb);
-3. runs one decode step for every running sequence;
+3. runs one decode step for every running sequence (on a CPU, batch lines' rows are set aside,
+   cache and all, while interactive sequences decode: `background_pause_s`);
 4. drops the sequences that finished, failed or were cancelled, with their KV cache rows, and
    returns their reservations to the budget.
 
@@ -126,6 +127,7 @@ class ContinuousEngine(Engine):
             background_share=card.batch_share,
         )
         self._since_prefill = 0  # decode steps since the last prefill (decode thread only)
+        self._pause_s = card.engine.background_pause_for(runner.device)
         self._on_batch = on_batch
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -133,6 +135,13 @@ class ContinuousEngine(Engine):
         # Owned by the decode thread: the running batch and its sequences, row for row.
         self._batch: DecodeBatch | None = None
         self._sequences: list[_Sequence] = []
+        # Batch lines set aside while interactive sequences decode (still in the scheduler's
+        # running set: their cache is kept); since when they stand aside, and until when they
+        # decode beside the interactive sequences instead.
+        self._paused: DecodeBatch | None = None
+        self._paused_sequences: list[_Sequence] = []
+        self._yield_since: float | None = None
+        self._together_until = 0.0
         self._rate = _Rate()
 
     # ---- the request side (the replica's event loop) -----------------------------------------
@@ -146,6 +155,7 @@ class ContinuousEngine(Engine):
                 len(scheduler.running),
                 round(scheduler.utilization, 4),
                 scheduler.capacity_tokens,
+                len(self._paused_sequences) if self._pause_s else None,
             )
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StepEntry]:
@@ -200,12 +210,17 @@ class ContinuousEngine(Engine):
         try:
             while True:
                 with self._cond:
-                    while not self._closed and self._batch is None and not self._scheduler.queued:
+                    while (
+                        not self._closed
+                        and self._batch is None
+                        and self._paused is None
+                        and not self._scheduler.queued
+                    ):
                         self._cond.wait()
                     if self._closed:
                         break
                     due = self._scheduler.prefill_due(self._since_prefill)
-                    taken = self._scheduler.admit() if due else []
+                    taken = self._scheduler.admit(background=not self._yielding()) if due else []
                 self._since_prefill = 0 if taken else self._since_prefill + 1
                 try:
                     self._iterate(taken)
@@ -238,9 +253,69 @@ class ContinuousEngine(Engine):
                 self._batch.absorb(fresh)
                 self._sequences.extend(taken)
             self._reap()
+        if self._pause_s:
+            self._balance()
         if self._batch is not None:
             self._step(self._batch, self._sequences, decode=True)
             self._reap()
+
+    # ---- batch lines yield to interactive sequences ------------------------------------------
+
+    def _yielding(self) -> bool:
+        """Whether batch lines stand aside now: interactive sequences decode, and the lines
+        are not in their turn to decode beside them."""
+        return (
+            self._pause_s > 0
+            and time.monotonic() >= self._together_until
+            and any(not s.background for s in self._sequences)
+        )
+
+    def _balance(self) -> None:
+        """Set the batch lines' rows aside while interactive sequences decode, and join them
+        back when none does. After background_pause_s of standing aside (set aside, or kept
+        waiting), the lines decode beside the interactive sequences for as long again, so a
+        batch progresses under any load."""
+        now = time.monotonic()
+        if not any(not s.background for s in self._sequences):
+            self._yield_since = None
+        elif now >= self._together_until:
+            if self._yield_since is None:
+                self._yield_since = now
+            if now - self._yield_since < self._pause_s:
+                lines = [i for i, s in enumerate(self._sequences) if s.background]
+                if lines:
+                    self._set_aside(lines)
+                return
+            self._together_until, self._yield_since = now + self._pause_s, None
+        if self._paused is not None:
+            self._resume()
+
+    def _set_aside(self, indices: list[int]) -> None:
+        assert self._batch is not None
+        moved = self._batch.split(indices)
+        if moved is None:  # a cache that cannot be cut (checked at load, so a changed model)
+            logger.warning("%s: batch lines cannot be set aside; they decode on", self.model_id)
+            self._pause_s = 0.0
+            return
+        chosen = set(indices)
+        lines = [s for i, s in enumerate(self._sequences) if i in chosen]
+        self._sequences = [s for i, s in enumerate(self._sequences) if i not in chosen]
+        if self._paused is None:
+            self._paused, self._paused_sequences = moved, lines
+        else:
+            self._paused.absorb(moved)
+            self._paused_sequences = self._paused_sequences + lines
+
+    def _resume(self) -> None:
+        paused, lines = self._paused, self._paused_sequences
+        assert paused is not None
+        self._paused, self._paused_sequences = None, []
+        if self._batch is None:
+            self._batch, self._sequences = paused, lines
+        else:
+            self._batch.absorb(paused)
+            self._sequences.extend(lines)
+        self._reap()  # lines cancelled while set aside
 
     def _step(self, batch: DecodeBatch, sequences: list[_Sequence], decode: bool = False) -> None:
         """One forward pass; the budget of sequences it ended is returned before their readers
@@ -294,12 +369,13 @@ class ContinuousEngine(Engine):
     def _fail(self, error: Exception, taken: list[_Sequence], batch_too: bool = True) -> None:
         """The sequences just admitted, and (batch_too) every one in the running batch, fail
         with `error`."""
-        running = self._sequences if batch_too else []
+        running = self._sequences + self._paused_sequences if batch_too else []
         failed = running + [s for s in taken if s not in running]
         for sequence in failed:
             sequence.send(RowError(error))
         if batch_too:
             self._batch, self._sequences = None, []
+            self._paused, self._paused_sequences = None, []
         with self._cond:
             self._scheduler.release(failed)
 

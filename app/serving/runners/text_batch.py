@@ -15,6 +15,7 @@ wide as the longest live context, not the longest the batch has ever seen.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -218,6 +219,35 @@ class DecodeBatch:
         self.trim()
         return True
 
+    def split(self, indices: list[int]) -> DecodeBatch | None:
+        """Move the rows at `indices`, with their KV cache rows, into a batch of their own,
+        which `absorb` joins back later; both must have stepped. None (and nothing moved) for
+        a cache that cannot be cut."""
+        moved = set(indices)
+        rest = [i for i in range(len(self.rows)) if i not in moved]
+        if self._stuck or self.past is None or not moved or not rest:
+            return None
+        import torch
+
+        index = torch.tensor(indices, device=self.input_ids.device, dtype=torch.long)
+        try:
+            past = _select_rows(_copy_cache(self.past), index)
+        except UnmergeableCache:
+            return None
+        other = DecodeBatch(
+            self.forward,
+            self.eos_ids,
+            self.pad_id,
+            [self.rows[i] for i in indices],
+            self.input_ids[index],
+            self.attention_mask[index],
+            self.position_ids[index],
+            past,
+        )
+        other.trim()
+        self.keep(rest)
+        return other
+
     def trim(self) -> None:
         """Drop leading columns that no row attends to any more: cache columns once the
         batch has stepped, padding of the prompts before its prefill."""
@@ -302,6 +332,17 @@ def _layers(cache: Any) -> list[Any]:
     if layers is None or any(type(layer) is not DynamicLayer for layer in layers):
         raise UnmergeableCache(f"{type(cache).__name__} is not a cache of plain dynamic layers")
     return [layer for layer in layers if getattr(layer, "is_initialized", True)]
+
+
+def _copy_cache(cache: Any) -> Any:
+    """A cache whose layers can be cut without touching `cache`'s (they share tensors until
+    then: _select_rows and _join assign new ones)."""
+    if isinstance(cache, tuple):  # immutable: cutting it builds new tuples
+        return cache
+    _layers(cache)  # raises UnmergeableCache for any other kind of layer
+    copied = copy.copy(cache)
+    copied.layers = [copy.copy(layer) for layer in cache.layers]
+    return copied
 
 
 def _select_rows(cache: Any, index: torch.Tensor) -> Any:
