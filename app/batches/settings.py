@@ -84,6 +84,14 @@ class BatchSettings(BaseModel):
     kv_namespace: str = Field("app-kv", min_length=1, description="Its Ray namespace.")
     replicas: int = Field(1, ge=0, description="Batch worker replicas (0: no worker app).")
     num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per worker replica.")
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="How much lower than normal the operating system schedules a worker "
+        "replica's process (os.nice): on a host shared with model replicas, batch lines' "
+        "own work (leases, results, sending) gives way to interactive requests'. 0: no change.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> BatchSettings:

@@ -201,6 +201,9 @@ class BatchWorker:
 
     def __init__(self, models: list[str], settings: dict[str, Any] | None = None) -> None:
         self.settings = BatchSettings.model_validate(settings or {})
+        if self.settings.nice:
+            with contextlib.suppress(OSError):  # not permitted: run at the normal priority
+                os.nice(self.settings.nice)
         self.models = frozenset(models)
         self.owner = _process_name("batch-worker")
         self.kv = LazyKV(self.connector())

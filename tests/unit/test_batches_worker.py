@@ -180,6 +180,7 @@ def settings(tmp_path: Path) -> BatchSettings:
         flush_s=0.01,
         sweep_s=0.05,
         claim_grace_s=0.2,
+        nice=0,  # the worker runs in the test's own process
     )
 
 
