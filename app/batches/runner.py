@@ -6,7 +6,6 @@ capacity, and a 429 or 503 from the fleet shrinks it and pauses it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -103,6 +102,7 @@ class LineRunner:
         self.flush_s = flush_s
         self.clock = clock
         self.tasks: set[asyncio.Task[str]] = set()
+        self._freed = asyncio.Event()  # a line ended: its place in the limit is free
         self._turn = 0
         self._flushed = clock()
 
@@ -119,7 +119,7 @@ class LineRunner:
             for lease in leases:
                 task = asyncio.create_task(self.process(queue, lease))
                 self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                task.add_done_callback(self._ended)
             started += len(leases)
         self._turn += 1
         if self.clock() - self._flushed >= self.flush_s:
@@ -130,13 +130,23 @@ class LineRunner:
         self._flushed = self.clock()
         await asyncio.to_thread(self.tally.flush)
 
+    def _ended(self, task: asyncio.Task[str]) -> None:
+        self.tasks.discard(task)
+        self._freed.set()
+
     async def run(self, stop: asyncio.Event, *, idle_s: float = 0.5) -> None:
-        """Poll until `stop` is set, then let the lines in flight finish."""
+        """Poll until `stop` is set, then let the lines in flight finish. Between polls: none
+        after lines started; until a line ends when the limit is full (or idle_s at most);
+        idle_s when the queues are empty; the pause after an overload."""
         while not stop.is_set():
+            self._freed.clear()
             started = await self.poll()
-            wait = self.limit.pause_left() or (0.0 if started else idle_s)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=max(wait, 0.01))
+            pause = self.limit.pause_left()
+            if pause:
+                await _first(stop, timeout=pause)
+            elif not started:
+                full = self.limit.available(len(self.tasks)) == 0
+                await _first(stop, self._freed if full else None, timeout=idle_s)
         await self.drain()
 
     async def drain(self) -> None:
@@ -195,6 +205,16 @@ class LineRunner:
             await asyncio.sleep(queue.visibility_s / 2)
             if await asyncio.to_thread(queue.extend, lease) is None:
                 return
+
+
+async def _first(*events: asyncio.Event | None, timeout: float) -> None:
+    """Wait until one of `events` is set, or `timeout` seconds pass."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events if e is not None]
+    try:
+        await asyncio.wait(waits, timeout=max(timeout, 0.01), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def _describe(status: int, body: dict[str, Any]) -> str:

@@ -190,3 +190,25 @@ def test_slow_start_doubles_per_window_until_the_first_overload() -> None:
     for _ in range(14):
         additive.on_success()
     assert additive.limit < 6
+
+
+async def test_a_full_worker_starts_the_next_line_when_one_ends_not_after_idling() -> None:
+    class SlowSender(FakeSender):
+        async def send(self, url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+            await asyncio.sleep(0.01)
+            return await super().send(url, body)
+
+    rig = Rig({c: [ok()] for c in "abc"})
+    rig.sender = SlowSender(rig.sender.script)
+    rig.limit = AIMDLimit(AIMDConfig(initial=1, ceiling=1), clock=rig.clock)  # one at a time
+    runner = rig.make_runner("w1")
+    stop = asyncio.Event()
+    running = asyncio.create_task(runner.run(stop, idle_s=60))
+    # Each line waits for the one before it to end; with an idle pause between them this
+    # would take two minutes.
+    async with asyncio.timeout(20):
+        while rig.queue.stats().done < 3:
+            await asyncio.sleep(0.01)
+    stop.set()
+    await running
+    assert sorted(rig.sender.calls) == ["a", "b", "c"]
