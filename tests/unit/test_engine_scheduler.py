@@ -243,3 +243,16 @@ def test_background_waiting_is_bounded_apart_from_interactive_waiting() -> None:
     s.offer(Seq(10, 10))  # interactive work still gets in
     assert [x.background for x in s.admit()] == [False, True]
     assert len(s.drain()) == 1 and s.queued == 0
+
+
+def test_background_can_be_held_back_from_an_interactive_prefill() -> None:
+    s = scheduler(capacity=1000, running=4, waiting=4)
+    line, urgent = Seq(10, 10, background=True), Seq(10, 10)
+    s.offer(line)
+    s.offer(urgent)
+    assert s.admit(background_with_interactive=False) == [urgent]
+    assert s.admit(background_with_interactive=False) == [line]  # next time, alone
+    later = Seq(10, 10, background=True)
+    s.offer(later)
+    assert s.admit(background=False) == []  # the engine says lines stand aside now
+    assert len(s.drain()) == 1 and s.queued == 0

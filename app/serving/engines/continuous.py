@@ -220,7 +220,7 @@ class ContinuousEngine(Engine):
                     if self._closed:
                         break
                     due = self._scheduler.prefill_due(self._since_prefill)
-                    taken = self._scheduler.admit(background=not self._yielding()) if due else []
+                    taken = self._admit() if due else []
                 self._since_prefill = 0 if taken else self._since_prefill + 1
                 try:
                     self._iterate(taken)
@@ -260,6 +260,14 @@ class ContinuousEngine(Engine):
             self._reap()
 
     # ---- batch lines yield to interactive sequences ------------------------------------------
+
+    def _admit(self) -> list[_Sequence]:
+        """The scheduler's admission (under the lock). Lines that would be set aside at once
+        are not prefilled beside an interactive sequence's prompt either."""
+        yields = self._pause_s > 0
+        return self._scheduler.admit(
+            background=not self._yielding(), background_with_interactive=not yields
+        )
 
     def _yielding(self) -> bool:
         """Whether batch lines stand aside now: interactive sequences decode, and the lines

@@ -181,14 +181,19 @@ class Scheduler(Generic[S]):
             return True
         return self.queued * delay >= len(self.running)
 
-    def admit(self, *, background: bool = True) -> list[S]:
+    def admit(
+        self, *, background: bool = True, background_with_interactive: bool = True
+    ) -> list[S]:
         """Move waiting sequences into the running batch while they fit and the prefill budget
         lasts (one is always taken when it fits): interactive ones in arrival order, then, if
-        none is left waiting and `background` allows, background ones in theirs. They are the
-        caller's to prefill. Cancelled waiting sequences are dropped on the way."""
+        none is left waiting and `background` allows, background ones in theirs (with
+        `background_with_interactive` false, only when no interactive one was taken). They are
+        the caller's to prefill. Cancelled waiting sequences are dropped on the way."""
         self._drop_cancelled()
         taken: list[S] = []
         self._take(self.waiting, taken, background=False)
+        if taken and not background_with_interactive:
+            background = False
         if background and not self.waiting:
             self._take(self.waiting_background, taken, background=True)
         return taken
