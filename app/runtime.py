@@ -127,3 +127,21 @@ def kill_stray_haproxy(state_dir: str = DEFAULT_HAPROXY_DIR) -> int:
         except ProcessLookupError:
             pass
     return killed
+
+
+def lower_cpu_priority(steps: int) -> None:
+    """Make the operating system schedule this whole process `steps` lower (as `nice`).
+    On Linux nice() changes only the calling thread, and a replica's other threads (Ray's, its
+    event loop's) are already running, so each thread is lowered; threads started later inherit
+    it from their creator. Raises OSError when not permitted."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():  # not Linux: nice() applies to the process
+        os.nice(steps)
+        return
+    for entry in tasks.iterdir():
+        tid = int(entry.name)
+        try:
+            now = os.getpriority(os.PRIO_PROCESS, tid)
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, now + steps))
+        except ProcessLookupError:  # the thread ended meanwhile
+            continue

@@ -1,10 +1,11 @@
 """How many batch lines a worker keeps in flight: additive increase, multiplicative decrease
 (AIMD), so batches fill spare capacity and give it back the moment replicas say 429 or 503.
 
-Like TCP, it starts with slow start: until the first overload the limit grows by one line per
-success, doubling each round trip, instead of by one line per window of successes. Additive
-increase alone takes about ceiling²/2 lines to reach the ceiling (some 500 lines at 32), which
-is most of a small batch run below its fair share; slow start takes about 2 x ceiling."""
+Like TCP, it starts with slow start: until the first overload the limit grows by `increase`
+per success, doubling each round trip with the default of 1, instead of by `increase` per
+window of successes. Additive increase alone takes about ceiling²/2 lines to reach the ceiling
+(some 500 lines at 32), most of a small batch run below its fair share; slow start takes
+ceiling - initial lines. Slow start ends at the first overload, for the worker's lifetime."""
 
 from __future__ import annotations
 

@@ -145,8 +145,10 @@ class LineRunner:
             if pause:
                 await _first(stop, timeout=pause)
             elif not started:
-                full = self.limit.available(len(self.tasks)) == 0
-                await _first(stop, self._freed if full else None, timeout=idle_s)
+                # A line ending (now, or while the poll ran) frees a place: look again then.
+                # With none in flight, only new lines can be waited for.
+                busy = bool(self.tasks) or self._freed.is_set()
+                await _first(stop, self._freed if busy else None, timeout=idle_s)
         await self.drain()
 
     async def drain(self) -> None:

@@ -89,8 +89,9 @@ class BatchSettings(BaseModel):
         ge=0,
         le=19,
         description="How much lower than normal the operating system schedules a worker "
-        "replica's process (os.nice): on a host shared with model replicas, batch lines' "
-        "own work (leases, results, sending) gives way to interactive requests'. 0: no change.",
+        "replica's process, every thread of it (as nice): on a host shared with model "
+        "replicas, batch lines' own work (leases, results, sending) gives way to interactive "
+        "requests'. 0: no change.",
     )
 
     @model_validator(mode="after")

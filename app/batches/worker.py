@@ -32,6 +32,7 @@ from app.batches.workflow import WORKFLOW, BatchDeps, batch_workflow, start_inpu
 from app.events.bus import EventBus
 from app.kv.client import ScanPage
 from app.kv.errors import ClusterNotFoundError, KVUnavailableError
+from app.runtime import lower_cpu_priority
 from app.workflows.engine import WorkflowEngine
 
 logger = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ class BatchWorker:
         self.settings = BatchSettings.model_validate(settings or {})
         if self.settings.nice:
             with contextlib.suppress(OSError):  # not permitted: run at the normal priority
-                os.nice(self.settings.nice)
+                lower_cpu_priority(self.settings.nice)
         self.models = frozenset(models)
         self.owner = _process_name("batch-worker")
         self.kv = LazyKV(self.connector())

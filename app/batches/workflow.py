@@ -221,7 +221,8 @@ class BatchSteps:
     def _wait(self, ctx: StepCtx, batch: dict[str, Any], queue: LineQueue) -> str:
         invalid = int(ctx.results["validate"]["invalid"])
         counts = dict(batch["request_counts"])
-        seen = (self.d.clock(), 0)  # (when, lines done): the rate the lines finish at
+        seen: tuple[float, int] | None = None  # (when, lines left) at the last look
+        rate = 0.0  # lines/s, from the last look at which lines had finished
         while True:
             ctx.heartbeat()
             if ctx.cancelled():
@@ -241,9 +242,11 @@ class BatchSteps:
             left = stats.pending + stats.leased
             if left == 0:
                 return "completed"
-            done, at = completed + failed, self.d.clock()
-            rate = (done - seen[1]) / (at - seen[0]) if at > seen[0] else 0.0
-            seen = (at, done)
+            at = self.d.clock()
+            if seen is not None and left < seen[1] and at > seen[0]:
+                rate = (seen[1] - left) / (at - seen[0])
+            if seen is None or left < seen[1]:
+                seen = (at, left)
             self.d.sleep(next_poll_s(left, rate, self.d.poll_s))
 
     def _stop(self, batch_id: str, queue: LineQueue) -> None:

@@ -102,7 +102,7 @@ class EngineSettings(BaseModel):
         """background_pause_s on `device` (its default filled in)."""
         if self.background_pause_s is not None:
             return self.background_pause_s
-        return 0.0 if device.startswith("cuda") else CPU_BACKGROUND_PAUSE_S
+        return CPU_BACKGROUND_PAUSE_S if device.startswith("cpu") else 0.0
 
     @model_validator(mode="before")
     @classmethod

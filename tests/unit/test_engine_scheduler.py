@@ -256,3 +256,28 @@ def test_background_can_be_held_back_from_an_interactive_prefill() -> None:
     s.offer(later)
     assert s.admit(background=False) == []  # the engine says lines stand aside now
     assert len(s.drain()) == 1 and s.queued == 0
+
+
+def test_retry_after_counts_only_the_work_queued_ahead_of_the_class() -> None:
+    s = scheduler(capacity=100, running=1, waiting=8)
+    s.offer(Seq(10, 90))
+    s.admit()
+    for _ in range(3):
+        s.offer(Seq(10, 90, background=True))  # 270 tokens of batch work waiting
+    s.offer(Seq(10, 90))  # 90 tokens of interactive work waiting
+    assert s.retry_after_s(30.0) == 3  # interactive work never waits behind batch lines
+    assert s.retry_after_s(30.0, background=True) == 12
+
+
+def test_lines_held_back_do_not_make_a_prefill_due() -> None:
+    s: Scheduler[Seq] = Scheduler(
+        10_000, max_running=8, max_waiting=8, max_prefill_tokens=4096, max_prefill_delay_steps=4
+    )
+    for _ in range(7):
+        s.offer(Seq(5, 5))
+    s.admit()
+    for _ in range(2):
+        s.offer(Seq(5, 5, background=True))
+    s.offer(Seq(5, 5))  # one arrival: 1 x 4 < 7 running, so it is gathered with later ones
+    assert not s.prefill_due(0, background=False)
+    assert s.prefill_due(0)  # counting the lines, three arrivals are worth a pass

@@ -25,6 +25,7 @@ from app.serving.engines.static import StaticEngine
 from app.serving.runners.base import GenerationRequest, RowError, RunnerError, TokenDelta
 from app.serving.runners.echo import EchoRunner
 from app.serving.runners.text import TransformersCausalLMRunner
+from app.serving.runners.text_batch import DecodeBatch
 from app.serving.service import ModelService
 
 CATALOGUE = load_catalogue(Path(__file__).resolve().parents[2] / "models")
@@ -148,7 +149,7 @@ def test_rows_split_off_and_joined_back_decode_as_they_would_alone(llama: Counti
             if step == split_at:
                 aside = batch.split([0, 2])
                 assert aside is not None and len(aside) == 2 and len(batch) == 1
-            if aside is not None and step < split_at + 5:  # set aside for five steps
+            if aside is not None and split_at is not None and step < split_at + 5:  # five steps
                 batch.step()
                 continue
             if aside is not None:
@@ -210,6 +211,49 @@ async def test_batch_lines_still_progress_under_steady_interactive_load(
     assert not interactive.done()
     await interactive
     dec.engine.close()
+
+
+async def test_a_line_cancelled_while_set_aside_gives_its_budget_back_at_once(
+    llama: CountingLlama,
+) -> None:
+    card = card_with(llama, kind="continuous", max_running=8, background_pause_s=30)
+    dec = SequenceDecoder(make_engine(card, llama, LocalBatcher(8, 0.02)))
+    engine = dec.engine
+    lines = [asyncio.create_task(dec.collect(greedy(p, 60, background=True))) for p in PROMPTS[:2]]
+    await until(lambda: engine.stats().running == 2)
+    interactive = asyncio.create_task(dec.collect(greedy(PROMPTS[3], 300)))
+    await until(lambda: engine.stats().paused == 2)
+    lines[0].cancel()
+    await until(lambda: engine.stats().paused == 1 and engine.stats().running == 2)
+    assert not interactive.done()  # dropped while still set aside, not at the rejoin
+    await interactive
+    await lines[1]
+    await until(lambda: engine.stats().running == 0)
+    engine.close()
+
+
+async def test_a_failed_rejoin_fails_every_sequence_and_keeps_no_budget(
+    llama: CountingLlama, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    card = card_with(llama, kind="continuous", max_running=8, background_pause_s=0.05)
+    dec = SequenceDecoder(make_engine(card, llama, LocalBatcher(8, 0.02)))
+    engine = dec.engine
+    lines = [asyncio.create_task(dec.collect(greedy(p, 300, background=True))) for p in PROMPTS[:2]]
+    await until(lambda: engine.stats().running == 2)
+    interactive = asyncio.create_task(dec.collect(greedy(PROMPTS[3], 480)))
+    await until(lambda: engine.stats().paused == 2)
+
+    def broken(self: DecodeBatch, other: DecodeBatch) -> None:
+        raise RuntimeError("out of memory while joining (simulated)")
+
+    monkeypatch.setattr(DecodeBatch, "absorb", broken)  # the lines' turn to rejoin fails
+    outcomes = await asyncio.gather(*lines, interactive, return_exceptions=True)
+    assert all(isinstance(o, Exception) for o in outcomes)  # every reader hears of it
+    monkeypatch.undo()
+    await until(lambda: engine.stats().running == 0)
+    assert engine.stats().kv_cache_utilization == 0
+    assert (await dec.collect(greedy(PROMPTS[1], 4)))[2] == "length"  # and the engine goes on
+    engine.close()
 
 
 async def test_seeded_sampling_is_reproducible_and_per_request(llama: CountingLlama) -> None:

@@ -219,7 +219,9 @@ class ContinuousEngine(Engine):
                         self._cond.wait()
                     if self._closed:
                         break
-                    due = self._scheduler.prefill_due(self._since_prefill)
+                    due = self._scheduler.prefill_due(
+                        self._since_prefill, background=not self._yielding()
+                    )
                     taken = self._admit() if due else []
                 self._since_prefill = 0 if taken else self._since_prefill + 1
                 try:
@@ -264,9 +266,9 @@ class ContinuousEngine(Engine):
     def _admit(self) -> list[_Sequence]:
         """The scheduler's admission (under the lock). Lines that would be set aside at once
         are not prefilled beside an interactive sequence's prompt either."""
-        yields = self._pause_s > 0
+        alone = self._pause_s > 0 and time.monotonic() >= self._together_until
         return self._scheduler.admit(
-            background=not self._yielding(), background_with_interactive=not yields
+            background=not self._yielding(), background_with_interactive=not alone
         )
 
     def _yielding(self) -> bool:
@@ -283,6 +285,7 @@ class ContinuousEngine(Engine):
         back when none does. After background_pause_s of standing aside (set aside, or kept
         waiting), the lines decode beside the interactive sequences for as long again, so a
         batch progresses under any load."""
+        self._reap_paused()
         now = time.monotonic()
         if not any(not s.background for s in self._sequences):
             self._yield_since = None
@@ -304,26 +307,49 @@ class ContinuousEngine(Engine):
         if moved is None:  # a cache that cannot be cut (checked at load, so a changed model)
             logger.warning("%s: batch lines cannot be set aside; they decode on", self.model_id)
             self._pause_s = 0.0
+            if self._paused is not None:
+                self._resume()
             return
         chosen = set(indices)
         lines = [s for i, s in enumerate(self._sequences) if i in chosen]
         self._sequences = [s for i, s in enumerate(self._sequences) if i not in chosen]
-        if self._paused is None:
-            self._paused, self._paused_sequences = moved, lines
-        else:
+        # Joined before the lists change hands: if the join fails, _fail still finds every
+        # sequence in the scheduler's running set.
+        if self._paused is not None:
             self._paused.absorb(moved)
-            self._paused_sequences = self._paused_sequences + lines
+            moved = self._paused
+        self._paused, self._paused_sequences = moved, self._paused_sequences + lines
 
     def _resume(self) -> None:
         paused, lines = self._paused, self._paused_sequences
         assert paused is not None
-        self._paused, self._paused_sequences = None, []
         if self._batch is None:
             self._batch, self._sequences = paused, lines
         else:
             self._batch.absorb(paused)
-            self._sequences.extend(lines)
+            self._sequences = self._sequences + lines
+        self._paused, self._paused_sequences = None, []
         self._reap()  # lines cancelled while set aside
+
+    def _reap_paused(self) -> None:
+        """Drop lines cancelled while set aside, with their cache rows and budget."""
+        paused = self._paused
+        if paused is None or all(row.live for row in paused.rows):
+            return
+        keep = [i for i, row in enumerate(paused.rows) if row.live]
+        gone = [
+            s for s, row in zip(self._paused_sequences, paused.rows, strict=True) if not row.live
+        ]
+        if not keep:
+            self._paused, self._paused_sequences = None, []
+        elif paused.keep(keep):
+            self._paused_sequences = [self._paused_sequences[i] for i in keep]
+        else:
+            return  # a cache that cannot be cut: they leave when the lines rejoin the batch
+        for sequence in gone:
+            sequence.send(_END)
+        with self._cond:
+            self._scheduler.release(gone)
 
     def _step(self, batch: DecodeBatch, sequences: list[_Sequence], decode: bool = False) -> None:
         """One forward pass; the budget of sequences it ended is returned before their readers
@@ -375,9 +401,13 @@ class ContinuousEngine(Engine):
             self._scheduler.release(gone)
 
     def _fail(self, error: Exception, taken: list[_Sequence], batch_too: bool = True) -> None:
-        """The sequences just admitted, and (batch_too) every one in the running batch, fail
-        with `error`."""
-        running = self._sequences + self._paused_sequences if batch_too else []
+        """The sequences just admitted, and (batch_too) every one admitted and not yet ended
+        (decoding, set aside, or between the two when a join failed), fail with `error`."""
+        if batch_too:
+            with self._cond:
+                running = list(self._scheduler.running)
+        else:
+            running = []
         failed = running + [s for s in taken if s not in running]
         for sequence in failed:
             sequence.send(RowError(error))

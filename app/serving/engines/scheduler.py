@@ -12,9 +12,9 @@ forward pass of its own, which on a small batch costs about what a decode step d
 
 Admission is first come, first served within each of two classes: a sequence that does not fit
 yet blocks the ones behind it rather than being overtaken for ever by smaller ones. Sequences
-that could run at once are always accepted; beyond them at most `max_waiting` wait, and the next
-is refused (a 429 with Retry-After) rather than queued behind work that will take longer than a
-client should wait.
+that could run at once are always accepted; beyond them at most `max_waiting` of each class
+wait, and the next is refused (a 429 with Retry-After) rather than queued behind work that will
+take longer than a client should wait.
 
 The two classes: interactive sequences, and background ones (batch jobs' lines, app.batches).
 Interactive sequences always go first, and background ones run only within `background_share`
@@ -135,7 +135,7 @@ class Scheduler(Generic[S]):
 
     def offer(self, sequence: S, tokens_per_s: float = 0.0) -> None:
         """Queue a sequence, or refuse it: ExceedsCapacity if it can never fit, QueueFull if it
-        cannot run now and max_waiting sequences already wait."""
+        cannot run now and max_waiting sequences of its class already wait."""
         self._drop_cancelled()
         if sequence.reservation > self.capacity_tokens:
             raise ExceedsCapacity(
@@ -157,7 +157,7 @@ class Scheduler(Generic[S]):
                     f"the KV cache and running batch are full for {kind}work "
                     f"({len(self.running)} sequences running, {len(queue)} waiting); "
                     "retry shortly",
-                    self.retry_after_s(tokens_per_s),
+                    self.retry_after_s(tokens_per_s, background=background),
                 )
         queue.append(sequence)
 
@@ -168,18 +168,20 @@ class Scheduler(Generic[S]):
         if any(s.cancelled for s in self.waiting_background):
             self.waiting_background = deque(s for s in self.waiting_background if not s.cancelled)
 
-    def prefill_due(self, steps_since_prefill: int) -> bool:
+    def prefill_due(self, steps_since_prefill: int, *, background: bool = True) -> bool:
         """Whether to prefill waiting sequences now. Each prefill is a forward pass of its own
         between decode steps, so while a batch runs, arrivals are gathered for up to
         max_prefill_delay_steps steps, or until there are enough of them (running / delay) that
-        one pass serves many: a bounded wait for a new request, fewer passes for everyone."""
+        one pass serves many: a bounded wait for a new request, fewer passes for everyone.
+        Background sequences count only when `background` says they may be admitted now."""
         self._drop_cancelled()
-        if not self.queued:
+        arrivals = len(self.waiting) + (len(self.waiting_background) if background else 0)
+        if not arrivals:
             return False
         delay = self.max_prefill_delay_steps
         if not self.running or delay == 0 or steps_since_prefill >= delay:
             return True
-        return self.queued * delay >= len(self.running)
+        return arrivals * delay >= len(self.running)
 
     def admit(
         self, *, background: bool = True, background_with_interactive: bool = True
@@ -216,9 +218,11 @@ class Scheduler(Generic[S]):
         if gone:
             self.running = [s for s in self.running if id(s) not in gone]
 
-    def retry_after_s(self, tokens_per_s: float) -> int:
-        """Seconds until the queued work has likely drained: its tokens at the recent rate."""
+    def retry_after_s(self, tokens_per_s: float, *, background: bool = False) -> int:
+        """Seconds until the work queued ahead of a sequence of this class has likely drained:
+        its tokens at the recent rate (interactive sequences never wait behind background)."""
         if tokens_per_s <= 0:
             return 1
-        queued = sum(s.max_tokens for s in (*self.waiting, *self.waiting_background))
+        ahead = [*self.waiting, *self.waiting_background] if background else self.waiting
+        queued = sum(s.max_tokens for s in ahead)
         return max(1, min(RETRY_AFTER_MAX_S, math.ceil(queued / tokens_per_s)))
