@@ -3,8 +3,8 @@ and clean-up of what `ray stop` leaves behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -118,15 +118,26 @@ def stray_haproxy_pids(state_dir: str = DEFAULT_HAPROXY_DIR) -> list[int]:
     return pids
 
 
-def kill_stray_haproxy(state_dir: str = DEFAULT_HAPROXY_DIR) -> int:
-    killed = 0
+def kill_stray_haproxy(state_dir: str = DEFAULT_HAPROXY_DIR, *, wait_s: float = 5.0) -> int:
+    """Stop those processes and wait until they have exited (SIGKILL after wait_s), so that a
+    cluster started next finds their ports free rather than racing an HAProxy still exiting
+    ("cannot bind socket (Address already in use)"). Returns how many there were."""
+    import psutil
+
+    procs = []
     for pid in stray_haproxy_pids(state_dir):
         try:
-            os.kill(pid, signal.SIGTERM)
-            killed += 1
-        except ProcessLookupError:
+            proc = psutil.Process(pid)
+            proc.terminate()
+            procs.append(proc)
+        except psutil.NoSuchProcess:
             pass
-    return killed
+    _, alive = psutil.wait_procs(procs, timeout=wait_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=wait_s)
+    return len(procs)
 
 
 def lower_cpu_priority(steps: int) -> None:
