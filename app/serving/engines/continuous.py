@@ -332,24 +332,12 @@ class ContinuousEngine(Engine):
         self._reap()  # lines cancelled while set aside
 
     def _reap_paused(self) -> None:
-        """Drop lines cancelled while set aside, with their cache rows and budget."""
-        paused = self._paused
-        if paused is None or all(row.live for row in paused.rows):
-            return
-        keep = [i for i, row in enumerate(paused.rows) if row.live]
-        gone = [
-            s for s, row in zip(self._paused_sequences, paused.rows, strict=True) if not row.live
-        ]
-        if not keep:
-            self._paused, self._paused_sequences = None, []
-        elif paused.keep(keep):
-            self._paused_sequences = [self._paused_sequences[i] for i in keep]
-        else:
-            return  # a cache that cannot be cut: they leave when the lines rejoin the batch
-        for sequence in gone:
-            sequence.send(_END)
-        with self._cond:
-            self._scheduler.release(gone)
+        """Drop lines cancelled while set aside, with their cache rows and budget (for a cache
+        that cannot be cut, they leave when the lines rejoin the batch)."""
+        if self._paused is not None:
+            reaped = self._drop_ended(self._paused, self._paused_sequences)
+            if reaped is not None:
+                self._paused, self._paused_sequences = reaped
 
     def _step(self, batch: DecodeBatch, sequences: list[_Sequence], decode: bool = False) -> None:
         """One forward pass; the budget of sequences it ended is returned before their readers
@@ -382,23 +370,30 @@ class ContinuousEngine(Engine):
 
     def _reap(self) -> None:
         """Drop the sequences that are no longer live, with their cache rows and budget."""
-        batch = self._batch
-        assert batch is not None
+        assert self._batch is not None
+        reaped = self._drop_ended(self._batch, self._sequences)
+        if reaped is None:  # checked when the engine was made (probe), so a model that changed
+            raise UnmergeableCache("the model's KV cache cannot drop rows")
+        self._batch, self._sequences = reaped
+
+    def _drop_ended(
+        self, batch: DecodeBatch, sequences: list[_Sequence]
+    ) -> tuple[DecodeBatch | None, list[_Sequence]] | None:
+        """`batch` (its rows and `sequences` in step) without its rows that are no longer
+        live, whose readers get their end and whose budget goes back: the batch left (None
+        once empty) and its sequences; None, and nothing dropped, if its cache cannot be cut."""
         keep = [i for i, row in enumerate(batch.rows) if row.live]
         if len(keep) == len(batch.rows):
-            return
+            return batch, sequences
         kept = set(keep)
-        gone = [s for i, s in enumerate(self._sequences) if i not in kept]
-        if not keep:
-            self._batch, self._sequences = None, []
-        elif batch.keep(keep):
-            self._sequences = [self._sequences[i] for i in keep]
-        else:  # checked when the engine was made (probe), so only a model that changed
-            raise UnmergeableCache("the model's KV cache cannot drop rows")
+        gone = [s for i, s in enumerate(sequences) if i not in kept]
+        if keep and not batch.keep(keep):
+            return None
         for sequence in gone:
             sequence.send(_END)
         with self._cond:
             self._scheduler.release(gone)
+        return (batch, [sequences[i] for i in keep]) if keep else (None, [])
 
     def _fail(self, error: Exception, taken: list[_Sequence], batch_too: bool = True) -> None:
         """The sequences just admitted, and (batch_too) every one admitted and not yet ended
