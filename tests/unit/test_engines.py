@@ -67,8 +67,12 @@ def card_with(llama: TransformersCausalLMRunner, **engine: Any) -> ModelCard:
     return llama.card.model_copy(update={"engine": EngineSettings.model_validate(engine)})
 
 
-def decoder(llama: TransformersCausalLMRunner, **engine: Any) -> SequenceDecoder:
+def decoder(
+    llama: TransformersCausalLMRunner, *, batch_share: float | None = None, **engine: Any
+) -> SequenceDecoder:
     card = card_with(llama, **engine)
+    if batch_share is not None:
+        card = card.model_copy(update={"batch_share": batch_share})
     return SequenceDecoder(make_engine(card, llama, LocalBatcher(8, 0.02)))
 
 
@@ -87,6 +91,21 @@ async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting"
         await asyncio.sleep(0.005)
+
+
+async def lines_set_aside(
+    dec: SequenceDecoder, *, line_tokens: int, interactive_tokens: int
+) -> tuple[list[asyncio.Task[tuple[str, int, str]]], asyncio.Task[tuple[str, int, str]]]:
+    """Two batch lines decoding, then an interactive request that sets them aside (once it
+    has, both are returned running)."""
+    lines = [
+        asyncio.create_task(dec.collect(greedy(p, line_tokens, background=True)))
+        for p in PROMPTS[:2]
+    ]
+    await until(lambda: dec.engine.stats().running == 2)
+    interactive = asyncio.create_task(dec.collect(greedy(PROMPTS[3], interactive_tokens)))
+    await until(lambda: dec.engine.stats().paused == 2)
+    return lines, interactive
 
 
 # --- the same output as the static engine ------------------------------------------------------
@@ -121,9 +140,7 @@ async def test_a_request_joining_mid_flight_gets_its_tokens_alone(llama: Countin
 
 
 async def test_batch_lines_leave_rows_to_interactive_requests(llama: CountingLlama) -> None:
-    card = card_with(llama, kind="continuous", max_running=4)
-    card = card.model_copy(update={"batch_share": 0.5})  # two rows for batch work
-    dec = SequenceDecoder(make_engine(card, llama, LocalBatcher(8, 0.02)))
+    dec = decoder(llama, kind="continuous", max_running=4, batch_share=0.5)  # 2 rows for lines
     engine = dec.engine
     alone = await dec.collect(greedy(PROMPTS[1], 8))
     lines = [asyncio.create_task(dec.collect(greedy(p, 200, background=True))) for p in PROMPTS]
@@ -181,14 +198,10 @@ def test_rows_split_off_and_joined_back_decode_as_they_would_alone(llama: Counti
 async def test_batch_lines_stand_aside_while_interactive_requests_decode(
     llama: CountingLlama,
 ) -> None:
-    card = card_with(llama, kind="continuous", max_running=8, background_pause_s=30)
-    dec = SequenceDecoder(make_engine(card, llama, LocalBatcher(8, 0.02)))
+    dec = decoder(llama, kind="continuous", max_running=8, background_pause_s=30)
     engine = dec.engine
     alone = [await dec.collect(greedy(p, 60)) for p in PROMPTS[:2]]
-    lines = [asyncio.create_task(dec.collect(greedy(p, 60, background=True))) for p in PROMPTS[:2]]
-    await until(lambda: engine.stats().running == 2)
-    interactive = asyncio.create_task(dec.collect(greedy(PROMPTS[3], 100)))
-    await until(lambda: engine.stats().paused == 2)
+    lines, interactive = await lines_set_aside(dec, line_tokens=60, interactive_tokens=100)
     llama.forwards = []
     await until(lambda: len(llama.forwards) >= 20)
     assert set(llama.forwards) == {1}  # the interactive request decodes alone
@@ -202,8 +215,7 @@ async def test_batch_lines_stand_aside_while_interactive_requests_decode(
 async def test_batch_lines_still_progress_under_steady_interactive_load(
     llama: CountingLlama,
 ) -> None:
-    card = card_with(llama, kind="continuous", max_running=8, background_pause_s=0.05)
-    dec = SequenceDecoder(make_engine(card, llama, LocalBatcher(8, 0.02)))
+    dec = decoder(llama, kind="continuous", max_running=8, background_pause_s=0.05)
     interactive = asyncio.create_task(dec.collect(greedy(PROMPTS[3], 480)))
     await until(lambda: dec.engine.stats().running == 1)
     lines = [asyncio.create_task(dec.collect(greedy(p, 40, background=True))) for p in PROMPTS[:2]]
@@ -216,13 +228,9 @@ async def test_batch_lines_still_progress_under_steady_interactive_load(
 async def test_a_line_cancelled_while_set_aside_gives_its_budget_back_at_once(
     llama: CountingLlama,
 ) -> None:
-    card = card_with(llama, kind="continuous", max_running=8, background_pause_s=30)
-    dec = SequenceDecoder(make_engine(card, llama, LocalBatcher(8, 0.02)))
+    dec = decoder(llama, kind="continuous", max_running=8, background_pause_s=30)
     engine = dec.engine
-    lines = [asyncio.create_task(dec.collect(greedy(p, 60, background=True))) for p in PROMPTS[:2]]
-    await until(lambda: engine.stats().running == 2)
-    interactive = asyncio.create_task(dec.collect(greedy(PROMPTS[3], 300)))
-    await until(lambda: engine.stats().paused == 2)
+    lines, interactive = await lines_set_aside(dec, line_tokens=60, interactive_tokens=300)
     lines[0].cancel()
     await until(lambda: engine.stats().paused == 1 and engine.stats().running == 2)
     assert not interactive.done()  # dropped while still set aside, not at the rejoin
@@ -235,13 +243,9 @@ async def test_a_line_cancelled_while_set_aside_gives_its_budget_back_at_once(
 async def test_a_failed_rejoin_fails_every_sequence_and_keeps_no_budget(
     llama: CountingLlama, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    card = card_with(llama, kind="continuous", max_running=8, background_pause_s=0.05)
-    dec = SequenceDecoder(make_engine(card, llama, LocalBatcher(8, 0.02)))
+    dec = decoder(llama, kind="continuous", max_running=8, background_pause_s=0.05)
     engine = dec.engine
-    lines = [asyncio.create_task(dec.collect(greedy(p, 300, background=True))) for p in PROMPTS[:2]]
-    await until(lambda: engine.stats().running == 2)
-    interactive = asyncio.create_task(dec.collect(greedy(PROMPTS[3], 480)))
-    await until(lambda: engine.stats().paused == 2)
+    lines, interactive = await lines_set_aside(dec, line_tokens=300, interactive_tokens=480)
 
     def broken(self: DecodeBatch, other: DecodeBatch) -> None:
         raise RuntimeError("out of memory while joining (simulated)")
