@@ -71,6 +71,7 @@ def decision_cost(n_replicas: int, iterations: int = 4000) -> dict[str, dict[str
     from app.fleet.hints import route_kwarg
     from app.fleet.request_router import FleetRequestRouter
     from app.fleet.spec import FleetSpec, Region
+    from app.fleet.view import FleetView
 
     class Replica(RunningReplica):
         def __init__(self, info: RunningReplicaInfo, n: int) -> None:
@@ -108,7 +109,8 @@ def decision_cost(n_replicas: int, iterations: int = 4000) -> dict[str, dict[str
     )
     fleet = FleetRequestRouter(deployment_id=dep, handle_source=DeploymentHandleSource.UNKNOWN)
     fleet.initialize_state(fleet=spec.model_dump(mode="json"), model="echo")
-    fleet._ensure_poller = lambda: None  # type: ignore[method-assign]  # no router actor here
+    # No router actor here: a fixed (empty) fleet view that never pulls.
+    fleet._fleet = FleetView(spec.router_actor, interval_s=1.0, subscriber="bench", pulling=False)
     p2c = PowerOfTwoChoicesRequestRouter(
         deployment_id=dep, handle_source=DeploymentHandleSource.UNKNOWN
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 import ray
@@ -46,12 +47,10 @@ def cmd_fleet(args: argparse.Namespace) -> int:
     if action == "status":
         view = ray.get(router.fleet.remote())
         print(json.dumps(view, indent=2) if args.json else format_fleet(view))
-    elif action == "drain":
-        ray.get(router.drain_node.remote(args.node))
-        print(f"drained node {args.node}")
-    elif action == "undrain":
-        ray.get(router.undrain_node.remote(args.node))
-        print(f"undrained node {args.node}")
+    elif action in ("drain", "undrain"):
+        method = router.drain_node if action == "drain" else router.undrain_node
+        version = ray.get(method.remote(args.node))
+        return _confirm(router, f"{action}ed node {args.node}", version, args.wait)
     elif action == "weight":
         ray.get(router.set_weight.remote(args.replica, args.weight))
         print(f"replica {args.replica}: weight {args.weight:g}")
@@ -59,6 +58,25 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         ray.get(router.inject_fault.remote(args.replica, args.latency_ms))
         print(f"replica {args.replica}: injected latency {args.latency_ms:g} ms")
     return 0
+
+
+def _confirm(router: Any, done: str, version: int, wait_s: float) -> int:
+    """Report an operator action once every router applies it (app.fleet.propagation); exit
+    status 1 when some router still has not after `wait_s` (the action itself stands)."""
+    if wait_s <= 0:
+        print(done)
+        return 0
+    result = ray.get(router.propagated.remote(version, wait_s))
+    if not result["behind"]:
+        print(f"{done}: in force on all {result['routers']} routers")
+        return 0
+    behind = "\n  ".join(result["behind"])
+    print(
+        f"{done}, but after {wait_s:g}s {len(result['behind'])} of {result['routers']} "
+        f"routers still route on an older fleet view:\n  {behind}",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def add_fleet_commands(sub: Any) -> None:
@@ -70,6 +88,13 @@ def add_fleet_commands(sub: Any) -> None:
     for name, text in (("drain", "stop routing to a node"), ("undrain", "route to it again")):
         p = fleet_sub.add_parser(name, help=text)
         p.add_argument("node", help="node id")
+        p.add_argument(
+            "--wait",
+            type=float,
+            default=10.0,
+            metavar="S",
+            help="wait up to S seconds until every router applies it (0: return at once)",
+        )
     weight = fleet_sub.add_parser("weight", help="set a replica's manual weight (0 = none)")
     weight.add_argument("replica", help="replica id (see `app fleet status`)")
     weight.add_argument("weight", type=float)

@@ -26,20 +26,31 @@ from starlette.responses import Response
 
 from app.fleet.hints import route_kwarg
 from app.fleet.spec import FleetSpec, own_locality
+from app.fleet.view import fleet_view
 from app.observability.metrics import Base, Reason
 from app.observability.recorder import metrics
+
+FIRST_VIEW_WAIT_S = 10.0
 
 
 class IngressRouter:
     """One per region (ideally per ingress node); stateless apart from its handle's router."""
 
-    def __init__(self, model: DeploymentHandle, fleet: dict[str, Any], model_id: str = "") -> None:
+    # Serve awaits an async constructor before the replica counts as running, so HAProxy only
+    # sends requests once the fleet view is here (or this long has passed: routing then starts
+    # on whatever the view has, and its first decisions wait a little more).
+    async def __init__(  # type: ignore[misc]
+        self, model: DeploymentHandle, fleet: dict[str, Any], model_id: str = ""
+    ) -> None:
         spec = FleetSpec.model_validate(fleet)
         region, zone = own_locality()
         self._model_id, self._region = model_id, region or spec.default_region
         self._route = route_kwarg(region=region or spec.default_region, zone=zone)
         self._handle = model
         self._max_wait_s = spec.load_balancing.max_queue_wait_s
+        view = fleet_view(spec)
+        view.ensure_running()
+        await view.wait_first_pull(FIRST_VIEW_WAIT_S)
 
     async def __call__(self, request: Request) -> Response:
         """Which replica takes the request. The router waits for one with a free slot, but at

@@ -10,33 +10,29 @@ near itself.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
 
-import ray
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from app.autoscaling.report import ReplicaMetric
 from app.fleet.geo import region_distances
 from app.fleet.hints import ROUTE_KWARG, hints_from
 from app.fleet.metrics import RoutingMetrics
-from app.fleet.router_actor import ROUTER_NAMESPACE
 from app.fleet.scoring import Decision, ReplicaView, RouteHints, RoutingPolicy
 from app.fleet.spec import FleetSpec, own_locality
+from app.fleet.view import fleet_view
 from app.observability.tracing import extract, span
 
 logger = logging.getLogger(__name__)
 
-EMPTY_SNAPSHOT: dict[str, Any] = {
-    "version": -1,
-    "replicas": {},
-    "drained_nodes": [],
-    "drained_set": frozenset(),
-}
-FIRST_PULL_WAIT_S = 1.0
+# How long a new router's first decisions wait for this process's first fleet view
+# (app.fleet.view). Without it a router is blind to drains, weights and health; the first pull
+# (an actor lookup, then the first call to the router actor) took 1.2 s on an idle 2-core
+# machine. Below HAProxy's 5 s limit on its call to an ingress router, whose first answer
+# includes this wait. A router actor that is gone fails the pull at once and costs no wait.
+FIRST_PULL_WAIT_S = 3.0
 
 
 class FleetRequestRouter(RequestRouter):
@@ -57,15 +53,11 @@ class FleetRequestRouter(RequestRouter):
         self._router_name = spec.router_actor
         distances = region_distances(spec)
         self._policy = RoutingPolicy(spec.load_balancing, lambda a, b: distances[(a, b)])
-        self._snapshot: dict[str, Any] = EMPTY_SNAPSHOT
-        self._poller: asyncio.Task[None] | None = None
-        self._first_pull: asyncio.Future[None] | None = None
-        self._actor: Any = None
+        # This process's fleet view, shared by its routers and pulled by one thread.
+        self._fleet = fleet_view(spec)
         self._started: dict[str, float] = {}
         # ReplicaID -> (view, snapshot version, routing stats) it was last refreshed from
         self._views: dict[Any, tuple[ReplicaView, int, dict[str, Any]]] = {}
-        # replica id -> [requests, errors, latency EMA ms] since the last snapshot pull
-        self._outcomes: dict[str, list[Any]] = {}
         self._metrics = RoutingMetrics(model)
         region, zone = own_locality()
         self._home = RouteHints(region=region or spec.default_region, zone=zone)
@@ -77,12 +69,11 @@ class FleetRequestRouter(RequestRouter):
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
-        self._ensure_poller()
-        if self._snapshot["version"] < 0 and self._first_pull is not None:
-            # Only a router's very first decisions wait, briefly, for the fleet view, so that a
-            # new router does not send requests to drained or unhealthy replicas.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._first_pull), FIRST_PULL_WAIT_S)
+        self._fleet.ensure_running()
+        if self._fleet.snapshot["version"] < 0:
+            # Only a process's very first decisions wait, briefly, for the fleet view, so that
+            # a new router does not send requests to drained or unhealthy replicas.
+            await self._fleet.wait_first_pull(FIRST_PULL_WAIT_S)
         hints = self._hints(pending_request)
         carried = pending_request.kwargs.get(ROUTE_KWARG) if pending_request else None
         with span("router.choose", parent=extract(carried), model=self._model) as chosen:
@@ -91,6 +82,9 @@ class FleetRequestRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         ranked = [by_id[v.replica_id] for v in decision.ranked]
         if pending_request is not None:
+            if len(self._started) > 10_000:  # requests cancelled before they were sent
+                cutoff = time.monotonic() - 600
+                self._started = {k: t for k, t in self._started.items() if t > cutoff}
             self._started[pending_request.metadata.internal_request_id] = time.monotonic()
         if not ranked:
             # Nothing eligible (all drained, weighted out or already tried): serving from any
@@ -120,7 +114,8 @@ class FleetRequestRouter(RequestRouter):
         when a new snapshot or new routing stats arrive, the queue length every time."""
         cached = self._views.get(r.replica_id)
         stats = r.routing_stats
-        version = self._snapshot["version"]
+        snapshot = self._fleet.snapshot
+        version = snapshot["version"]
         if cached is None:
             meta = r.replica_metadata or {}
             view = ReplicaView(
@@ -136,10 +131,10 @@ class FleetRequestRouter(RequestRouter):
             if seen_version == version and seen_stats is stats:
                 view.ongoing = self.replica_queue_len_cache.get(r.replica_id)
                 return view
-        fleet = self._snapshot["replicas"].get(view.replica_id) or {}
+        fleet = snapshot["replicas"].get(view.replica_id) or {}
         view.capacity = r.max_ongoing_requests
         view.healthy = fleet.get("healthy", True)
-        view.drained = fleet.get("drained", False) or view.node_id in self._snapshot["drained_set"]
+        view.drained = fleet.get("drained", False) or view.node_id in snapshot["drained_set"]
         view.weight = fleet.get("weight", 1.0)
         view.latency_ms = fleet.get("latency_ms", stats.get("latency_ms"))
         view.success_rate = fleet.get("success_rate", stats.get("success_rate", 1.0))
@@ -151,6 +146,9 @@ class FleetRequestRouter(RequestRouter):
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
+        # Serve calls this as soon as the handle learns its replicas, usually before its first
+        # request: start pulling the fleet view now, so that first decisions need not wait.
+        self._fleet.ensure_running()
         live = {r.replica_id for r in replicas}
         self._views = {k: v for k, v in self._views.items() if k in live}
 
@@ -161,48 +159,8 @@ class FleetRequestRouter(RequestRouter):
         started = self._started.pop(internal_request_id, None)
         if started is None:
             return
-        ms = (time.monotonic() - started) * 1000.0
-        entry = self._outcomes.setdefault(replica_id.unique_id, [0, 0, None])
-        entry[0] += 1
-        entry[2] = ms if entry[2] is None else entry[2] + 0.2 * (ms - entry[2])
-
-    def _ensure_poller(self) -> None:
-        if self._poller is None or self._poller.done():
-            loop = asyncio.get_running_loop()
-            if self._first_pull is None:
-                self._first_pull = loop.create_future()
-            self._poller = loop.create_task(self._poll())
-
-    async def _poll(self) -> None:
-        interval = self._spec.load_balancing.snapshot_interval_s
-        while True:
-            if not ray.is_initialized():
-                # The process disconnected (ray.shutdown): calling Ray now would auto-connect
-                # it again, to whatever cluster it finds.
-                return
-            try:
-                await self._pull()
-            except Exception as exc:  # the actor restarting or gone: keep the last snapshot
-                self._actor = None
-                logger.debug("fleet snapshot pull failed: %s", exc)
-            if self._first_pull is not None and not self._first_pull.done():
-                self._first_pull.set_result(None)
-            # Forget start times of requests that never completed (cancelled before sending).
-            if len(self._started) > 10_000:
-                cutoff = time.monotonic() - 600
-                self._started = {k: t for k, t in self._started.items() if t > cutoff}
-            await asyncio.sleep(interval)
-
-    async def _pull(self) -> None:
-        if self._actor is None:
-            self._actor = ray.get_actor(self._router_name, namespace=ROUTER_NAMESPACE)
-        outcomes, self._outcomes = self._outcomes, {}
-        snapshot = await asyncio.wait_for(
-            self._actor.snapshot.remote(self._snapshot["version"], outcomes), timeout=5
-        )
-        if snapshot is not None:
-            self.apply_snapshot(snapshot)
+        self._fleet.record(replica_id.unique_id, (time.monotonic() - started) * 1000.0)
 
     def apply_snapshot(self, snapshot: dict[str, Any]) -> None:
-        """Take a fleet view from the router actor (see FleetRouter.snapshot)."""
-        self._snapshot = snapshot | {"drained_set": frozenset(snapshot.get("drained_nodes") or ())}
+        """Take a fleet view from the router actor (for tests; the view's puller does this)."""
+        self._fleet.apply(snapshot)

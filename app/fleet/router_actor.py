@@ -20,6 +20,7 @@ import ray
 from app.batches.worker import kv_connector
 from app.events.bus import EventType
 from app.events.outbox import Outbox
+from app.fleet.propagation import Propagation
 from app.fleet.spec import FleetSpec, node_locality
 from app.regions.summary import summarize
 from app.runtime import ON_HEAD_NODE
@@ -28,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 ROUTER_NAME = "fleet-router"
 ROUTER_NAMESPACE = "app-fleet"
+# A router that has not pulled for this long is no longer waited for (its process is gone, or
+# so stalled that waiting on it would hold every drain); routers pull every
+# `snapshot_interval_s`, 0.5 s by default.
+PROPAGATION_LIVE_S = 30.0
 
 
 class FleetRouterUnavailableError(RuntimeError):
@@ -93,6 +98,7 @@ class FleetRouter:
         # Node and replica events also go to the region's event bus (app.events), in batches.
         self.outbox = Outbox(kv_connector(self.spec.batches), "fleet-router")
         self._snapshot: dict[str, Any] = {}
+        self.propagation = Propagation(live_s=PROPAGATION_LIVE_S)
         self._loop_task: asyncio.Task[None] | None = None
         self._refresh_nodes()
         self._publish()
@@ -151,11 +157,17 @@ class FleetRouter:
             self._publish()
 
     async def snapshot(
-        self, since_version: int = -1, outcomes: dict[str, Any] | None = None
+        self,
+        since_version: int = -1,
+        outcomes: dict[str, Any] | None = None,
+        subscriber: str | None = None,
     ) -> Any:
         """The current snapshot, or None when the caller already has this version. A router
-        piggybacks what it observed since its last pull ({replica: [n, errors, latency_ms]})."""
+        piggybacks what it observed since its last pull ({replica: [n, errors, latency_ms]})
+        and names itself, so that `propagated` knows it holds `since_version`."""
         self._ensure_loop()
+        if subscriber is not None:
+            self.propagation.ack(subscriber, since_version, time.monotonic())
         for rid, (count, errors, latency_ms) in (outcomes or {}).items():
             record = self.replicas.get(rid)
             if record is None:
@@ -168,6 +180,20 @@ class FleetRouter:
                     latency_ms if prev is None else prev + 0.3 * (latency_ms - prev)
                 )
         return None if since_version == self.version else self._snapshot
+
+    async def propagated(self, version: int, timeout_s: float = 10.0) -> dict[str, Any]:
+        """Wait until every live router has applied `version` (as returned by an operator
+        action such as `drain_node`), at most `timeout_s`. The answer names the routers still
+        behind: empty when the action is in force everywhere."""
+        self._ensure_loop()
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            now = time.monotonic()
+            behind = self.propagation.behind(version, now)
+            if not behind or now >= deadline:
+                live = self.propagation.live(now)
+                return {"version": version, "routers": len(live), "behind": behind}
+            await asyncio.sleep(0.05)
 
     # ---- operator actions --------------------------------------------------------------------
 

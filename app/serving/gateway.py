@@ -61,6 +61,7 @@ from app.fleet.hints import (
 )
 from app.fleet.router_actor import FleetRouterUnavailableError, router_handle
 from app.fleet.spec import FleetSpec, embedded_fleet
+from app.fleet.view import fleet_view
 from app.observability.logs import configure_logging
 from app.observability.metrics import Base
 from app.observability.recorder import metrics
@@ -95,6 +96,7 @@ class Gateway:
     def __init__(self, cards: list[dict[str, Any]], fleet: dict[str, Any] | None = None) -> None:
         self.cards = {c.id: c for c in (ModelCard.model_validate(card) for card in cards)}
         self.fleet = FleetSpec.model_validate(fleet) if fleet else embedded_fleet()
+        fleet_view(self.fleet).ensure_running()  # before the first request needs it
         configure_logging()
         setup_tracing(None, "gateway", resource={"app.region": self.fleet.home_region})
         self.geo = GeoLocator(self.fleet)

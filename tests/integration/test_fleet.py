@@ -87,6 +87,16 @@ def region_of(reply: dict[str, Any]) -> str:
     return str(reply["system_fingerprint"]).split("/")[0]
 
 
+def set_drained(fleet: Fleet, nodes: list[str], drained: bool) -> int:
+    """Drain (or undrain) the nodes and return once every router routes on it (the number of
+    routers): what `app fleet drain` waits for."""
+    method = fleet.router.drain_node if drained else fleet.router.undrain_node
+    version = max(ray.get([method.remote(node) for node in nodes]))
+    result = ray.get(fleet.router.propagated.remote(version, 30))
+    assert not result["behind"], result
+    return int(result["routers"])
+
+
 def chat(client: InferenceClient, text: str = "hi") -> dict[str, Any]:
     return client.chat(
         ChatCompletionRequest(model=MODEL, messages=[{"role": "user", "content": text}])
@@ -171,28 +181,15 @@ def test_model_url_is_routed_by_the_fleet_router_through_haproxy(fleet: Fleet) -
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
     url = fleet.base.replace("/fleet/v1", f"/models/{MODEL}/v1/chat/completions")
     drained = [fleet.replica_in(region)["node_id"] for region in ("us-east-1", "eu-west-1")]
-    for node in drained:
-        ray.get(fleet.router.drain_node.remote(node))
+    routers = set_drained(fleet, drained, True)
     try:
-        # The drain reaches each ingress router with its next snapshot pull (every ~0.5 s; on
-        # a busy machine later): wait until it shows, then every request must follow it.
-        wait_until(
-            lambda: region_of(httpx.post(url, json=body, timeout=30).json()) == "ap-southeast-1",
-            timeout=10,
-            what="the drain to reach the ingress routers",
-        )
-        time.sleep(0.6)  # one more pull, so every router has it
         served = Counter(
             region_of(httpx.post(url, json=body, timeout=30).json()) for _ in range(20)
         )
     finally:
-        for node in drained:
-            ray.get(fleet.router.undrain_node.remote(node))
-    # Without the router HAProxy would spread them over all three regions (~7 each). At most
-    # one stray is tolerated: in this session's CI runs one request in twenty twice reached a
-    # drained region, not reproduced alone (likely an HAProxy reload window in which a node's
-    # backend balances without its ingress router); the note on issue 15 records it.
-    assert served["ap-southeast-1"] >= 19, served
+        set_drained(fleet, drained, False)
+    # Without the router HAProxy would spread them over all three regions (~7 each).
+    assert served == {"ap-southeast-1": 20}, (served, routers)
 
 
 def test_fleet_endpoint_shows_nodes_replicas_health_and_scores(fleet: Fleet) -> None:
@@ -231,16 +228,14 @@ def test_drained_node_gets_no_requests(fleet: Fleet) -> None:
     or full, which a loaded CI machine can make it. Nearest-first is asserted strictly by the
     spill-over test above; here, that the drained node serves nothing."""
     eu = fleet.replica_in("eu-west-1")
-    ray.get(fleet.router.drain_node.remote(eu["node_id"]))
+    set_drained(fleet, [eu["node_id"]], True)
     try:
-        time.sleep(0.6)  # one snapshot pull
         client = InferenceClient(region="eu-west-1", fleet=SPEC)
         served = [region_of(chat(client)) for _ in range(10)]
         assert "eu-west-1" not in served, (served, fleet.view()["replicas"])
         assert served.count("us-east-1") >= 1, (served, fleet.view()["replicas"])
     finally:
-        ray.get(fleet.router.undrain_node.remote(eu["node_id"]))
-    time.sleep(0.6)
+        set_drained(fleet, [eu["node_id"]], False)
     assert region_of(chat(InferenceClient(region="eu-west-1", fleet=SPEC))) == "eu-west-1"
 
 

@@ -19,6 +19,7 @@ from app.fleet.breaker import BreakerConfig, ReplicaBreakers
 from app.fleet.hints import route_kwarg, with_excluded
 from app.fleet.request_router import FleetRequestRouter
 from app.fleet.spec import FleetSpec, Region, Strategy
+from app.fleet.view import FleetView
 
 DEPLOYMENT = DeploymentID(name="model-echo", app_name="model-echo")
 SPEC = FleetSpec(
@@ -69,7 +70,8 @@ def request(route: dict[str, Any] | None = None) -> PendingRequest:
 def router() -> FleetRequestRouter:
     r = FleetRequestRouter(deployment_id=DEPLOYMENT, handle_source=DeploymentHandleSource.UNKNOWN)
     r.initialize_state(fleet=SPEC.model_dump(mode="json"), model="echo")
-    r._ensure_poller = lambda: None  # type: ignore[method-assign]  # no router actor here
+    # No router actor here: the view never pulls, and the tests apply its snapshots.
+    r._fleet = FleetView(SPEC.router_actor, interval_s=1.0, subscriber="test", pulling=False)
     return r
 
 
@@ -160,6 +162,6 @@ async def test_completed_requests_feed_the_outcome_report(router: FleetRequestRo
     a = replica("a", "us-east-1")
     await router.choose_replicas([a], request())
     router.on_request_completed(a.replica_id, "i-1")
-    assert router._outcomes["a"][0] == 1 and router._outcomes["a"][2] >= 0
     router.on_request_completed(a.replica_id, "unknown")  # never chosen here: ignored
-    assert router._outcomes["a"][0] == 1
+    outcomes = router._fleet.take_outcomes()
+    assert outcomes["a"][0] == 1 and outcomes["a"][2] >= 0

@@ -96,6 +96,21 @@ async def test_snapshot_versions_drains_weights_and_faults(router: StaticNodesRo
         await router.inject_fault("zz", 1)
 
 
+async def test_propagated_waits_for_every_pulling_router_to_apply_a_drain(
+    router: StaticNodesRouter,
+) -> None:
+    first = await router.snapshot(subscriber="ingress-eu")
+    await router.snapshot(first["version"], subscriber="gateway")
+    version = await router.drain_node("n-eu")
+    late = await router.propagated(version, timeout_s=0.2)
+    assert late == {"version": version, "routers": 2, "behind": ["gateway", "ingress-eu"]}
+    # Each router pulls the drain, then acknowledges it with its next pull.
+    for name in ("gateway", "ingress-eu"):
+        await router.snapshot(first["version"], subscriber=name)
+        await router.snapshot(version, subscriber=name)
+    assert (await router.propagated(version, timeout_s=0))["behind"] == []
+
+
 async def test_router_latency_overrides_and_placement_is_reported(
     router: StaticNodesRouter,
 ) -> None:
