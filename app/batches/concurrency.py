@@ -5,13 +5,16 @@ Like TCP, it starts with slow start: until the first overload the limit grows by
 per success, doubling each round trip with the default of 1, instead of by `increase` per
 window of successes. Additive increase alone takes about ceiling²/2 lines to reach the ceiling
 (some 500 lines at 32), most of a small batch run below its fair share; slow start takes
-ceiling - initial lines. Slow start ends at the first overload, for the worker's lifetime."""
+ceiling - initial lines. Slow start ends at the first overload, for the worker's lifetime.
+
+Each model has its own limit (ModelLimits): a model whose replicas answer 429 slows and pauses
+its own lines, while another model's lines, from the same batch or another, keep their pace."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -28,6 +31,9 @@ class AIMDConfig(BaseModel):
     decrease: float = Field(0.5, gt=0, lt=1, description="Factor applied on an overload.")
     pause_s: float = Field(
         1.0, gt=0, description="Pause after an overload that gave no Retry-After."
+    )
+    total: int = Field(
+        128, ge=1, description="Never more lines in flight than this, all models together."
     )
     slow_start: bool = Field(
         True,
@@ -77,3 +83,58 @@ class AIMDLimit:
         wait = self.config.pause_s if retry_after_s is None else max(0.0, retry_after_s)
         self.paused_until = max(self.paused_until, now + wait)
         return wait
+
+
+class ModelLimits:
+    """One AIMDLimit per model, created with the model's first line, under one cap on the
+    lines in flight for all models together (`total`)."""
+
+    def __init__(
+        self, config: AIMDConfig | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.config = config or AIMDConfig()
+        self.clock = clock
+        self.limits: dict[str, AIMDLimit] = {}
+
+    def of(self, model: str) -> AIMDLimit:
+        limit = self.limits.get(model)
+        if limit is None:
+            limit = self.limits[model] = AIMDLimit(self.config, clock=self.clock)
+        return limit
+
+    def available(self, model: str, in_flight: Mapping[str, int]) -> int:
+        """How many more of this model's lines may start now."""
+        total_left = self.config.total - sum(in_flight.values())
+        return max(0, min(total_left, self.of(model).available(in_flight.get(model, 0))))
+
+    def room(self, in_flight: Mapping[str, int]) -> int:
+        """How many lines to take from the queues now: the free places of the models seen so
+        far (a line taken for a model with none goes back to its queue). Before any model is
+        seen, a new limit's `initial`; when every model seen is full or paused and no line is
+        in flight, one, to find lines of models not seen yet behind them."""
+        total_left = self.config.total - sum(in_flight.values())
+        if not self.limits:
+            free = math.floor(self.config.initial)
+        else:
+            free = sum(limit.available(in_flight.get(m, 0)) for m, limit in self.limits.items())
+            if free == 0 and not any(in_flight.values()):
+                free = 1
+        return max(0, min(total_left, free))
+
+    def pause_left(self) -> float:
+        """How long until some model may start lines again: 0 unless every model seen is
+        paused."""
+        if not self.limits:
+            return 0.0
+        return min(limit.pause_left() for limit in self.limits.values())
+
+    def describe(self, in_flight: Mapping[str, int]) -> dict[str, dict[str, float]]:
+        """Per model: its limit, lines in flight and pause left (the worker's stats)."""
+        return {
+            model: {
+                "limit": round(limit.limit, 2),
+                "in_flight": in_flight.get(model, 0),
+                "paused_s": round(limit.pause_left(), 3),
+            }
+            for model, limit in sorted(self.limits.items())
+        }

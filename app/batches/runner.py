@@ -1,25 +1,30 @@
 """The line worker: leases batch lines from the active batches' queues, sends each through a
 LineSender at a concurrency that backs off on overload, stores each line's first result and
 acks it. Lower priority than interactive traffic by construction: it only grows into spare
-capacity, and a 429 or 503 from the fleet shrinks it and pauses it."""
+capacity, and a 429 or 503 from the fleet shrinks it and pauses it, for the model that
+answered so (app.batches.concurrency.ModelLimits)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from app.api.errors import APIError
 from app.batches.capacity import ActiveBatches
-from app.batches.concurrency import AIMDLimit
+from app.batches.concurrency import ModelLimits
 from app.batches.output import ResultStore, Tally, error_record, response_record, succeeded
 from app.jobs.queue import DurableQueue, Lease, QueueKV, QueueStats
 
 logger = logging.getLogger(__name__)
 
 OVERLOAD = frozenset({429, 503})
+# A line leased for a model that is at its limit (not paused) goes back to its queue for this
+# long, so the next poll finds other lines first.
+FULL_MODEL_HOLD_S = 0.25
 
 
 class LineSender(Protocol):
@@ -88,7 +93,7 @@ class LineRunner:
         queues: Callable[[], list[LineQueue]],
         *,
         owner: str,
-        limit: AIMDLimit | None = None,
+        limits: ModelLimits | None = None,
         tally: Tally | None = None,
         flush_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
@@ -97,7 +102,8 @@ class LineRunner:
         self.results = results
         self.queues = queues
         self.owner = owner
-        self.limit = limit or AIMDLimit()
+        self.limits = limits or ModelLimits()
+        self.in_flight: Counter[str] = Counter()  # model -> its lines in flight
         self.tally = tally or Tally(results.kv)
         self.flush_s = flush_s
         self.clock = clock
@@ -107,20 +113,18 @@ class LineRunner:
         self._flushed = clock()
 
     async def poll(self) -> int:
-        """Start as many lines as the limit allows; returns how many started."""
-        free = self.limit.available(len(self.tasks))
+        """Start as many lines as the models' limits allow; returns how many started."""
+        free = self.limits.room(self.in_flight)
         queues = await asyncio.to_thread(self.queues) if free else []
-        started = 0
+        taken = started = 0
         for i in range(len(queues)):
-            if free <= started:
+            if free <= taken:
                 break
             queue = queues[(self._turn + i) % len(queues)]
-            leases = await asyncio.to_thread(queue.lease, free - started, self.owner)
+            leases = await asyncio.to_thread(queue.lease, free - taken, self.owner)
+            taken += len(leases)
             for lease in leases:
-                task = asyncio.create_task(self.process(queue, lease))
-                self.tasks.add(task)
-                task.add_done_callback(self._ended)
-            started += len(leases)
+                started += await self._start(queue, lease)
         self._turn += 1
         if self.clock() - self._flushed >= self.flush_s:
             await self.flush()
@@ -130,8 +134,27 @@ class LineRunner:
         self._flushed = self.clock()
         await asyncio.to_thread(self.tally.flush)
 
-    def _ended(self, task: asyncio.Task[str]) -> None:
+    async def _start(self, queue: LineQueue, lease: Lease) -> int:
+        """Start the line (1), or put it back when its model has no place now (0): for the
+        model's pause, or briefly when the model is only full."""
+        model = model_of(lease)
+        if not self.limits.available(model, self.in_flight):
+            limit = self.limits.of(model)
+            hold = limit.pause_left() or FULL_MODEL_HOLD_S
+            why = "model paused" if limit.pause_left() else "model at its limit"
+            await asyncio.to_thread(queue.nack, lease, why, retry_after_s=hold, charge=False)
+            return 0
+        self.in_flight[model] += 1
+        task = asyncio.create_task(self.process(queue, lease))
+        self.tasks.add(task)
+        task.add_done_callback(lambda t: self._ended(t, model))
+        return 1
+
+    def _ended(self, task: asyncio.Task[str], model: str) -> None:
         self.tasks.discard(task)
+        self.in_flight[model] -= 1
+        if self.in_flight[model] <= 0:
+            del self.in_flight[model]
         self._freed.set()
 
     async def run(self, stop: asyncio.Event, *, idle_s: float = 0.5) -> None:
@@ -141,7 +164,7 @@ class LineRunner:
         while not stop.is_set():
             self._freed.clear()
             started = await self.poll()
-            pause = self.limit.pause_left()
+            pause = self.limits.pause_left()
             if pause:
                 await _first(stop, timeout=pause)
             elif not started:
@@ -167,8 +190,9 @@ class LineRunner:
             raise
         finally:
             keeper.cancel()
+        limit = self.limits.of(model_of(lease))
         if status in OVERLOAD:
-            wait = self.limit.on_overload(retry_after)
+            wait = limit.on_overload(retry_after)
             error = f"overloaded ({status})"
             await asyncio.to_thread(queue.nack, lease, error, retry_after_s=wait, charge=False)
             return "overload"
@@ -177,7 +201,7 @@ class LineRunner:
             await asyncio.to_thread(queue.nack, lease, _describe(status, body))
             return "retry"
         if not failed:
-            self.limit.on_success()
+            limit.on_success()
         return await asyncio.to_thread(self._settle, queue, lease, status, body)
 
     async def _send(self, payload: dict[str, Any]) -> tuple[int, dict[str, Any], float | None]:
@@ -207,6 +231,13 @@ class LineRunner:
             await asyncio.sleep(queue.visibility_s / 2)
             if await asyncio.to_thread(queue.extend, lease) is None:
                 return
+
+
+def model_of(lease: Lease) -> str:
+    """The model a line asks for (validated when its batch was created)."""
+    body = lease.payload.get("body")
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) else ""
 
 
 async def _first(*events: asyncio.Event | None, timeout: float) -> None:

@@ -21,7 +21,7 @@ from app.api.errors import ServiceUnavailableError
 from app.autoscaling.store import kv_connector as store_connector
 from app.batches.batches import BatchStore
 from app.batches.capacity import ActiveBatches, BatchQuota
-from app.batches.concurrency import AIMDLimit
+from app.batches.concurrency import ModelLimits
 from app.batches.driver import RunDriver
 from app.batches.files import FileStore
 from app.batches.output import ResultStore
@@ -241,8 +241,7 @@ class BatchWorker:
             _, driver, runner = built
             body["runs"] = driver.driving()
             body["lines_in_flight"] = len(runner.tasks)
-            body["line_limit"] = runner.limit.limit
-            body["paused_s"] = runner.limit.pause_left()
+            body["models"] = runner.limits.describe(runner.in_flight)
         return body
 
     async def check_health(self) -> None:
@@ -317,7 +316,7 @@ class BatchWorker:
             ResultStore(kv),
             queues,
             owner=self.owner,
-            limit=AIMDLimit(s.concurrency),
+            limits=ModelLimits(s.concurrency),
             flush_s=s.flush_s,
         )
         return parts, driver, runner

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from app.api.errors import OverloadedError
-from app.batches.concurrency import AIMDConfig, AIMDLimit
+from app.batches.concurrency import AIMDConfig, AIMDLimit, ModelLimits
 from app.batches.output import ResultStore, read_counts, result_key, succeeded
-from app.batches.runner import LineQueue, LineRunner, batch_queue
+from app.batches.runner import FULL_MODEL_HOLD_S, LineQueue, LineRunner, batch_queue
 from app.jobs.queue import DurableQueue
 from tests.unit.kv_fakes import FakeClock, FakeKV
 
@@ -42,7 +42,12 @@ def ok(text: str = "hi") -> tuple[int, dict[str, Any]]:
 
 
 class Rig:
-    def __init__(self, script: dict[str, list[Answer]], max_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        script: dict[str, list[Answer]],
+        max_attempts: int = 3,
+        models: dict[str, str] | None = None,  # custom_id -> model (default: none named)
+    ) -> None:
         self.clock = FakeClock()
         self.kv = FakeKV(self.clock)
         self.queue = batch_queue(self.kv, "b1", max_attempts=max_attempts, clock=self.clock)
@@ -50,20 +55,30 @@ class Rig:
             [
                 (
                     f"b1:{c}",
-                    {"batch_id": "b1", "custom_id": c, "url": "/v1/x", "body": {"custom_id": c}},
+                    {
+                        "batch_id": "b1",
+                        "custom_id": c,
+                        "url": "/v1/x",
+                        "body": {"custom_id": c} | ({"model": models[c]} if models else {}),
+                    },
                 )
                 for c in script
             ]
         )
         self.sender = FakeSender(script)
         self.results = ResultStore(self.kv)
-        self.limit = AIMDLimit(AIMDConfig(initial=4, ceiling=8), clock=self.clock)
+        self.limits = ModelLimits(AIMDConfig(initial=4, ceiling=8), clock=self.clock)
         self.runner = self.make_runner("w1")
+
+    @property
+    def limit(self) -> AIMDLimit:
+        """The limit of the lines' model (these lines name none)."""
+        return self.limits.of("")
 
     def make_runner(self, owner: str) -> LineRunner:
         queues: Callable[[], list[LineQueue]] = lambda: [self.queue]  # noqa: E731
         return LineRunner(
-            self.sender, self.results, queues, owner=owner, limit=self.limit, clock=self.clock
+            self.sender, self.results, queues, owner=owner, limits=self.limits, clock=self.clock
         )
 
     async def step(self, runner: LineRunner | None = None) -> int:
@@ -200,7 +215,7 @@ async def test_a_full_worker_starts_the_next_line_when_one_ends_not_after_idling
 
     rig = Rig({c: [ok()] for c in "abc"})
     rig.sender = SlowSender(rig.sender.script)
-    rig.limit = AIMDLimit(AIMDConfig(initial=1, ceiling=1), clock=rig.clock)  # one at a time
+    rig.limits = ModelLimits(AIMDConfig(initial=1, ceiling=1), clock=rig.clock)  # one at a time
     runner = rig.make_runner("w1")
     stop = asyncio.Event()
     running = asyncio.create_task(runner.run(stop, idle_s=60))
@@ -212,3 +227,44 @@ async def test_a_full_worker_starts_the_next_line_when_one_ends_not_after_idling
     stop.set()
     await running
     assert sorted(rig.sender.calls) == ["a", "b", "c"]
+
+
+async def test_an_overloaded_model_pauses_its_own_lines_not_the_others() -> None:
+    busy = (429, {})
+    script: dict[str, list[Answer]] = {"a1": [busy, ok()], "b1": [ok()]}
+    script |= {"a2": [ok()], "a3": [ok()], "b2": [ok()], "b3": [ok()]}
+    rig = Rig(script, models={c: "m-" + c[0] for c in script})
+    rig.limits = ModelLimits(AIMDConfig(initial=1, ceiling=8, pause_s=5), clock=rig.clock)
+    runner = rig.make_runner("w1")
+    await rig.step(runner)  # one line (the first limit's initial): a1, refused
+    assert rig.limits.of("m-a").pause_left() == 5
+    # While m-a is paused its lines go back to the queue; m-b's lines all run.
+    for _ in range(6):
+        await rig.step(runner)
+    assert {c for c in script if rig.result(c) is not None} == {"b1", "b2", "b3"}
+    assert rig.limits.of("m-b").limit > 1 and rig.limits.of("m-a").limit == 1
+    assert rig.queue.stats().pending == 3  # a1 to a3, none charged an attempt
+    rig.clock.advance(5)
+    for _ in range(4):  # m-a at its limit of 1: each step runs one, puts the others back
+        await rig.step(runner)
+        rig.clock.advance(FULL_MODEL_HOLD_S)
+    assert all(rig.result(c) is not None for c in script)
+
+
+def test_model_limits_share_one_total_and_probe_past_paused_models() -> None:
+    clock = FakeClock()
+    limits = ModelLimits(AIMDConfig(initial=2, ceiling=8, total=3), clock=clock)
+    assert limits.room({}) == 2  # nothing seen yet: a new limit's initial
+    limits.of("a"), limits.of("b")
+    assert limits.room({}) == 3  # 2 + 2, under the total of 3
+    assert limits.available("a", {"b": 2}) == 1
+    assert limits.available("a", {"a": 2}) == 0
+    limits.of("a").on_overload(4.0)
+    limits.of("b").on_overload(2.0)
+    assert limits.pause_left() == 2.0  # the first model free again
+    # Every model seen is paused and nothing runs: one line, to find other models' lines.
+    assert limits.room({}) == 1
+    assert limits.room({"a": 1}) == 0
+    clock.advance(2)
+    assert limits.pause_left() == 0 and limits.room({}) == 1  # b's halved limit: 1
+    assert limits.describe({"b": 1})["b"] == {"limit": 1.0, "in_flight": 1, "paused_s": 0.0}

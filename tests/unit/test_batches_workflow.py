@@ -5,7 +5,7 @@ or a failing step compensates in reverse; a batch past its window expires; quota
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import orjson
 
 from app.batches.batches import BatchCreateRequest, BatchStatus, BatchStore
 from app.batches.capacity import ActiveBatches, BatchQuota
-from app.batches.concurrency import AIMDConfig, AIMDLimit
+from app.batches.concurrency import AIMDConfig, ModelLimits
 from app.batches.content import LocalContent
 from app.batches.files import FileStore
 from app.batches.output import ResultStore
@@ -79,9 +79,9 @@ class World:
         self.on_tick: Callable[[], None] = lambda: None
         self.queue_for = lambda b: batch_queue(kv, b, clock=clock, max_attempts=max_attempts)
         queues = ActiveQueues(self.active, self.queue_for)
-        limit = AIMDLimit(AIMDConfig(initial=1, ceiling=1), clock=clock)
+        limits = ModelLimits(AIMDConfig(initial=1, ceiling=1), clock=clock)
         self.runner = LineRunner(
-            self.sender, self.results, queues, owner="w1", limit=limit, clock=clock, flush_s=0
+            self.sender, self.results, queues, owner="w1", limits=limits, clock=clock, flush_s=0
         )
         self.deps = BatchDeps(
             batches=self.batches,
@@ -267,10 +267,17 @@ def test_quota_is_per_owner_and_overall(tmp_path: Path) -> None:
     assert quota.reserve("k2", "e")
 
 
+class NoRoom(ModelLimits):
+    """Limits under which this worker never takes a line."""
+
+    def room(self, in_flight: Mapping[str, int]) -> int:
+        return 0
+
+
 def test_a_line_whose_workers_keep_dying_is_reported_not_lost(tmp_path: Path) -> None:
     world = World(tmp_path, max_attempts=2)
     batch_id = world.submit([line("a", "a")])
-    world.runner.limit.paused_until = float("inf")  # only the doomed workers lease
+    world.runner.limits = NoRoom()  # only the doomed workers lease
 
     def doomed_worker() -> None:
         world.queue_for(batch_id).lease(10, "doomed")  # leases, then dies
