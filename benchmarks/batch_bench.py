@@ -22,12 +22,20 @@ while a batch of --load-lines lines for that model (max_tokens 32) runs, from wh
 in_progress until it ends or --seconds pass. p50/p99 of each; goal: p99 with the batch within
 1.2x of p99 without.
 
+Part 3, isolation between models. A batch of --isolation-lines echo lines alone, then the
+same batch while another batch of --slow-lines lines runs for --interactive-model, made slow
+(every request --fault-ms longer, the router actor's model fault) so that its lines hold
+their places and draw 429s. The echo batch's time with the slow one over its time alone; goal
+about 1: a busy model must not hold back another model's lines (each model has its own AIMD
+limit in the worker, app.batches.concurrency.ModelLimits).
+
 Deployed: the models named (at --replicas replicas each, 0: the card's own), the gateway and
 the batch worker, over the region's KV store. It starts its own local Ray (never joins
 another), with its own HAProxy files and ports and a temporary file store, and stops them.
 
     python benchmarks/batch_bench.py [--lines 500] [--concurrency N] [--rate 4] [--seconds 60]
         [--load-lines 300] [--batch-model echo] [--interactive-model tiny-llama]
+        [--isolation-lines 300] [--slow-lines 400] [--fault-ms 2000] [--skip-isolation]
 """
 
 from __future__ import annotations
@@ -322,6 +330,45 @@ def interactive(base: str, client: openai.OpenAI, args: argparse.Namespace) -> d
     }
 
 
+def isolation(client: openai.OpenAI, args: argparse.Namespace) -> dict[str, Any]:
+    from app.fleet.router_actor import router_handle
+
+    rng = random.Random(3)
+    run_batch(client, [chat("echo", rng) for _ in range(args.warmup_lines)])  # unmeasured
+    alone = run_batch(client, [chat("echo", rng) for _ in range(args.isolation_lines)])
+    print(f"  echo batch alone: {alone['seconds']:.1f} s", file=sys.stderr, flush=True)
+    router = router_handle(embedded_fleet().router_actor)
+    slow_model = args.interactive_model
+    ray.get(router.inject_model_fault.remote(slow_model, args.fault_ms))
+    try:
+        slow_id = create_batch(client, [chat(slow_model, rng, 8) for _ in range(args.slow_lines)])
+        wait_status(client, slow_id, {"in_progress"} | TERMINAL, timeout_s=300)
+        time.sleep(3)  # its lines fill their places
+        beside = run_batch(client, [chat("echo", rng) for _ in range(args.isolation_lines)])
+        slow = client.batches.retrieve(slow_id)
+        slow_open = slow.status not in TERMINAL
+        if slow_open:
+            client.batches.cancel(slow_id)
+    finally:
+        ray.get(router.inject_model_fault.remote(slow_model, 0))
+    wait_status(client, slow_id, TERMINAL, timeout_s=600)
+    print(f"  echo batch beside it: {beside['seconds']:.1f} s", file=sys.stderr, flush=True)
+    counts = slow.request_counts
+    return {
+        "echo_lines": args.isolation_lines,
+        "alone": alone,
+        "beside_slow": beside,
+        "slow_batch": {
+            "model": slow_model,
+            "fault_ms": args.fault_ms,
+            "lines": args.slow_lines,
+            "completed_meanwhile": counts.completed if counts else 0,
+            "still_running_at_end": slow_open,
+        },
+        "ratio": beside["seconds"] / alone["seconds"],
+    }
+
+
 # ---- main -------------------------------------------------------------------------------------
 
 
@@ -359,6 +406,17 @@ def report(results: dict[str, Any]) -> None:
         )
         if loaded["batch_ended_first"] and loaded["sent_s"] < 0.5 * results["settings"]["seconds"]:
             print("warning: the batch ended early in the window; raise --load-lines")
+    if "isolation" in results:
+        iso = results["isolation"]
+        slow = iso["slow_batch"]
+        print(
+            f"isolation: {iso['echo_lines']} echo lines in {iso['alone']['seconds']:.1f} s alone, "
+            f"{iso['beside_slow']['seconds']:.1f} s beside a batch of {slow['lines']} "
+            f"{slow['model']} lines {slow['fault_ms']:g} ms slower each "
+            f"({slow['completed_meanwhile']} of them done meanwhile) = {iso['ratio']:.2f}x"
+        )
+        if not slow["still_running_at_end"]:
+            print("warning: the slow batch ended before the echo batch; raise --slow-lines")
 
 
 def main() -> None:
@@ -379,8 +437,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60, help="part 2: each phase")
     parser.add_argument("--load-lines", type=int, default=300, help="part 2: the batch's lines")
     parser.add_argument("--replicas", type=int, default=1, help="per model (0: the card's)")
+    parser.add_argument("--isolation-lines", type=int, default=300, help="part 3: echo lines")
+    parser.add_argument("--slow-lines", type=int, default=400, help="part 3: the slow batch")
+    parser.add_argument("--fault-ms", type=float, default=2000, help="part 3: added latency")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-interactive", action="store_true")
+    parser.add_argument("--skip-isolation", action="store_true")
     args = parser.parse_args()
     files_dir = tempfile.mkdtemp(prefix="batch-bench-files-")
     fleet = bench_fleet(files_dir, args.poll_s)
@@ -393,13 +455,15 @@ def main() -> None:
     base, haproxy_dir = start_cluster()
     try:
         start_kv(KVConfig())
-        models = list(dict.fromkeys([args.batch_model, args.interactive_model]))
+        models = list(dict.fromkeys([args.batch_model, args.interactive_model, "echo"]))
         deploy(build_all(bench_catalogue(models, args.replicas), fleet=fleet), fleet=fleet)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         if not args.skip_throughput:
             results["throughput"] = throughput(base, client, args, concurrency)
         if not args.skip_interactive:
             results["interactive"] = interactive(base, client, args)
+        if not args.skip_isolation:
+            results["isolation"] = isolation(client, args)
     finally:
         serve.shutdown()
         shutdown_kv()

@@ -102,31 +102,13 @@ class ModelLimits:
             limit = self.limits[model] = AIMDLimit(self.config, clock=self.clock)
         return limit
 
-    def available(self, model: str, in_flight: Mapping[str, int]) -> int:
-        """How many more of this model's lines may start now."""
+    def available(self, model: str | None, in_flight: Mapping[str, int]) -> int:
+        """How many more of this model's lines may start now; for lines whose model is not
+        known yet (a queue not read from yet), a new limit's `initial`."""
         total_left = self.config.total - sum(in_flight.values())
+        if model is None:
+            return max(0, min(total_left, math.floor(self.config.initial)))
         return max(0, min(total_left, self.of(model).available(in_flight.get(model, 0))))
-
-    def room(self, in_flight: Mapping[str, int]) -> int:
-        """How many lines to take from the queues now: the free places of the models seen so
-        far (a line taken for a model with none goes back to its queue). Before any model is
-        seen, a new limit's `initial`; when every model seen is full or paused and no line is
-        in flight, one, to find lines of models not seen yet behind them."""
-        total_left = self.config.total - sum(in_flight.values())
-        if not self.limits:
-            free = math.floor(self.config.initial)
-        else:
-            free = sum(limit.available(in_flight.get(m, 0)) for m, limit in self.limits.items())
-            if free == 0 and not any(in_flight.values()):
-                free = 1
-        return max(0, min(total_left, free))
-
-    def pause_left(self) -> float:
-        """How long until some model may start lines again: 0 unless every model seen is
-        paused."""
-        if not self.limits:
-            return 0.0
-        return min(limit.pause_left() for limit in self.limits.values())
 
     def describe(self, in_flight: Mapping[str, int]) -> dict[str, dict[str, float]]:
         """Per model: its limit, lines in flight and pause left (the worker's stats)."""

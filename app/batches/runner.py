@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 OVERLOAD = frozenset({429, 503})
 # A line leased for a model that is at its limit (not paused) goes back to its queue for this
-# long, so the next poll finds other lines first.
+# long (a batch mixing models: its queue is read for one model, the line was another's).
 FULL_MODEL_HOLD_S = 0.25
 
 
@@ -104,6 +104,7 @@ class LineRunner:
         self.owner = owner
         self.limits = limits or ModelLimits()
         self.in_flight: Counter[str] = Counter()  # model -> its lines in flight
+        self._queue_model: dict[str, str] = {}  # queue name -> model of the last line it gave
         self.tally = tally or Tally(results.kv)
         self.flush_s = flush_s
         self.clock = clock
@@ -113,19 +114,24 @@ class LineRunner:
         self._flushed = clock()
 
     async def poll(self) -> int:
-        """Start as many lines as the models' limits allow; returns how many started."""
-        free = self.limits.room(self.in_flight)
-        queues = await asyncio.to_thread(self.queues) if free else []
-        taken = started = 0
+        """Start as many lines as the models' limits allow; returns how many started. Each
+        queue is read for the model of the last line it gave (a batch's lines usually share
+        one): not at all while that model has no place, so a busy model's batch costs no
+        queue traffic, and as many lines as it has places otherwise."""
+        queues = await asyncio.to_thread(self.queues)
+        started = 0
         for i in range(len(queues)):
-            if free <= taken:
-                break
             queue = queues[(self._turn + i) % len(queues)]
-            leases = await asyncio.to_thread(queue.lease, free - taken, self.owner)
-            taken += len(leases)
+            want = self.limits.available(self._queue_model.get(queue.name), self.in_flight)
+            if not want:
+                continue
+            leases = await asyncio.to_thread(queue.lease, want, self.owner)
             for lease in leases:
                 started += await self._start(queue, lease)
         self._turn += 1
+        if len(self._queue_model) > 4 * len(queues) + 64:  # batches that ended
+            names = {q.name for q in queues}
+            self._queue_model = {k: v for k, v in self._queue_model.items() if k in names}
         if self.clock() - self._flushed >= self.flush_s:
             await self.flush()
         return started
@@ -137,7 +143,7 @@ class LineRunner:
     async def _start(self, queue: LineQueue, lease: Lease) -> int:
         """Start the line (1), or put it back when its model has no place now (0): for the
         model's pause, or briefly when the model is only full."""
-        model = model_of(lease)
+        model = self._queue_model[queue.name] = model_of(lease)
         if not self.limits.available(model, self.in_flight):
             limit = self.limits.of(model)
             hold = limit.pause_left() or FULL_MODEL_HOLD_S
@@ -159,15 +165,13 @@ class LineRunner:
 
     async def run(self, stop: asyncio.Event, *, idle_s: float = 0.5) -> None:
         """Poll until `stop` is set, then let the lines in flight finish. Between polls: none
-        after lines started; until a line ends when the limit is full (or idle_s at most);
-        idle_s when the queues are empty; the pause after an overload."""
+        after lines started; else until a line ends (or idle_s at most). A model paused after
+        an overload is skipped by the polls meanwhile (its queues are not read), so another
+        model's new batch starts at once."""
         while not stop.is_set():
             self._freed.clear()
             started = await self.poll()
-            pause = self.limits.pause_left()
-            if pause:
-                await _first(stop, timeout=pause)
-            elif not started:
+            if not started:
                 # A line ending (now, or while the poll ran) frees a place: look again then.
                 # With none in flight, only new lines can be waited for.
                 busy = bool(self.tasks) or self._freed.is_set()

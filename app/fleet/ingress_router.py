@@ -37,8 +37,8 @@ class IngressRouter:
     """One per region (ideally per ingress node); stateless apart from its handle's router."""
 
     # Serve awaits an async constructor before the replica counts as running, so HAProxy only
-    # sends requests once the fleet view is here (or this long has passed: routing then starts
-    # on whatever the view has, and its first decisions wait a little more).
+    # sends requests once the fleet view is here (or once a pull has failed, or this long has
+    # passed: routing then starts on Serve's replica list alone, as when the actor is gone).
     async def __init__(  # type: ignore[misc]
         self, model: DeploymentHandle, fleet: dict[str, Any], model_id: str = ""
     ) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -29,10 +30,14 @@ logger = logging.getLogger(__name__)
 
 ROUTER_NAME = "fleet-router"
 ROUTER_NAMESPACE = "app-fleet"
-# A router that has not pulled for this long is no longer waited for (its process is gone, or
-# so stalled that waiting on it would hold every drain); routers pull every
-# `snapshot_interval_s`, 0.5 s by default.
-PROPAGATION_LIVE_S = 30.0
+
+
+def propagation_live_s(spec: FleetSpec) -> float:
+    """How long after its last pull a router is still waited for: ten pulls (5 s at the default
+    `snapshot_interval_s` of 0.5 s), so that a router whose process has gone holds a drain's
+    confirmation no longer than that. Routers pull from a thread of their own, which an event
+    loop busy with requests does not hold up."""
+    return max(5.0, 10 * spec.load_balancing.snapshot_interval_s)
 
 
 class FleetRouterUnavailableError(RuntimeError):
@@ -98,7 +103,10 @@ class FleetRouter:
         # Node and replica events also go to the region's event bus (app.events), in batches.
         self.outbox = Outbox(kv_connector(self.spec.batches), "fleet-router")
         self._snapshot: dict[str, Any] = {}
-        self.propagation = Propagation(live_s=PROPAGATION_LIVE_S)
+        self.propagation = Propagation(live_s=propagation_live_s(self.spec))
+        # This incarnation: Ray restarts the actor with version 0 again, and a router holding
+        # version N of the old one must not take the new one's N for the same view.
+        self.epoch = uuid.uuid4().hex
         self._loop_task: asyncio.Task[None] | None = None
         self._refresh_nodes()
         self._publish()
@@ -114,6 +122,7 @@ class FleetRouter:
     async def configure(self, spec: dict[str, Any]) -> int:
         self._ensure_loop()
         self.spec = FleetSpec.model_validate(spec)
+        self.propagation.live_s = propagation_live_s(self.spec)
         return self._publish()
 
     async def get_spec(self) -> dict[str, Any]:
@@ -161,11 +170,15 @@ class FleetRouter:
         since_version: int = -1,
         outcomes: dict[str, Any] | None = None,
         subscriber: str | None = None,
+        epoch: str | None = None,
     ) -> Any:
-        """The current snapshot, or None when the caller already has this version. A router
-        piggybacks what it observed since its last pull ({replica: [n, errors, latency_ms]})
-        and names itself, so that `propagated` knows it holds `since_version`."""
+        """The current snapshot, or None when the caller already has this version (of this
+        incarnation: `epoch`, from the snapshot it holds). A router piggybacks what it observed
+        since its last pull ({replica: [n, errors, latency_ms]}) and names itself, so that
+        `propagated` knows it holds `since_version`."""
         self._ensure_loop()
+        if epoch is not None and epoch != self.epoch:
+            since_version = -1  # a view of an earlier incarnation: none of this one
         if subscriber is not None:
             self.propagation.ack(subscriber, since_version, time.monotonic())
         for rid, (count, errors, latency_ms) in (outcomes or {}).items():
@@ -435,6 +448,7 @@ class FleetRouter:
     def _publish(self) -> int:
         self.version += 1
         self._snapshot = {
+            "epoch": self.epoch,
             "version": self.version,
             "replicas": {
                 rid: {

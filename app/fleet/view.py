@@ -96,11 +96,17 @@ class FleetView:
             self._thread.start()
 
     async def wait_first_pull(self, timeout_s: float) -> bool:
-        """Whether the first pull was tried within `timeout_s`, without blocking the loop (at
-        once when nothing pulls: the process is not in Ray)."""
-        if self.first_pull.is_set() or self._thread is None or not self._thread.is_alive():
-            return self.first_pull.is_set()
-        return await asyncio.to_thread(self.first_pull.wait, timeout_s)
+        """Whether the first pull was tried within `timeout_s` (at once when nothing pulls: the
+        process is not in Ray). Tried, not succeeded: a router actor that cannot be reached
+        must not hold requests, which are then routed on Serve's replica list alone."""
+        deadline = time.monotonic() + timeout_s
+        # Polled, not awaited in a thread: the wait is once per process, and a burst of first
+        # requests must not take every thread of the loop's default executor.
+        while not self.first_pull.is_set() and time.monotonic() < deadline:
+            if self._thread is None or not self._thread.is_alive():
+                break
+            await asyncio.sleep(0.01)
+        return self.first_pull.is_set()
 
     # ---- the puller --------------------------------------------------------------------------
 
@@ -120,13 +126,27 @@ class FleetView:
         self.first_pull.clear()
 
     def pull(self) -> None:
-        if self._actor is None:
-            self._actor = ray.get_actor(self.router_name, namespace=ROUTER_NAMESPACE)
-        version = self.snapshot["version"]
-        call = self._actor.snapshot.remote(version, self.take_outcomes(), self.subscriber)
-        snapshot = ray.get(call, timeout=PULL_TIMEOUT_S)
+        """One pull: this process's outcomes out (kept for the next pull if this one fails),
+        the snapshot in when it is newer than the one held."""
+        outcomes = self.take_outcomes()
+        try:
+            snapshot = self.fetch(self.snapshot.get("epoch"), self.snapshot["version"], outcomes)
+        except Exception:
+            with self._lock:
+                for replica_id, (count, errors, ema) in outcomes.items():
+                    entry = self._outcomes.setdefault(replica_id, [0, 0, ema])
+                    entry[0] += count
+                    entry[1] += errors
+            raise
         if snapshot is not None:
             self.apply(snapshot)
+
+    def fetch(self, epoch: str | None, version: int, outcomes: dict[str, Any]) -> Any:
+        """The router actor's snapshot if newer than (epoch, version), else None."""
+        if self._actor is None:
+            self._actor = ray.get_actor(self.router_name, namespace=ROUTER_NAMESPACE)
+        call = self._actor.snapshot.remote(version, outcomes, self.subscriber, epoch)
+        return ray.get(call, timeout=PULL_TIMEOUT_S)
 
 
 _views: dict[str, FleetView] = {}
@@ -160,4 +180,5 @@ def process_name() -> str:
         except RayServeException:
             who = ray.get_runtime_context().get_actor_name() or who
     region, _ = own_locality()
-    return f"{who} ({region or 'no region'}, pid {os.getpid()})"
+    node = ray.get_runtime_context().get_node_id()[:8] if ray.is_initialized() else "-"
+    return f"{who} ({region or 'no region'}, node {node}, pid {os.getpid()})"

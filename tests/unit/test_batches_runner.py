@@ -229,42 +229,154 @@ async def test_a_full_worker_starts_the_next_line_when_one_ends_not_after_idling
     assert sorted(rig.sender.calls) == ["a", "b", "c"]
 
 
-async def test_an_overloaded_model_pauses_its_own_lines_not_the_others() -> None:
-    busy = (429, {})
-    script: dict[str, list[Answer]] = {"a1": [busy, ok()], "b1": [ok()]}
-    script |= {"a2": [ok()], "a3": [ok()], "b2": [ok()], "b3": [ok()]}
-    rig = Rig(script, models={c: "m-" + c[0] for c in script})
-    rig.limits = ModelLimits(AIMDConfig(initial=1, ceiling=8, pause_s=5), clock=rig.clock)
-    runner = rig.make_runner("w1")
-    await rig.step(runner)  # one line (the first limit's initial): a1, refused
-    assert rig.limits.of("m-a").pause_left() == 5
-    # While m-a is paused its lines go back to the queue; m-b's lines all run.
-    for _ in range(6):
-        await rig.step(runner)
-    assert {c for c in script if rig.result(c) is not None} == {"b1", "b2", "b3"}
-    assert rig.limits.of("m-b").limit > 1 and rig.limits.of("m-a").limit == 1
-    assert rig.queue.stats().pending == 3  # a1 to a3, none charged an attempt
-    rig.clock.advance(5)
-    for _ in range(4):  # m-a at its limit of 1: each step runs one, puts the others back
-        await rig.step(runner)
-        rig.clock.advance(FULL_MODEL_HOLD_S)
-    assert all(rig.result(c) is not None for c in script)
-
-
-def test_model_limits_share_one_total_and_probe_past_paused_models() -> None:
+async def test_an_overloaded_model_pauses_its_own_batch_not_the_others() -> None:
     clock = FakeClock()
-    limits = ModelLimits(AIMDConfig(initial=2, ceiling=8, total=3), clock=clock)
-    assert limits.room({}) == 2  # nothing seen yet: a new limit's initial
-    limits.of("a"), limits.of("b")
-    assert limits.room({}) == 3  # 2 + 2, under the total of 3
-    assert limits.available("a", {"b": 2}) == 1
+    kv = FakeKV(clock)
+    script: dict[str, list[Answer]] = {"a0": [(429, {}), ok()], "a1": [ok()], "a2": [ok()]}
+    script |= {f"b{n}": [ok()] for n in range(3)}
+    queues = {b: line_queue(kv, clock, b, [c for c in script if c[0] == b]) for b in "ab"}
+    limits = ModelLimits(AIMDConfig(initial=1, ceiling=8, pause_s=5), clock=clock)
+    runner = LineRunner(
+        FakeSender(script),
+        ResultStore(kv),
+        lambda: list(queues.values()),
+        owner="w",
+        limits=limits,
+        clock=clock,
+    )
+    for _ in range(6):
+        await runner.poll()
+        await runner.drain()
+    assert limits.of("m-a").pause_left() == 5 and limits.of("m-a").limit == 1
+    assert (queues["a"].stats().done, queues["b"].stats().done) == (0, 3)
+    assert limits.of("m-b").limit > 1
+    clock.advance(5)
+    for _ in range(6):
+        await runner.poll()
+        await runner.drain()
+    assert queues["a"].stats().done == 3
+
+
+def line_queue(kv: FakeKV, clock: FakeClock, batch: str, ids: list[str]) -> CountingQueue:
+    """Batch `batch`'s queue with lines `ids`, all for model m-<batch>."""
+    queue = CountingQueue(kv, f"batch:{batch}", clock=clock)
+    queue.enqueue(
+        [
+            (
+                f"{batch}:{c}",
+                {
+                    "batch_id": batch,
+                    "custom_id": c,
+                    "url": "/v1/x",
+                    "body": {"model": f"m-{batch}", "custom_id": c},
+                },
+            )
+            for c in ids
+        ]
+    )
+    return queue
+
+
+def test_model_limits_share_one_total() -> None:
+    limits = ModelLimits(AIMDConfig(initial=2, ceiling=8, total=3), clock=FakeClock())
+    assert limits.available(None, {}) == 2  # a queue's model not known yet: `initial`
+    assert limits.available("a", {}) == 2
+    assert limits.available("a", {"b": 2}) == 1  # the total of 3
     assert limits.available("a", {"a": 2}) == 0
+    assert limits.available(None, {"a": 2}) == 1 and limits.available(None, {"a": 3}) == 0
     limits.of("a").on_overload(4.0)
-    limits.of("b").on_overload(2.0)
-    assert limits.pause_left() == 2.0  # the first model free again
-    # Every model seen is paused and nothing runs: one line, to find other models' lines.
-    assert limits.room({}) == 1
-    assert limits.room({"a": 1}) == 0
-    clock.advance(2)
-    assert limits.pause_left() == 0 and limits.room({}) == 1  # b's halved limit: 1
-    assert limits.describe({"b": 1})["b"] == {"limit": 1.0, "in_flight": 1, "paused_s": 0.0}
+    assert limits.available("a", {}) == 0 and limits.available("b", {}) == 2
+    assert limits.describe({"b": 1})["a"] == {"limit": 1.0, "in_flight": 0, "paused_s": 4.0}
+
+
+class CountingQueue(DurableQueue):
+    """A DurableQueue that counts its leases and nacks."""
+
+    leases = nacks = 0
+
+    def lease(self, max_items: int, owner: str) -> list[Any]:
+        self.leases += 1
+        return super().lease(max_items, owner)
+
+    def nack(self, *args: Any, **kwargs: Any) -> None:
+        self.nacks += 1
+        super().nack(*args, **kwargs)
+
+
+async def test_a_full_model_holds_back_neither_other_batches_nor_the_queue() -> None:
+    """Batch "slow" (model m-slow) fills its model's places with lines that do not end; batch
+    "fast" (m-fast), whose model the worker has not seen, still runs, and the full model's
+    queue is not read meanwhile (no lease and put back on every poll)."""
+    clock = FakeClock()
+    kv = FakeKV(clock)
+    gate = asyncio.Event()
+
+    class Sender:
+        async def send(self, url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+            if body["model"] == "m-slow":
+                await gate.wait()
+            return ok()
+
+    queues = {b: line_queue(kv, clock, b, [str(n) for n in range(6)]) for b in ("slow", "fast")}
+    limits = ModelLimits(AIMDConfig(initial=2, ceiling=2), clock=clock)
+    runner = LineRunner(
+        Sender(), ResultStore(kv), lambda: [queues["slow"]], owner="w", limits=limits, clock=clock
+    )
+    await runner.poll()  # learns the model with `initial` lines, its limit
+    assert runner.in_flight == {"m-slow": 2}
+    reads = queues["slow"].leases
+    runner.queues = lambda: [queues["slow"], queues["fast"]]  # the fast batch arrives
+    for _ in range(10):
+        await runner.poll()
+        await asyncio.sleep(0)
+        clock.advance(0.1)
+    assert queues["fast"].stats().done == 6
+    assert queues["slow"].leases == reads and queues["slow"].nacks == 0
+    gate.set()
+    await runner.drain()
+    assert queues["slow"].stats().done == 2
+
+
+async def test_a_line_whose_model_is_full_goes_back_to_its_queue_briefly() -> None:
+    """A batch mixing models: its queue, read for m-a, gives a line of m-b, whose one place a
+    line of another batch holds. That line goes back, unchanged and uncharged, for
+    FULL_MODEL_HOLD_S, and runs once m-b has a place."""
+    clock = FakeClock()
+    kv = FakeKV(clock)
+    gate = asyncio.Event()
+
+    class Sender:
+        async def send(self, url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+            if body.get("hold"):
+                await gate.wait()
+            return ok()
+
+    held = line_queue(kv, clock, "b", ["held"])
+    mixed = CountingQueue(kv, "batch:mixed", clock=clock)
+    mixed.enqueue(
+        [
+            (f"mixed:{c}", {"batch_id": "mixed", "custom_id": c, "url": "/v1/x", "body": body})
+            for c, body in (("a0", {"model": "m-a"}), ("b0", {"model": "m-b"}))
+        ]
+    )
+    limits = ModelLimits(AIMDConfig(initial=1, ceiling=1), clock=clock)
+    runner = LineRunner(
+        Sender(), ResultStore(kv), lambda: [held], owner="w", limits=limits, clock=clock
+    )
+    held_lease = held.lease(1, "w")[0]
+    held_lease.payload["body"]["hold"] = True
+    await runner._start(held, held_lease)  # m-b's one place taken
+    runner.queues = lambda: [mixed]
+    await runner.poll()  # a0: m-a learnt and run
+    async with asyncio.timeout(10):
+        while runner.in_flight.get("m-a"):
+            await asyncio.sleep(0.01)
+    await runner.poll()  # b0: m-b full, back to the queue
+    assert mixed.nacks == 1 and mixed.stats().done == 1
+    assert mixed.lease(1, "peek") == []  # held back for a while
+    gate.set()
+    await runner.drain()
+    clock.advance(FULL_MODEL_HOLD_S)
+    await runner.poll()
+    await runner.drain()
+    assert mixed.stats().done == 2 and mixed.stats().dead == 0

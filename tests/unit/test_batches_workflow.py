@@ -270,7 +270,7 @@ def test_quota_is_per_owner_and_overall(tmp_path: Path) -> None:
 class NoRoom(ModelLimits):
     """Limits under which this worker never takes a line."""
 
-    def room(self, in_flight: Mapping[str, int]) -> int:
+    def available(self, model: str | None, in_flight: Mapping[str, int]) -> int:
         return 0
 
 
