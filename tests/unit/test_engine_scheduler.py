@@ -105,6 +105,7 @@ def test_cancelled_waiting_sequences_are_dropped() -> None:
     gone = Seq(10, 80)
     s.offer(gone)
     gone.cancelled = True
+    assert s.queued == 0  # counted out at once, not at the next admission
     s.offer(Seq(10, 80))  # the cancelled one holds no place
     s.release(list(s.running))
     admitted = s.admit()

@@ -118,8 +118,10 @@ class Scheduler(Generic[S]):
 
     @property
     def queued(self) -> int:
-        """Sequences waiting, of both classes."""
-        return len(self.waiting) + len(self.waiting_background)
+        """Sequences waiting, of both classes; cancelled ones are not (they leave the queues
+        with the next admission)."""
+        waiting = (*self.waiting, *self.waiting_background)
+        return sum(1 for s in waiting if not s.cancelled)
 
     def drain(self) -> list[S]:
         """Take every waiting sequence out (the engine is failing them)."""
