@@ -13,7 +13,6 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import ray
@@ -22,6 +21,7 @@ from app.batches.worker import kv_connector
 from app.events.bus import EventType
 from app.events.outbox import Outbox
 from app.fleet.propagation import Propagation
+from app.fleet.records import NodeRecord, ReplicaRecord
 from app.fleet.spec import FleetSpec, node_locality
 from app.regions.summary import summarize
 from app.runtime import ON_HEAD_NODE
@@ -42,40 +42,6 @@ def propagation_live_s(spec: FleetSpec) -> float:
 
 class FleetRouterUnavailableError(RuntimeError):
     """No router actor runs in this cluster (deploy the fleet with `app up` first)."""
-
-
-@dataclass
-class ReplicaRecord:
-    replica_id: str
-    model: str
-    node_id: str | None
-    region: str
-    zone: str | None
-    capacity: int
-    actor_id: str | None = None
-    ongoing: int = 0
-    perf: dict[str, Any] = field(default_factory=dict)
-    last_heartbeat: float = 0.0
-    self_healthy: bool = True
-    healthy: bool = True
-    failed_checks: int = 0
-    passed_checks: int = 0
-    weight: float = 1.0
-    inject_latency_ms: float = 0.0
-    # What routers saw since the last health check: requests, failures, latency EMA.
-    routed: int = 0
-    routed_errors: int = 0
-    router_latency_ms: float | None = None
-
-
-@dataclass
-class NodeRecord:
-    node_id: str
-    region: str
-    zone: str | None
-    address: str
-    alive: bool
-    drained: bool = False
 
 
 # The router's own events that the event bus carries, by bus type.
@@ -183,15 +149,8 @@ class FleetRouter:
             self.propagation.ack(subscriber, since_version, time.monotonic())
         for rid, (count, errors, latency_ms) in (outcomes or {}).items():
             record = self.replicas.get(rid)
-            if record is None:
-                continue
-            record.routed += int(count)
-            record.routed_errors += int(errors)
-            if latency_ms is not None:
-                prev = record.router_latency_ms
-                record.router_latency_ms = (
-                    latency_ms if prev is None else prev + 0.3 * (latency_ms - prev)
-                )
+            if record is not None:
+                record.add_routed(int(count), int(errors), latency_ms)
         return None if since_version == self.version else self._snapshot
 
     async def propagated(self, version: int, timeout_s: float = 10.0) -> dict[str, Any]:
@@ -319,24 +278,12 @@ class FleetRouter:
                 "weight": r.weight,
                 "inject_latency_ms": r.inject_latency_ms,
                 "heartbeat_age_s": round(now - r.last_heartbeat, 3),
-                "performance": self._performance(r),
+                "performance": r.performance(),
             }
             for r in sorted(self.replicas.values(), key=lambda r: (r.model, r.region))
         ]
 
     # ---- internals ---------------------------------------------------------------------------
-
-    def _performance(self, r: ReplicaRecord) -> dict[str, Any]:
-        """Replica-reported figures merged with what routers observed: the routers' latency
-        includes the network, and a failure either side lowers the success rate."""
-        perf = dict(r.perf)
-        if r.router_latency_ms is not None:
-            perf["latency_ms"] = r.router_latency_ms
-        total = r.routed
-        if total:
-            router_success = 1.0 - r.routed_errors / total
-            perf["success_rate"] = min(float(perf.get("success_rate", 1.0)), router_success)
-        return perf
 
     def _placement(self) -> dict[str, Any]:
         """Spec'd replica bounds per model and region (this cluster's regions) against what is
@@ -398,21 +345,6 @@ class FleetRouter:
             )
         self.nodes = nodes
 
-    def _check(self, r: ReplicaRecord, now: float, interval: float) -> bool:
-        """One health check of a replica: it sent a heartbeat lately, says it is healthy, its node
-        is alive, and the routers' requests to it since the last check mostly succeeded."""
-        node = self.nodes.get(r.node_id or "")
-        if r.routed == 0 and not (r.perf.get("completed") or 0):
-            r.router_latency_ms = None  # nothing measured lately: the old figure is stale
-        ok = (
-            now - r.last_heartbeat <= 2.5 * interval
-            and r.self_healthy
-            and (node is None or node.alive)
-            and not (r.routed >= 3 and r.routed_errors > r.routed // 2)
-        )
-        r.routed = r.routed_errors = 0
-        return ok
-
     async def _health_loop(self) -> None:
         while True:
             interval = self.spec.load_balancing.health_check_interval_s
@@ -429,16 +361,13 @@ class FleetRouter:
         now = time.monotonic()
         lb = self.spec.load_balancing
         for rid, r in list(self.replicas.items()):
-            if self._check(r, now, interval):
-                r.failed_checks, r.passed_checks = 0, r.passed_checks + 1
-                if not r.healthy and r.passed_checks >= lb.recovery_threshold:
-                    r.healthy = True
-                    self._event("replica_healthy", replica=rid)
-            else:
-                r.passed_checks, r.failed_checks = 0, r.failed_checks + 1
-                if r.healthy and r.failed_checks >= lb.failover_threshold:
-                    r.healthy = False
-                    self._event("replica_unhealthy", replica=rid, region=r.region)
+            node = self.nodes.get(r.node_id or "")
+            ok = r.check(node is None or node.alive, now, interval)
+            changed = r.count_check(ok, lb.failover_threshold, lb.recovery_threshold)
+            if changed == "replica_healthy":
+                self._event("replica_healthy", replica=rid)
+            elif changed == "replica_unhealthy":
+                self._event("replica_unhealthy", replica=rid, region=r.region)
             # A replica silent for a long time is gone (Serve replaced it): forget it.
             if now - r.last_heartbeat > max(60.0, 20 * interval):
                 del self.replicas[rid]
@@ -457,7 +386,7 @@ class FleetRouter:
                     "weight": r.weight,
                     **{
                         k: v
-                        for k, v in self._performance(r).items()
+                        for k, v in r.performance().items()
                         if k in ("latency_ms", "success_rate", "throughput")
                     },
                 }

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from app.fleet.router_actor import FleetRouter, NodeRecord
+from app.fleet.records import NodeRecord
+from app.fleet.router_actor import FleetRouter
 from app.fleet.spec import FleetSpec, LoadBalancing, Region
 
 SPEC = FleetSpec(
