@@ -84,6 +84,6 @@ async def test_outcomes_are_kept_across_a_failed_pull() -> None:
 
 
 async def test_without_a_puller_the_first_pull_is_not_waited_for() -> None:
-    view = FleetView("nobody", interval_s=1.0, subscriber="test")  # outside Ray: never runs
-    view.ensure_running()
+    # Not started (outside Ray, ensure_running starts none): nothing to wait for.
+    view = FleetView("nobody", interval_s=1.0, subscriber="test")
     assert await asyncio.wait_for(view.wait_first_pull(30), timeout=1) is False
