@@ -9,13 +9,13 @@ from typing import Any
 
 import ray
 
-from app.fleet.router_actor import router_handle
+from app.fleet.router_actor import ROUTER_NAME, FleetRouterUnavailableError, router_handle
 
 
-def _router(address: str | None) -> Any:
+def _router(address: str | None, name: str) -> Any:
     if not ray.is_initialized():
         ray.init(address=address or "auto", log_to_driver=False)
-    return router_handle()
+    return router_handle(name)
 
 
 def format_fleet(view: dict[str, Any]) -> str:
@@ -42,7 +42,23 @@ def format_fleet(view: dict[str, Any]) -> str:
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
-    router = _router(args.address)
+    """Exit status 2 when the router actor refuses the action (an unknown node or replica, a
+    weight out of range), 1 when there is no router actor."""
+    try:
+        return _fleet_action(args)
+    except FleetRouterUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause
+        if not isinstance(cause, (KeyError, ValueError)):
+            raise
+        print(f"error: {cause.args[0] if cause.args else cause}", file=sys.stderr)
+        return 2
+
+
+def _fleet_action(args: argparse.Namespace) -> int:
+    router = _router(args.address, args.router)
     action = args.fleet_command
     if action == "status":
         view = ray.get(router.fleet.remote())
@@ -82,6 +98,11 @@ def _confirm(router: Any, done: str, version: int, wait_s: float) -> int:
 def add_fleet_commands(sub: Any) -> None:
     fleet = sub.add_parser("fleet", help="fleet routing: nodes, replicas, health, drains")
     fleet.add_argument("--address", help="Ray cluster address (default: auto)")
+    fleet.add_argument(
+        "--router",
+        default=ROUTER_NAME,
+        help=f"the router actor: the fleet spec's router_actor (default: {ROUTER_NAME})",
+    )
     fleet_sub = fleet.add_subparsers(dest="fleet_command", required=True)
     status = fleet_sub.add_parser("status", help="nodes and replicas with health and scores")
     status.add_argument("--json", action="store_true")

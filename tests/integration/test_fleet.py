@@ -24,6 +24,7 @@ import ray
 
 from app.api.schemas import ChatCompletionRequest
 from app.catalog.cards import ModelCard
+from app.cli import build_parser
 from app.client import InferenceClient
 from app.fleet.failover import call_with_failover_sync
 from app.fleet.hints import route_kwarg
@@ -190,6 +191,28 @@ def test_model_url_is_routed_by_the_fleet_router_through_haproxy(fleet: Fleet) -
         set_drained(fleet, drained, False)
     # Without the router HAProxy would spread them over all three regions (~7 each).
     assert served == {"ap-southeast-1": 20}, (served, routers)
+
+
+def test_fleet_cli_drains_once_every_router_has_it_and_refuses_an_unknown_node(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = build_parser()
+
+    def app_fleet(*argv: str) -> int:
+        args = parser.parse_args(["fleet", "--router", SPEC.router_actor, *argv])
+        return int(args.func(args))
+
+    node = fleet.replica_in("eu-west-1")["node_id"]
+    try:
+        assert app_fleet("drain", node, "--wait", "30") == 0
+        assert fleet.replica_in("eu-west-1")["drained"]
+    finally:
+        assert app_fleet("undrain", node, "--wait", "30") == 0
+    out = capsys.readouterr().out
+    assert f"drained node {node}: in force on all" in out
+    assert f"undrained node {node}: in force on all" in out
+    assert app_fleet("drain", "no-such-node") == 2
+    assert "unknown node 'no-such-node'" in capsys.readouterr().err
 
 
 def test_fleet_endpoint_shows_nodes_replicas_health_and_scores(fleet: Fleet) -> None:
