@@ -10,7 +10,6 @@ near itself.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -24,8 +23,6 @@ from app.fleet.scoring import Decision, ReplicaView, RouteHints, RoutingPolicy
 from app.fleet.spec import FleetSpec, own_locality
 from app.fleet.view import fleet_view
 from app.observability.tracing import extract, span
-
-logger = logging.getLogger(__name__)
 
 # How long a new router's first decisions wait for this process's first fleet view
 # (app.fleet.view). Without it a router is blind to drains, weights and health; the first pull
@@ -50,14 +47,15 @@ class FleetRequestRouter(RequestRouter):
         spec = FleetSpec.model_validate(fleet)
         self._spec = spec
         self._model = model
-        self._router_name = spec.router_actor
         distances = region_distances(spec)
         self._policy = RoutingPolicy(spec.load_balancing, lambda a, b: distances[(a, b)])
         # This process's fleet view, shared by its routers and pulled by one thread.
         self._fleet = fleet_view(spec)
         self._started: dict[str, float] = {}
-        # ReplicaID -> (view, snapshot version, routing stats) it was last refreshed from
-        self._views: dict[Any, tuple[ReplicaView, int, dict[str, Any]]] = {}
+        # ReplicaID -> (view, snapshot, routing stats) it was last refreshed from; the snapshot
+        # by identity, since the view replaces it whole (a version alone repeats after the
+        # router actor restarts)
+        self._views: dict[Any, tuple[ReplicaView, dict[str, Any], dict[str, Any]]] = {}
         self._metrics = RoutingMetrics(model)
         region, zone = own_locality()
         self._home = RouteHints(region=region or spec.default_region, zone=zone)
@@ -115,7 +113,6 @@ class FleetRequestRouter(RequestRouter):
         cached = self._views.get(r.replica_id)
         stats = r.routing_stats
         snapshot = self._fleet.snapshot
-        version = snapshot["version"]
         if cached is None:
             meta = r.replica_metadata or {}
             view = ReplicaView(
@@ -127,8 +124,8 @@ class FleetRequestRouter(RequestRouter):
                 actor_id=r.actor_id.hex(),
             )
         else:
-            view, seen_version, seen_stats = cached
-            if seen_version == version and seen_stats is stats:
+            view, seen_snapshot, seen_stats = cached
+            if seen_snapshot is snapshot and seen_stats is stats:
                 view.ongoing = self.replica_queue_len_cache.get(r.replica_id)
                 return view
         fleet = snapshot["replicas"].get(view.replica_id) or {}
@@ -141,7 +138,7 @@ class FleetRequestRouter(RequestRouter):
         view.throughput = fleet.get("throughput", stats.get("throughput", 0.0))
         view.kv_cache_utilization = stats.get(ReplicaMetric.KV_CACHE_UTILIZATION.value)
         view.ongoing = self.replica_queue_len_cache.get(r.replica_id)
-        self._views[r.replica_id] = (view, version, stats)
+        self._views[r.replica_id] = (view, snapshot, stats)
         return view
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:

@@ -124,6 +124,21 @@ async def test_snapshot_health_drain_and_excluded_actor(router: FleetRequestRout
     assert ranks[0][0].replica_id.unique_id in ("a", "b")
 
 
+async def test_a_restarted_router_actors_snapshot_of_the_same_version_is_read_afresh(
+    router: FleetRequestRouter,
+) -> None:
+    a, c = replica("a", "eu-west-1"), replica("c", "us-east-1")
+    router.apply_snapshot({"epoch": "old", "version": 4, "replicas": {}, "drained_nodes": []})
+    ranks = await router.choose_replicas([a, c], request(route_kwarg(region="eu-west-1")))
+    assert ranks[0][0].replica_id.unique_id == "a"
+    # The actor restarted and reached version 4 again, with node-a drained this time.
+    router.apply_snapshot(
+        {"epoch": "new", "version": 4, "replicas": {}, "drained_nodes": ["node-a"]}
+    )
+    ranks = await router.choose_replicas([a, c], request(route_kwarg(region="eu-west-1")))
+    assert [rank[0].replica_id.unique_id for rank in ranks] == ["c"]
+
+
 async def test_nothing_eligible_falls_back_to_every_replica(router: FleetRequestRouter) -> None:
     a = replica("a", "eu-west-1")
     router.apply_snapshot({"version": 1, "replicas": {}, "drained_nodes": ["node-a"]})
