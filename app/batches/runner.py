@@ -145,13 +145,13 @@ class LineRunner:
         model's pause, or briefly when the model is only full."""
         model = self._queue_model[queue.name] = model_of(lease)
         if not self.limits.available(model, self.in_flight):
-            limit = self.limits.of(model)
-            hold = limit.pause_left() or FULL_MODEL_HOLD_S
-            why = "model paused" if limit.pause_left() else "model at its limit"
+            paused = self.limits.of(model).pause_left()
+            why = "model paused" if paused else "model at its limit"
+            hold = paused or FULL_MODEL_HOLD_S
             await asyncio.to_thread(queue.nack, lease, why, retry_after_s=hold, charge=False)
             return 0
         self.in_flight[model] += 1
-        task = asyncio.create_task(self.process(queue, lease))
+        task = asyncio.create_task(self.process(queue, lease, model))
         self.tasks.add(task)
         task.add_done_callback(lambda t: self._ended(t, model))
         return 1
@@ -183,9 +183,9 @@ class LineRunner:
             await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.flush()
 
-    async def process(self, queue: LineQueue, lease: Lease) -> str:
-        """One line: "result" (stored and acked), "retry" / "overload" (nacked), or "lost"
-        (the lease expired meanwhile and another worker owns the line)."""
+    async def process(self, queue: LineQueue, lease: Lease, model: str) -> str:
+        """One line of `model`: "result" (stored and acked), "retry" / "overload" (nacked), or
+        "lost" (the lease expired meanwhile and another worker owns the line)."""
         keeper = asyncio.create_task(self._keep_leased(queue, lease))
         try:
             status, body, retry_after = await self._send(lease.payload)
@@ -194,7 +194,7 @@ class LineRunner:
             raise
         finally:
             keeper.cancel()
-        limit = self.limits.of(model_of(lease))
+        limit = self.limits.of(model)
         if status in OVERLOAD:
             wait = limit.on_overload(retry_after)
             error = f"overloaded ({status})"
